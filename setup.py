@@ -1,0 +1,38 @@
+"""walrus_jax: Walrus (PolymathicAI, arXiv 2511.15684) in JAX + Flax NNX."""
+from setuptools import find_packages, setup
+
+setup(
+    name="walrus_jax",
+    version="0.1.0",
+    description="JAX + Flax NNX port of Walrus, the space-time transformer for continuum dynamics",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.11",
+    packages=find_packages(include=["walrus_jax", "walrus_jax.*", "tools", "tools.*"]),
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.10",
+        "h5py>=3.10",
+        "numpy>=1.26",
+        "ml_collections>=1.0",
+        "chex>=0.1.90",
+        "absl-py>=2.0",
+        "pyyaml>=6.0",
+        "matplotlib>=3.8",
+        "tensorboardX>=2.6",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pyyaml>=6.0",
+            "torch==2.13.0",
+            "nbclient>=0.10",
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
+        ],
+    },
+)

@@ -1,0 +1,56 @@
+"""Asymmetric reversible RMS normalization (SPEC §11, the original's SamplewiseRevNormalization).
+
+Inputs are divided by the per-sample, per-channel RMS over (time, space); the model predicts a
+delta normalized by the RMS of the window's consecutive differences. Nothing is centered.
+All statistics are computed in float32 whatever the input dtype.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+DEFAULT_EPS = 1e-5  # the rollout's / trainer's model_epsilon
+
+
+def _reduce_axes(x: jax.Array) -> tuple[int, ...]:
+    # (B, T, *spatial, C): reduce time and space, keep batch and channel.
+    return tuple(range(1, x.ndim - 1))
+
+
+def sample_rms(x: jax.Array, eps: float = DEFAULT_EPS) -> jax.Array:
+    """x (B, T, *spatial, C) -> (B, 1, *[1]*n_spatial, C): sqrt(mean x^2), clamped below at eps."""
+    x = x.astype(jnp.float32)
+    return jnp.maximum(jnp.sqrt(jnp.mean(jnp.square(x), axis=_reduce_axes(x), keepdims=True)), eps)
+
+
+def delta_rms(x: jax.Array, eps: float = DEFAULT_EPS) -> jax.Array:
+    """RMS of the T-1 consecutive differences, same shape as `sample_rms`; 1 when T == 1."""
+    x = x.astype(jnp.float32)
+    if x.shape[1] < 2:
+        return jnp.ones((x.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],), jnp.float32)
+    d = x[:, 1:] - x[:, :-1]
+    return jnp.maximum(jnp.sqrt(jnp.mean(jnp.square(d), axis=_reduce_axes(d), keepdims=True)), eps)
+
+
+def normalize_window(x: jax.Array, eps: float = DEFAULT_EPS):
+    """x (B, T, *spatial, C) -> (x / sample_rms, sample_rms, delta_rms)."""
+    s = sample_rms(x, eps)
+    return x.astype(jnp.float32) / s, s, delta_rms(x, eps)
+
+
+def next_state(x_last: jax.Array, y_last: jax.Array, d_rms: jax.Array) -> jax.Array:
+    """De-normalizes the last predicted delta: x[last] + y[last] * delta_rms.
+
+    x_last, y_last: (B, *spatial, C); d_rms: (B, 1, *[1]*n_spatial, C) as from `delta_rms`.
+    """
+    return x_last.astype(jnp.float32) + y_last.astype(jnp.float32) * d_rms[:, 0]
+
+
+def normalized_delta_targets(window: jax.Array, next_frame: jax.Array, eps: float = DEFAULT_EPS) -> jax.Array:
+    """Training targets with causal_in_time (SPEC §14): for each input frame t the delta to frame
+    t+1 (the last one to `next_frame`), divided by the window's delta RMS.
+
+    window (B, T, *spatial, C), next_frame (B, 1, *spatial, C) -> (B, T, *spatial, C).
+    """
+    full = jnp.concatenate([window, next_frame], axis=1).astype(jnp.float32)
+    return (full[:, 1:] - full[:, :-1]) / delta_rms(window, eps)
