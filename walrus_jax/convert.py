@@ -1,0 +1,238 @@
+"""PyTorch state_dict -> walrus_jax parameters, through one declarative table.
+
+Every PyTorch key of the original model maps to exactly one (NNX path, slot, layout transform):
+the 40 blocks of the original are stacked along a leading layer axis, per-axis learnable RoPE
+frequencies along a second axis. `assemble_params` consumes (key, array) pairs one at a time into
+preallocated arrays, so a converter can stream a checkpoint with peak memory ~ one copy of the
+output. All problems (missing keys, unexpected keys, shape mismatches) are reported together.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Iterable, Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+
+from walrus_jax.models.config import ModelConfig
+
+
+# ---------------------------------------------------------------------------- layout transforms
+def _identity(a):
+    return a
+
+
+def _linear(a):  # torch Linear (out, in) -> (in, out)
+    return a.T
+
+
+def _conv1x1(a):  # torch Conv3d 1x1x1 (out, in, 1, 1, 1) -> (in, out)
+    return a.reshape(a.shape[:2]).T
+
+
+def _conv(a):  # torch Conv3d (out, in, kH, kW, kD) -> (kH, kW, kD, in, out)
+    return a.transpose(2, 3, 4, 1, 0)
+
+
+def _conv_transpose(a):  # torch ConvTranspose3d (in, out, kH, kW, kD) -> (kH, kW, kD, in, out)
+    return a.transpose(2, 3, 4, 0, 1)
+
+
+def _ape(a):  # (1, 1, hid, h, w, d) -> (h, w, d, hid)
+    return a[0, 0].transpose(1, 2, 3, 0)
+
+
+def _scalar1(a):  # encoder_dummy: () or (1,) -> (1,)
+    return a.reshape(1)
+
+
+# Inverse transforms (walrus_jax -> torch), used to export and by tests.
+INVERSE = {
+    _identity: _identity,
+    _linear: lambda a: a.T,
+    _conv1x1: lambda a: a.T[:, :, None, None, None],
+    _conv: lambda a: a.transpose(4, 3, 0, 1, 2),
+    _conv_transpose: lambda a: a.transpose(3, 4, 0, 1, 2),
+    _ape: lambda a: a.transpose(3, 0, 1, 2)[None, None],
+    _scalar1: _identity,
+}
+
+# (torch suffix inside blocks.N., path inside processor.blocks, transform)
+BLOCK_TABLE = [
+    ("time_mixing.norm1.weight", ("time", "norm", "scale"), _identity),
+    ("time_mixing.input_head.weight", ("time", "qkv", "kernel"), _conv1x1),
+    ("time_mixing.input_head.bias", ("time", "qkv", "bias"), _identity),
+    ("time_mixing.qnorm.weight", ("time", "q_norm", "scale"), _identity),
+    ("time_mixing.qnorm.bias", ("time", "q_norm", "bias"), _identity),
+    ("time_mixing.knorm.weight", ("time", "k_norm", "scale"), _identity),
+    ("time_mixing.knorm.bias", ("time", "k_norm", "bias"), _identity),
+    ("time_mixing.rel_pos_bias.relative_attention_bias.weight", ("time", "rel_bias"), _identity),
+    ("time_mixing.output_head.weight", ("time", "out", "kernel"), _conv1x1),
+    ("time_mixing.output_head.bias", ("time", "out", "bias"), _identity),
+    ("space_mixing.norm1.weight", ("space", "norm", "scale"), _identity),
+    ("space_mixing.fused_ff_qkv.weight", ("space", "fused", "kernel"), _linear),
+    ("space_mixing.fused_ff_qkv.bias", ("space", "fused", "bias"), _identity),
+    ("space_mixing.ff_out.weight", ("space", "ff_out", "kernel"), _linear),
+    ("space_mixing.ff_out.bias", ("space", "ff_out", "bias"), _identity),
+    ("space_mixing.attn_out.weight", ("space", "attn_out", "kernel"), _linear),
+    ("space_mixing.q_norm.weight", ("space", "q_norm", "scale"), _identity),
+    ("space_mixing.q_norm.bias", ("space", "q_norm", "bias"), _identity),
+    ("space_mixing.k_norm.weight", ("space", "k_norm", "scale"), _identity),
+    ("space_mixing.k_norm.bias", ("space", "k_norm", "bias"), _identity),
+]
+# (torch key with {d}, path with {d}, transform) for every d in include_d
+DIM_TABLE = [
+    ("embed.{d}.proj1.weight", ("embed", "d{d}", "proj1"), _conv),
+    ("embed.{d}.norm1.weight", ("embed", "d{d}", "norm1", "scale"), _identity),
+    ("embed.{d}.proj2.weight", ("embed", "d{d}", "proj2"), _conv),
+    ("embed.{d}.norm2.weight", ("embed", "d{d}", "norm2", "scale"), _identity),
+    ("debed.{d}.proj1.weight", ("debed", "d{d}", "proj1"), _conv_transpose),
+    ("debed.{d}.norm1.weight", ("debed", "d{d}", "norm1", "scale"), _identity),
+    ("debed.{d}.proj2.weight", ("debed", "d{d}", "proj2"), _conv_transpose),
+    ("debed.{d}.proj2.bias", ("debed", "d{d}", "proj2_bias"), _identity),
+]
+ROPE_KEY = "space_mixing.rotary_emb.freqs"
+BLOCKS = ("processor", "blocks")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    path: tuple[str, ...]  # NNX state path
+    index: tuple[int, ...]  # slot inside the stacked array (layer[, axis]); () for unstacked
+    transform: Callable[[np.ndarray], np.ndarray]
+
+
+def mapping(cfg: ModelConfig) -> dict[str, Target]:
+    """Every torch key of a model with this config -> where it goes."""
+    table: dict[str, Target] = {"encoder_dummy": Target(("encoder_dummy",), (), _scalar1)}
+    for d in cfg.include_d:
+        for key, path, fn in DIM_TABLE:
+            table[key.format(d=d)] = Target(tuple(p.format(d=d) for p in path), (), fn)
+    for i in range(cfg.n_blocks):
+        for suffix, path, fn in BLOCK_TABLE:
+            table[f"blocks.{i}.{suffix}"] = Target(BLOCKS + path, (i,), fn)
+        rope_path = BLOCKS + ("space", "rope_freqs")
+        if cfg.learned_rope == "per_axis":
+            for a in range(3):
+                table[f"blocks.{i}.{ROPE_KEY}.{a}"] = Target(rope_path, (i, a), _identity)
+        else:
+            table[f"blocks.{i}.{ROPE_KEY}"] = Target(rope_path, (i,), _identity)
+    if cfg.ape_grid is not None:
+        table["ape"] = Target(("ape",), (), _ape)
+    return table
+
+
+def infer_config(shapes: Mapping[str, tuple[int, ...]], base: ModelConfig) -> ModelConfig:
+    """Fills in what the checkpoint's keys and shapes decide: n_states (vocabulary size), n_blocks,
+    the fine-tuning variants (learnable RoPE frequencies shared or per axis, absolute position
+    embedding and its token grid). Everything else comes from `base` (the YAML)."""
+    over = {}
+    for d in base.include_d:
+        k = f"embed.{d}.proj1.weight"
+        if k in shapes:
+            over["n_states"] = int(shapes[k][1])
+            break
+    layers = {int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if layers:
+        over["n_blocks"] = max(layers) + 1
+    if any(k.endswith(ROPE_KEY + ".0") for k in shapes):
+        over["learned_rope"] = "per_axis"
+    elif base.learned_rope == "per_axis":
+        over["learned_rope"] = "none"
+    if "ape" in shapes:
+        s = shapes["ape"]
+        if len(s) != 6:
+            raise ValueError(f"checkpoint key 'ape' has shape {s}, expected (1, 1, hidden, h, w, d)")
+        over["ape_grid"] = tuple(int(v) for v in s[3:])
+    else:
+        over["ape_grid"] = None
+    return base.replace(**over)
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """NNX path -> shape of every variable, from the abstract model (nothing is allocated)."""
+    from walrus_jax.models.walrus import Walrus
+
+    abstract = nnx.eval_shape(lambda: Walrus(cfg, rngs=nnx.Rngs(0)))
+    return {tuple(str(p) for p in path): tuple(v.get_value().shape) for path, v in nnx.to_flat_state(nnx.state(abstract))}
+
+
+class ConversionError(ValueError):
+    """All problems found while mapping a state_dict, reported together."""
+
+
+def assemble_params(items: Iterable[tuple[str, np.ndarray]], cfg: ModelConfig, *, dtype=np.float32,
+                    source: str = "state_dict", on_tensor: Callable[[str], None] | None = None) -> dict:
+    """Consumes (torch key, array) pairs (one at a time, so the caller can stream them) and returns a
+    nested dict {path...: np.ndarray} matching `nnx.state(Walrus(cfg))`.
+
+    Raises ConversionError listing every unexpected key, missing key and shape mismatch.
+    """
+    table = mapping(cfg)
+    shapes = expected_shapes(cfg)
+    out: dict[tuple[str, ...], np.ndarray] = {}
+    filled: dict[tuple[str, ...], np.ndarray] = {}
+    used, problems = set(), []
+    for key, tensor in items:
+        target = table.get(key)
+        if target is None:
+            problems.append(f"unexpected key '{key}' (shape {tuple(np.shape(tensor))})")
+            continue
+        if target.path not in shapes:
+            problems.append(f"key '{key}' maps to {'.'.join(target.path)}, which this model config lacks")
+            continue
+        full = shapes[target.path]
+        want = full[len(target.index):]
+        value = target.transform(np.asarray(tensor))
+        if tuple(value.shape) != tuple(want):
+            inv = INVERSE[target.transform]
+            problems.append(f"key '{key}' has shape {tuple(np.shape(tensor))}, expected "
+                            f"{tuple(inv(np.zeros(want, np.float32)).shape)} for the model config")
+            continue
+        if target.path not in out:
+            out[target.path] = np.zeros(full, dtype)
+            filled[target.path] = np.zeros(full[:len(target.index)] or (1,), bool)
+        out[target.path][target.index] = value.astype(dtype)
+        filled[target.path][target.index or (0,)] = True
+        used.add(key)
+        if on_tensor is not None:
+            on_tensor(key)
+    missing = sorted(set(table) - used)
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): " + ", ".join(f"'{k}'" for k in missing[:20])
+                        + (" ..." if len(missing) > 20 else ""))
+    not_covered = sorted(".".join(p) for p in shapes if p not in out and not missing)
+    if not_covered:
+        problems.append("model variables with no checkpoint key: " + ", ".join(not_covered))
+    if problems:
+        raise ConversionError(f"{source}: cannot map onto the walrus_jax model "
+                              f"({len(problems)} problem(s)):\n  - " + "\n  - ".join(problems))
+    nested: dict = {}
+    for path, value in out.items():
+        node = nested
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = value
+    return nested
+
+
+def load_state_dict(model, state_dict: Mapping[str, np.ndarray], *, source: str = "state_dict") -> None:
+    """Writes a PyTorch-named state_dict (numpy arrays) into `model` in place (strict)."""
+    params = assemble_params(state_dict.items(), model.cfg, source=source)
+    state = nnx.state(model)
+    flat = dict(nnx.to_flat_state(state))
+    for path, var in flat.items():
+        node = params
+        for p in path:
+            node = node[str(p)]
+        var[...] = jax.numpy.asarray(node, dtype=var[...].dtype)
+    nnx.update(model, state)
+
+
+def to_state_dict(model) -> dict[str, np.ndarray]:
+    """The inverse mapping: walrus_jax model -> PyTorch-named float32 state_dict."""
+    flat = {tuple(str(p) for p in path): np.asarray(v[...], np.float32)
+            for path, v in nnx.to_flat_state(nnx.state(model))}
+    return {key: INVERSE[t.transform](flat[t.path][t.index]) for key, t in mapping(model.cfg).items()}

@@ -1,0 +1,137 @@
+"""Time attention (SPEC §6) and space attention (SPEC §7): the two halves of every block.
+
+Tokens are channels-last, (B, T, h, w, d, hidden). Both modules return x + drop_path(branch)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from walrus_jax.models import positional
+from walrus_jax.models.config import LAYER_NORM_EPS, ModelConfig
+from walrus_jax.models.layers import RMSGroupNorm, drop_path
+
+SPATIAL = (2, 3, 4)  # token axes (h, w, d) of a (B, T, h, w, d, C) tensor
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel (+ bias), kernel (in, out), with logical axis names and a compute dtype."""
+
+    def __init__(self, n_in: int, n_out: int, axes: tuple[str, str], *, use_bias: bool = True,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+        self.kernel = nnx.Param(init(rngs.params(), (n_in, n_out), param_dtype), logical_axes=axes)
+        self.bias = nnx.Param(jnp.zeros((n_out,), param_dtype), logical_axes=(axes[1],)) if use_bias else None
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class HeadLayerNorm(nnx.Module):
+    """torch.nn.LayerNorm(head_dim) (eps 1e-5, weight and bias), statistics in float32."""
+
+    def __init__(self, dim: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=("head_dim",))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), logical_axes=("head_dim",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + LAYER_NORM_EPS)
+        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def _attention(q, k, v, bias=None, is_causal=False):
+    """(N, L, heads, hd) attention; softmax in float32 whatever the compute dtype."""
+    dtype = q.dtype
+    if dtype != jnp.float32:
+        # bf16 matmuls, float32 logits / softmax: upcast-free path via preferred element type.
+        logits = jnp.einsum("nqhd,nkhd->nhqk", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(q.shape[-1]).astype(jnp.float32)
+        if bias is not None:
+            logits = logits + bias.astype(jnp.float32)
+        if is_causal:
+            L = q.shape[1]
+            logits = jnp.where(jnp.tril(jnp.ones((L, L), bool)), logits, -jnp.inf)
+        p = jax.nn.softmax(logits, axis=-1).astype(dtype)
+        return jnp.einsum("nhqk,nkhd->nqhd", p, v)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=is_causal)
+
+
+class TimeAttention(nnx.Module):
+    """AxialTimeAttention: per token, attention over the T frames with a T5 relative bias (SPEC §6)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        hid, nh = cfg.hidden_dim, cfg.num_heads
+        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        self.cfg = cfg
+        self.norm = RMSGroupNorm(hid, param_dtype=pdt, rngs=rngs)
+        # qkv channels are head-major with q|k|v interleaved inside each head (SPEC §6.2).
+        self.qkv = Dense(hid, 3 * hid, ("embed", "qkv"), dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.q_norm = HeadLayerNorm(cfg.head_dim, param_dtype=pdt, rngs=rngs)
+        self.k_norm = HeadLayerNorm(cfg.head_dim, param_dtype=pdt, rngs=rngs)
+        self.rel_bias = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.rel_pos_buckets, nh), pdt),
+                                  logical_axes=("buckets", "heads"))
+        self.out = Dense(hid, hid, ("attn", "embed"), dtype=dt, param_dtype=pdt, rngs=rngs)
+
+    def __call__(self, x: jax.Array, rate=0.0, key: jax.Array | None = None) -> jax.Array:
+        """x (B, T, h, w, d, hid) -> same."""
+        cfg = self.cfg
+        B, T, h, w, d, hid = x.shape
+        nh, hd = cfg.num_heads, cfg.head_dim
+        qkv = self.qkv(self.norm(x, SPATIAL)).reshape(B, T, h, w, d, nh, 3, hd)
+        qkv = jnp.transpose(qkv, (6, 0, 2, 3, 4, 1, 5, 7)).reshape(3, B * h * w * d, T, nh, hd)
+        q, k, v = self.q_norm(qkv[0]), self.k_norm(qkv[1]), qkv[2]
+        bias = positional.time_bias(self.rel_bias[...], T, cfg.causal_in_time, cfg.rel_pos_buckets,
+                                    cfg.rel_pos_max_distance)[None]
+        o = _attention(q, k, v.astype(q.dtype), bias=bias.astype(q.dtype), is_causal=cfg.causal_in_time)
+        o = jnp.transpose(o.reshape(B, h, w, d, T, hid), (0, 4, 1, 2, 3, 5))
+        return x + drop_path(self.out(o).astype(x.dtype), rate, key, 2)
+
+
+class SpaceAttention(nnx.Module):
+    """FullAttention: parallel attention + SwiGLU MLP over all tokens of a frame (SPEC §7)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        hid = cfg.hidden_dim
+        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        self.cfg = cfg
+        self.norm = RMSGroupNorm(hid, param_dtype=pdt, rngs=rngs)
+        # output features: [ff (4 hid), q (hid), k (hid), v (hid)] (SPEC §7.2)
+        self.fused = Dense(hid, 7 * hid, ("embed", "fused"), dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.ff_out = Dense(2 * hid, hid, ("mlp", "embed"), dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.attn_out = Dense(hid, hid, ("attn", "embed"), use_bias=False, dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.q_norm = HeadLayerNorm(cfg.head_dim, param_dtype=pdt, rngs=rngs)
+        self.k_norm = HeadLayerNorm(cfg.head_dim, param_dtype=pdt, rngs=rngs)
+        base = jnp.asarray(positional.rope_base_freqs(cfg.head_dim, cfg.rope_max_freq))
+        if cfg.learned_rope == "none":
+            # A buffer in the original (saved in the state_dict, never trained).
+            self.rope_freqs = RopeFreqs(base, logical_axes=("rope",))
+        elif cfg.learned_rope == "shared":
+            self.rope_freqs = nnx.Param(base, logical_axes=("rope",))
+        else:
+            self.rope_freqs = nnx.Param(jnp.tile(base[None], (3, 1)), logical_axes=("rope_axes", "rope"))
+
+    def __call__(self, x: jax.Array, rate=0.0, key: jax.Array | None = None) -> jax.Array:
+        """x (B, T, h, w, d, hid) -> same."""
+        cfg = self.cfg
+        B, T, h, w, d, hid = x.shape
+        nh, hd, L = cfg.num_heads, cfg.head_dim, h * w * d
+        f = self.fused(self.norm(x, SPATIAL)).reshape(B * T, L, 7 * hid)
+        ff, q, k, v = jnp.split(f, [4 * hid, 5 * hid, 6 * hid], axis=-1)
+        q = self.q_norm(q.reshape(B * T, L, nh, hd))
+        k = self.k_norm(k.reshape(B * T, L, nh, hd))
+        angles = positional.rope_angles(self.rope_freqs[...], (h, w, d)).reshape(L, -1)
+        q, k = positional.apply_rope(q, angles), positional.apply_rope(k, angles)
+        o = _attention(q, k, v.reshape(B * T, L, nh, hd)).reshape(B * T, L, hid)
+        value, gate = jnp.split(ff, 2, axis=-1)  # first half value, second half gate (SPEC §7.4)
+        branch = self.attn_out(o) + self.ff_out(jax.nn.silu(gate) * value)
+        return x + drop_path(branch.reshape(x.shape).astype(x.dtype), rate, key, 2)
+
+
+class RopeFreqs(nnx.Variable):
+    """The fixed RoPE frequency buffer: stored with the weights, never trained."""

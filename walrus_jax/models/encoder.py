@@ -1,0 +1,68 @@
+"""Space-bag encoder (SPEC §4): the two strided 3-D convolutions that turn a padded, flagged field
+stack into tokens, with the kernel columns chosen by the field labels."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from walrus_jax.models.config import FLAG_LABELS, ModelConfig
+from walrus_jax.models.layers import RMSGroupNorm
+
+DIMS = ("NHWDC", "HWDIO", "NHWDC")
+SPATIAL3 = (1, 2, 3)  # spatial axes of an (N, H, W, D, C) tensor
+
+
+def fold_singleton_axes(w: jax.Array, in_shape: Sequence[int], reduce) -> jax.Array:
+    """Collapses kernel axes (first three of (kH, kW, kD, I, O)) whose input axis has size 1, with
+    `reduce` (jnp.sum in the encoder, jnp.mean in the decoder), so 2-D data runs through the 3-D
+    weights exactly as the original's adaptive kernels do."""
+    axes = tuple(a for a in range(3) if in_shape[a] == 1)
+    return reduce(w, axis=axes, keepdims=True) if axes else w
+
+
+def conv3d(x: jax.Array, w: jax.Array, strides: Sequence[int], dtype) -> jax.Array:
+    """VALID channels-last 3-D convolution, x (N, H, W, D, I), w (kH, kW, kD, I, O)."""
+    return jax.lax.conv_general_dilated(x.astype(dtype), w.astype(dtype), tuple(strides), "VALID",
+                                        dimension_numbers=DIMS)
+
+
+class SpaceBagEncoder(nnx.Module):
+    """proj1 (k1,k1,k1, n_states, inter) -> RMSGroupNorm -> SiLU -> proj2 (k2,k2,k2, inter, hid)
+    -> RMSGroupNorm -> SiLU. No biases."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        k1, k2 = cfg.kernel_sizes
+        pdt = jnp.dtype(cfg.param_dtype)
+        init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1, 2, 3), out_axis=4)
+        self.cfg = cfg
+        self.proj1 = nnx.Param(init(rngs.params(), (k1, k1, k1, cfg.n_states, cfg.intermediate_dim), pdt),
+                               logical_axes=("kh", "kw", "kd", "vocab", "inter"))
+        self.norm1 = RMSGroupNorm(cfg.intermediate_dim, param_dtype=pdt, rngs=rngs, logical_axis="inter")
+        self.proj2 = nnx.Param(init(rngs.params(), (k2, k2, k2, cfg.intermediate_dim, cfg.hidden_dim), pdt),
+                               logical_axes=("kh", "kw", "kd", "inter", "embed"))
+        self.norm2 = RMSGroupNorm(cfg.hidden_dim, param_dtype=pdt, rngs=rngs)
+
+    def __call__(self, x: jax.Array, field_indices: jax.Array, strides) -> jax.Array:
+        """x (N, H', W', D', C + 3) padded fields + flags; field_indices (C,) (may be traced);
+        strides ((s1, s2),) * 3 -> tokens (N, h, w, d, hid), post-SiLU."""
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        n_fields = x.shape[-1] - 3
+        labels = jnp.concatenate([jnp.asarray(field_indices, jnp.int32), jnp.asarray(FLAG_LABELS, jnp.int32)])
+        w1 = jnp.take(self.proj1[...], labels, axis=3)
+        # "Hack to match older weights" (SPEC §4.2): scale the field and bias columns, not wall/open.
+        scale = jnp.concatenate([jnp.full((n_fields + 1,), math.sqrt((cfg.n_states - 3) / n_fields), w1.dtype),
+                                 jnp.ones((2,), w1.dtype)])
+        w1 = w1 * scale[:, None]
+        spatial = x.shape[1:4]
+        w1 = fold_singleton_axes(w1, spatial, jnp.sum)
+        s1 = [1 if n == 1 else s[0] for n, s in zip(spatial, strides)]
+        y = jax.nn.silu(self.norm1(conv3d(x, w1, s1, dtype), SPATIAL3))
+        spatial = y.shape[1:4]
+        w2 = fold_singleton_axes(self.proj2[...], spatial, jnp.sum)
+        s2 = [1 if n == 1 else s[1] for n, s in zip(spatial, strides)]
+        return jax.nn.silu(self.norm2(conv3d(y, w2, s2, dtype), SPATIAL3))

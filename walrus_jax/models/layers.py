@@ -1,0 +1,48 @@
+"""Small layers shared by the encoder, decoder and blocks: RMSGroupNorm, drop path, dtype helpers."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from walrus_jax.models.config import RMS_NORM_EPS
+
+
+def dtype_of(name: str):
+    return jnp.dtype(name)
+
+
+def param(rngs: nnx.Rngs, init, shape, dtype, logical_axes) -> nnx.Param:
+    """A parameter carrying its logical axis names (mapped to mesh axes by `walrus_jax.sharding`)."""
+    return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=tuple(logical_axes))
+
+
+class RMSGroupNorm(nnx.Module):
+    """The original's RMSGroupNorm (SPEC §2): each channel of each (time, batch) element is divided by
+    its own RMS over all spatial positions (the group reshape has no effect), times a learned scale.
+
+    eps is float32 machine epsilon (the original calls rms_norm without eps). Statistics are always
+    computed in float32; the result is cast back to the input dtype.
+    """
+
+    def __init__(self, channels: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs, logical_axis: str = "embed"):
+        self.scale = nnx.Param(jnp.ones((channels,), param_dtype), logical_axes=(logical_axis,))
+
+    def __call__(self, x: jax.Array, spatial_axes: tuple[int, ...]) -> jax.Array:
+        """x (..., C) channels-last; `spatial_axes` are the axes reduced."""
+        xf = x.astype(jnp.float32)
+        ms = jnp.mean(jnp.square(xf), axis=spatial_axes, keepdims=True)
+        y = xf * jax.lax.rsqrt(ms + RMS_NORM_EPS) * self.scale[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+def drop_path(x: jax.Array, rate, key: jax.Array | None, sample_axes: int) -> jax.Array:
+    """Stochastic depth on a residual branch: each element of the leading `sample_axes` axes keeps its
+    branch with probability 1 - rate and is rescaled by 1 / (1 - rate). `rate` may be traced (it is
+    scanned over blocks); with key None it is the identity (eval)."""
+    if key is None:
+        return x
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(key, keep, x.shape[:sample_axes])
+    mask = mask.reshape(mask.shape + (1,) * (x.ndim - sample_axes))
+    return jnp.where(mask, x / jnp.maximum(keep, 1e-12).astype(x.dtype), jnp.zeros_like(x))

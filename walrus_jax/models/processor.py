@@ -1,0 +1,89 @@
+"""The processor: N identical space-time blocks, created with nnx.vmap (one stacked set of weights)
+and applied with nnx.scan (one compiled block, not N), with an optional remat policy (SPEC §8)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from walrus_jax.models.attention import SpaceAttention, TimeAttention
+from walrus_jax.models.config import ModelConfig
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+TOKEN_AXES = (2, 3, 4)  # (h, w, d) of a (B, T, h, w, d, hid) tensor
+
+
+class Block(nnx.Module):
+    """SpaceTimeSplitBlock: time attention (+ residual), then space attention (+ residual)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.time = TimeAttention(cfg, rngs=rngs)
+        self.space = SpaceAttention(cfg, rngs=rngs)
+
+    def __call__(self, x, rate=0.0, key=None):
+        kt, ks = (None, None) if key is None else jax.random.split(key)
+        return self.space(self.time(x, rate, kt), rate, ks)
+
+
+def roll_tokens(x: jax.Array, shift: jax.Array) -> jax.Array:
+    """Circular shift of the token grid by shift (3,) (traced) along (h, w, d)."""
+    for a, axis in enumerate(TOKEN_AXES):
+        if x.shape[axis] > 1:
+            x = jnp.roll(x, shift[a], axis=axis)
+    return x
+
+
+class Processor(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+
+        @nnx.split_rngs(splits=cfg.n_blocks)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def create(r: nnx.Rngs) -> Block:
+            return Block(cfg, rngs=r)
+
+        self.blocks = create(rngs)
+        # The stacked weights gain a leading "layers" axis: record it in their logical names.
+        for _, var in nnx.iter_graph(self.blocks):
+            if isinstance(var, nnx.Variable):
+                names = var.get_metadata().get("logical_axes")
+                if names is not None and len(names) == var[...].ndim - 1:
+                    var.set_metadata(logical_axes=("layers",) + tuple(names))
+
+    def __call__(self, x: jax.Array, token_shift: jax.Array | None = None, key: jax.Array | None = None) -> jax.Array:
+        """x (B, T, h, w, d, hid) tokens. token_shift (n_blocks, 3): roll before each block, undone
+        after the last one (SPEC §8); None for no roll. key: drop-path randomness (None: eval)."""
+        cfg = self.cfg
+        rates = jnp.asarray(cfg.drop_path_rates())
+        xs = {"rate": rates}
+        if token_shift is not None:
+            xs["shift"] = jnp.asarray(token_shift, jnp.int32)
+        if key is not None:
+            xs["key"] = jax.random.split(key, cfg.n_blocks)
+
+        def step(block: Block, x, xs):
+            if "shift" in xs:
+                x = roll_tokens(x, xs["shift"])
+            return block(x, xs["rate"], xs.get("key"))
+
+        if cfg.remat != "none":
+            step = nnx.remat(step, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+
+        if cfg.scan_layers:
+            @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry)
+            def run(block, x, xs):
+                return step(block, x, xs)
+
+            x = run(self.blocks, x, xs)
+        else:
+            graphdef, state = nnx.split(self.blocks)
+            for i in range(cfg.n_blocks):
+                block = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+                x = step(block, x, jax.tree.map(lambda a: a[i], xs))
+        if token_shift is not None:
+            x = roll_tokens(x, -jnp.sum(xs["shift"], axis=0))
+        return x
