@@ -1,0 +1,168 @@
+"""Training pipeline: mixture frequencies, downsampling, determinism, exact resume, workers, hosts, jitter."""
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from walrus_jax.data import BatchSource, DatasetSpec, WellDataset, make_eval_datasets, make_train_pipeline
+from walrus_jax.data.writer import WellField, axis_boundaries, write_well_file
+from walrus_jax.models.config import ModelConfig
+from walrus_jax.models.jitter import sample_jitter
+
+WALL, OPEN, PERIODIC = 0, 1, 2
+
+
+def _write(root, name, shape, n_traj=2, n_steps=14, bcs=None, seed=0):
+    rng = np.random.default_rng(seed)
+    dims = "xyz"[:len(shape)]
+    bnd = {}
+    for d, n, (lo, hi) in zip(dims, shape, bcs or [("PERIODIC", "PERIODIC")] * len(shape)):
+        bnd.update(axis_boundaries(d, n, lo, hi))
+    write_well_file(os.path.join(root, name, "data", "train", f"{name}.hdf5"), dataset_name=name,
+                    n_trajectories=n_traj, time=np.arange(n_steps) * 0.1,
+                    coords={d: np.linspace(0, 1, n) for d, n in zip(dims, shape)},
+                    t0_fields={"pressure": WellField(rng.normal(size=(n_traj, n_steps) + shape))},
+                    t1_fields={"velocity": WellField(rng.normal(size=(n_traj, n_steps) + shape + (len(shape),)))},
+                    boundaries=bnd)
+    return os.path.join(root, name)
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("mix"))
+    return [_write(d, "flow_a", (32, 32), seed=1),
+            _write(d, "box_b", (32, 32), bcs=[("WALL", "OPEN"), ("WALL", "WALL")], seed=2),
+            _write(d, "MHD_64", (16, 16, 16), n_steps=10, seed=3)]  # a released 3D name: T/2, B/2
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return ModelConfig.tiny()
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def _same(a, b):
+    assert a["dataset_name"] == b["dataset_name"] and a["batch_index"] == b["batch_index"]
+    for k in ("input_fields", "output_fields", "constant_fields", "boundary_conditions", "field_indices",
+              "padded_field_mask", "time_stride"):
+        np.testing.assert_array_equal(a[k], b[k])
+    if a["jitter"] is None:
+        assert b["jitter"] is None
+    else:
+        np.testing.assert_array_equal(a["jitter"].patch_shift, b["jitter"].patch_shift)
+        np.testing.assert_array_equal(a["jitter"].token_shift, b["jitter"].token_shift)
+
+
+def test_mixture_frequencies_strides_and_rotations(roots):
+    dss = [WellDataset(r, 6 if i < 2 else 3, 1, 1, 5, split="train", inflate_to_3d=True) for i, r in enumerate(roots)]
+    src = BatchSource(dss, [2, 2, 1], [1.0, 1.0, 1.0], dss[0].vocab, seed=3, rotate=True)
+    n = 3000
+    plans = [src.plan(k) for k in range(n)]
+    counts = np.bincount([p["dataset"] for p in plans], minlength=3)
+    # system-uniform: each dataset 1/3 (binomial sd = sqrt(n p (1-p)) ~ 26), whatever its size
+    assert np.all(np.abs(counts - n / 3) < 4 * np.sqrt(n * (1 / 3) * (2 / 3))), counts
+    rots = np.bincount([p["rotation"] for p in plans], minlength=24)
+    assert (rots > 0).all() and rots.max() < 3 * rots.mean()
+    windows = np.concatenate([p["indices"] for p in plans if p["dataset"] == 0])
+    assert windows.min() >= 0 and windows.max() < len(dss[0]) and len(np.unique(windows)) == len(dss[0])
+    for p in plans[:300]:
+        ds = dss[p["dataset"]]
+        for i, dt in zip(p["indices"], p["strides"]):
+            lo, hi = ds.stride_range(int(i))
+            assert lo <= dt <= hi
+    # max_dt_stride 5, capped where the window must fit: (14 - 1) // 6 = 2 (2D), (10 - 1) // 3 = 3 (3D)
+    assert set(np.concatenate([p["strides"] for p in plans if p["dataset"] < 2])) == {1, 2}
+    assert set(np.concatenate([p["strides"] for p in plans if p["dataset"] == 2])) == {1, 2, 3}
+    weighted = BatchSource(dss, [2, 2, 1], [1.0, 2.0, 1.0], dss[0].vocab, seed=3, rotate=True)
+    c = np.bincount([weighted.plan(k)["dataset"] for k in range(n)], minlength=3) / n
+    np.testing.assert_allclose(c, [0.25, 0.5, 0.25], atol=0.04)
+
+
+def test_batches_shapes_downsampling_and_jitter(roots, cfg):
+    it = make_train_pipeline(roots, batch_size=2, n_steps_input=6, max_dt_stride=5, seed=0, cfg=cfg,
+                             process_index=0, process_count=1)
+    seen = set()
+    for b in _take(it, 12):
+        name = b["dataset_name"]
+        seen.add(name)
+        if name == "MHD_64":  # released step/batch downsampling 0.5
+            assert b["input_fields"].shape == (1, 3, 16, 16, 16, 4)
+        else:
+            B, T, *sp, C = b["input_fields"].shape
+            assert (B, T, C) == (2, 6, 4) and sorted(sp) == [1, 32, 32]
+        assert b["output_fields"].shape[1] == 1 and b["boundary_conditions"].shape == (3, 2)
+        assert b["field_indices"].tolist() == [3, 4, 5, 6]
+        assert b["padded_field_mask"].sum() == (4 if name == "MHD_64" else 3)
+        # the jitter is sample_jitter's draw for this batch's shape and BCs
+        key = jax.random.fold_in(jax.random.PRNGKey(0), b["batch_index"])
+        ref = sample_jitter(key, cfg, b["input_fields"].shape[2:-1], b["boundary_conditions"])
+        np.testing.assert_array_equal(b["jitter"].patch_shift, np.asarray(ref.patch_shift))
+        np.testing.assert_array_equal(b["jitter"].token_shift, np.asarray(ref.token_shift))
+        # the singleton (inflated) axis is PERIODIC, wherever the rotation put it
+        for a, n in enumerate(b["input_fields"].shape[2:-1]):
+            if n == 1:
+                assert b["boundary_conditions"][a].tolist() == [PERIODIC, PERIODIC]
+    assert seen == {"flow_a", "box_b", "MHD_64"}
+    assert it.vocab.n_states == 67
+    it.close()
+
+
+def test_determinism_and_exact_resume(roots, cfg):
+    kw = dict(batch_size=2, n_steps_input=4, max_dt_stride=3, seed=7, cfg=cfg, process_index=0, process_count=1)
+    a = make_train_pipeline(roots, **kw)
+    first = _take(a, 3)
+    state = a.get_state()
+    rest = _take(a, 4)
+    b = make_train_pipeline(roots, **kw)
+    for x, y in zip(first, _take(b, 3)):
+        _same(x, y)
+    c = make_train_pipeline(roots, **kw)
+    c.set_state(state)
+    for x, y in zip(rest, _take(c, 4)):
+        _same(x, y)
+    d = make_train_pipeline(roots, **{**kw, "seed": 8})
+    other = _take(d, 3)
+    assert any(x["dataset_name"] != y["dataset_name"] or not np.array_equal(x["input_fields"], y["input_fields"])
+               for x, y in zip(first, other))
+
+
+def test_multiworker_equals_single_worker_and_host_split(roots):
+    kw = dict(batch_size=2, n_steps_input=4, max_dt_stride=2, seed=11, cfg=None)
+    single = _take(make_train_pipeline(roots, **kw, process_index=0, process_count=1), 6)
+    multi = make_train_pipeline(roots, **kw, worker_count=2, process_index=0, process_count=1)
+    got = _take(multi, 6)
+    state = multi.get_state()
+    more = _take(multi, 2)
+    multi.close()
+    for x, y in zip(single, got):
+        _same(x, y)
+    resumed = make_train_pipeline(roots, **kw, worker_count=2, process_index=0, process_count=1)
+    resumed.set_state(state)
+    for x, y in zip(more, _take(resumed, 2)):
+        _same(x, y)
+    resumed.close()
+    # two hosts: host h reads global batches h, h + 2, ...; together they are the single-host stream
+    h0 = _take(make_train_pipeline(roots, **kw, process_index=0, process_count=2), 3)
+    h1 = _take(make_train_pipeline(roots, **kw, process_index=1, process_count=2), 3)
+    assert [b["batch_index"] for b in h0] == [0, 2, 4] and [b["batch_index"] for b in h1] == [1, 3, 5]
+    for k, b in enumerate(single):
+        _same(b, (h0 if k % 2 == 0 else h1)[k // 2])
+
+
+def test_eval_datasets_and_vocab_check(roots, cfg):
+    dss, vocab = make_eval_datasets(roots[:2], n_steps_input=4, split="train", max_rollout_steps=5)
+    s = dss[0][1]
+    assert s["input_fields"].shape == (4, 32, 32, 3) and s["output_fields"].shape == (5, 32, 32, 3)
+    assert dss[1].trajectory(0)["fields"].shape == (14, 32, 32, 3)
+    with pytest.raises(ValueError, match="need a field vocabulary of 67 rows but cfg.n_states = 10"):
+        make_train_pipeline(roots, batch_size=1, n_steps_input=2, cfg=cfg.replace(n_states=10),
+                            process_index=0, process_count=1)
+    spec = DatasetSpec(roots[2], step_downsample_factor=1.0, batch_downsample_factor=1.0)
+    it = make_train_pipeline([spec], batch_size=2, n_steps_input=2, seed=0, process_index=0, process_count=1,
+                             rotate=False)
+    b = next(it)
+    assert b["input_fields"].shape == (2, 2, 16, 16, 16, 4)

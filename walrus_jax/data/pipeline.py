@@ -1,0 +1,295 @@
+"""Grain training pipeline: system-uniform mixture sampling, one dataset and one rotation per batch,
+random time strides, per-dataset batch/history downsampling, patch jitter, host split.
+
+Batch k (a global index) is a pure function of (seed, k): `BatchSource.plan(k)` draws the dataset
+(uniformly, or by weight), B_d windows uniformly within it, a stride per window (uniform over the
+strides that fit, as the_well draws them) and one rotation; `BatchSource.load(k)` reads and
+collates. Host h of P reads k = h, h + P, h + 2P, ... Grain's `mp_prefetch` hands consecutive
+elements to workers round-robin and returns them in order, so any worker count yields the same
+stream, and the iterator state (`get_state` / `set_state`) resumes it exactly. The jitter is drawn
+in the consuming process with `sample_jitter(fold_in(PRNGKey(seed), k), cfg, spatial, bcs)` (JAX
+never runs inside the data workers).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from walrus_jax.data import transforms as T
+from walrus_jax.data.fields import RELEASED_DATASET_OPTIONS, FieldVocabulary
+from walrus_jax.data.well import WellDataset, WellFormatError
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset of a mixture. Options left as None take the released config's value for a
+    dataset of that name (RELEASED_DATASET_OPTIONS), else the neutral value."""
+
+    path: str
+    split: str | None = "train"  # ignored when `path` is itself a folder of files or a file
+    name: str | None = None
+    weight: float = 1.0
+    step_downsample_factor: float | None = None
+    batch_downsample_factor: float | None = None
+    field_transforms: Mapping[str, str] | None = None
+    include_filters: tuple[str, ...] = ()
+    exclude_filters: tuple[str, ...] = ()
+
+
+def _split_path(path: str, split: str | None) -> str | None:
+    """Use the split folder only when the path is a dataset root (holds data/<split>)."""
+    if split and os.path.isdir(os.path.join(path, "data", split)):
+        return split
+    return None
+
+
+def _dataset_name_of(path: str, split: str | None) -> str:
+    from walrus_jax.data.well import inspect_file, resolve_files
+    return inspect_file(resolve_files(path, split)[0])["dataset_name"]
+
+
+class BatchSource:
+    """Random-access batches: element k = one collated batch (picklable, so grain workers can use it)."""
+
+    def __init__(self, datasets: Sequence[WellDataset], batch_sizes: Sequence[int], weights: Sequence[float],
+                 vocab: FieldVocabulary, seed: int, rotate: bool):
+        self.datasets = list(datasets)
+        self.batch_sizes = [int(b) for b in batch_sizes]
+        w = np.asarray(weights, np.float64)
+        if (w <= 0).any() or not np.isfinite(w).all():
+            raise ValueError(f"dataset weights must be positive, got {w.tolist()}")
+        self.probs = w / w.sum()
+        self.vocab = vocab
+        self.seed = int(seed)
+        self.rotate = bool(rotate)
+        self.field_indices = [vocab.indices(ds.field_names, ds.path) for ds in self.datasets]
+        self.rotations = [T.proper_rotations(ds.n_spatial_dims) if rotate and ds.metadata.grid_type == "cartesian"
+                          else None for ds in self.datasets]
+
+    def plan(self, k: int) -> dict:
+        """The random choices of batch k: dataset, window indices, strides, rotation index."""
+        rng = np.random.default_rng([self.seed, int(k)])
+        d = int(rng.choice(len(self.datasets), p=self.probs))
+        ds = self.datasets[d]
+        idx = rng.integers(0, len(ds), size=self.batch_sizes[d])
+        strides = []
+        for i in idx:
+            lo, hi = ds.stride_range(int(i))
+            strides.append(int(rng.integers(lo, hi + 1)))
+        rot = int(rng.integers(len(self.rotations[d]))) if self.rotations[d] is not None else -1
+        return {"dataset": d, "indices": idx.astype(np.int64), "strides": np.asarray(strides, np.int64),
+                "rotation": rot}
+
+    def load(self, k: int) -> dict:
+        p = self.plan(k)
+        d = p["dataset"]
+        ds = self.datasets[d]
+        samples = []
+        for i, dt in zip(p["indices"], p["strides"]):
+            s = ds.read(int(i), int(dt))
+            if p["rotation"] >= 0:
+                s = T.rotate(s, self.rotations[d][p["rotation"]])
+            samples.append(s)
+        s0 = samples[0]
+        return {
+            "input_fields": np.stack([s["input_fields"] for s in samples]),
+            "output_fields": np.stack([s["output_fields"] for s in samples]),
+            "constant_fields": np.stack([s["constant_fields"] for s in samples]),
+            "boundary_conditions": s0["boundary_conditions"],
+            "field_indices": self.field_indices[d].copy(),
+            "padded_field_mask": s0["padded_field_mask"],
+            "dataset_name": ds.dataset_name,
+            "time_stride": p["strides"],
+            "batch_index": int(k),
+        }
+
+    def __call__(self, k: int) -> dict:
+        return self.load(k)
+
+
+_JITTER_FNS: dict = {}  # (cfg, spatial shape, bcs) -> jitted draw, shared by all pipelines of a process
+
+
+class _JitterDraw:
+    """Adds batch['jitter'] in the consuming process (compiled once per config / shape / BC set)."""
+
+    def __init__(self, cfg, seed: int):
+        self.cfg, self.seed = cfg, int(seed)
+
+    def __call__(self, batch: dict) -> dict:
+        if self.cfg is None or not self.cfg.jitter_patches:
+            batch["jitter"] = None
+            return batch
+        import jax
+
+        from walrus_jax.models.jitter import Jitter, sample_jitter
+        shape = tuple(int(n) for n in batch["input_fields"].shape[2:-1])
+        bcs = tuple(tuple(int(c) for c in row) for row in np.asarray(batch["boundary_conditions"]))
+        fn = _JITTER_FNS.get((self.cfg, shape, bcs))
+        if fn is None:
+            cfg = self.cfg
+            fn = _JITTER_FNS[(cfg, shape, bcs)] = jax.jit(lambda key: sample_jitter(key, cfg, shape, np.asarray(bcs)))
+        key = jax.random.fold_in(jax.random.PRNGKey(self.seed), batch["batch_index"])
+        j = fn(key)
+        batch["jitter"] = Jitter(np.asarray(j.patch_shift), np.asarray(j.token_shift))
+        return batch
+
+
+class TrainPipeline:
+    """Iterator over training batches with `get_state` / `set_state` (grain iterator state)."""
+
+    def __init__(self, source: BatchSource, iter_ds, vocab: FieldVocabulary):
+        self.source = source
+        self.vocab = vocab
+        self.datasets = source.datasets
+        self._iter_ds = iter_ds
+        self._it = iter(iter_ds)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._it)
+
+    def get_state(self) -> dict:
+        return self._it.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self._it.set_state(state)
+
+    def close(self) -> None:
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+
+
+def build_datasets(datasets, *, n_steps_input: int, n_steps_output: int, min_dt_stride: int, max_dt_stride: int,
+                   inflate_to_3d: bool, split: str | None, vocab: FieldVocabulary | None, allow_new_fields: bool,
+                   use_released_options: bool = True, seed: int = 0, full_trajectory_mode: bool = False,
+                   max_rollout_steps: int = 100) -> tuple[list[WellDataset], list[float], list[float], FieldVocabulary]:
+    """Paths / DatasetSpecs / WellDatasets -> (datasets, weights, batch factors, shared vocabulary)."""
+    if not datasets:
+        raise ValueError("make_train_pipeline: no datasets given")
+    vocab = vocab or FieldVocabulary.released()
+    out, weights, bfactors = [], [], []
+    for item in datasets:
+        if isinstance(item, WellDataset):
+            for nm in item.field_names:
+                if nm not in vocab:
+                    if not allow_new_fields:
+                        vocab.index(nm, item.path)
+                    vocab = vocab.extend([nm])
+            out.append(item)
+            weights.append(1.0)
+            bfactors.append(1.0)
+            continue
+        spec = DatasetSpec(os.fspath(item), split=split) if isinstance(item, (str, os.PathLike)) else item
+        if not isinstance(spec, DatasetSpec):
+            raise TypeError(f"datasets entries must be paths, DatasetSpec or WellDataset, got {type(item).__name__}")
+        sp = _split_path(spec.path, spec.split)
+        released = {}
+        if use_released_options:
+            released = RELEASED_DATASET_OPTIONS.get(spec.name or _dataset_name_of(spec.path, sp), {})
+        sdf = spec.step_downsample_factor if spec.step_downsample_factor is not None else \
+            released.get("step_downsample_factor", 1.0)
+        bdf = spec.batch_downsample_factor if spec.batch_downsample_factor is not None else \
+            released.get("batch_downsample_factor", 1.0)
+        ft = spec.field_transforms if spec.field_transforms is not None else released.get("field_transforms", {})
+        ds = WellDataset(spec.path, max(1, int(n_steps_input * sdf)), n_steps_output, min_dt_stride, max_dt_stride,
+                         split=sp, vocab=vocab, allow_new_fields=allow_new_fields, field_transforms=ft,
+                         inflate_to_3d=inflate_to_3d, include_filters=spec.include_filters,
+                         exclude_filters=spec.exclude_filters, name=spec.name, seed=seed,
+                         full_trajectory_mode=full_trajectory_mode, max_rollout_steps=max_rollout_steps)
+        vocab = ds.vocab  # extensions only append, so earlier datasets keep their indices
+        out.append(ds)
+        weights.append(spec.weight)
+        bfactors.append(bdf)
+    return out, weights, bfactors, vocab
+
+
+def make_train_pipeline(
+    datasets: Sequence,
+    *,
+    batch_size: int,
+    n_steps_input: int,
+    n_steps_output: int = 1,
+    min_dt_stride: int = 1,
+    max_dt_stride: int = 1,
+    seed: int = 0,
+    cfg=None,
+    worker_count: int = 0,
+    worker_buffer_size: int = 2,
+    read_threads: int = 1,
+    rotate: bool = True,
+    inflate_to_3d: bool = True,
+    split: str | None = "train",
+    vocab: FieldVocabulary | None = None,
+    allow_new_fields: bool = True,
+    use_released_options: bool = True,
+    num_batches: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> TrainPipeline:
+    """Builds the training iterator (module doc). Batches are described in `walrus_jax.data`.
+
+    datasets: paths (dataset roots with data/<split>, folders of files, or files), DatasetSpec, or
+      WellDataset objects (used as they are). batch_size / n_steps_input are the 2D values; each
+      dataset scales them by its batch/step downsample factors (the released 3D datasets: 0.5).
+    cfg: ModelConfig for the jitter draw; None (or cfg.jitter_patches False) gives jitter None.
+    num_batches: global batches in the stream (None: endless).
+    process_index / process_count: host split (default jax.process_index() / jax.process_count()).
+    """
+    import grain
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    dss, weights, bfactors, vocab = build_datasets(
+        datasets, n_steps_input=n_steps_input, n_steps_output=n_steps_output, min_dt_stride=min_dt_stride,
+        max_dt_stride=max_dt_stride, inflate_to_3d=inflate_to_3d, split=split, vocab=vocab,
+        allow_new_fields=allow_new_fields, use_released_options=use_released_options, seed=seed)
+    if cfg is not None and vocab.n_states > cfg.n_states:
+        raise ValueError(f"the datasets need a field vocabulary of {vocab.n_states} rows but cfg.n_states = "
+                         f"{cfg.n_states}; extend the model's vocabulary (new rows for {vocab.n_states - cfg.n_states} "
+                         "fields) before training")
+    if process_index is None or process_count is None:
+        import jax
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    sizes = [max(1, int(batch_size * f)) for f in bfactors]
+    source = BatchSource(dss, sizes, weights, vocab, seed, rotate)
+    stop = sys.maxsize if num_batches is None else int(num_batches)
+    ds = grain.MapDataset.range(process_index, stop, process_count).map(source)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, read_threads), prefetch_buffer_size=2 * max(1, read_threads)))
+    if worker_count > 0:
+        from absl import flags
+        if not flags.FLAGS.is_parsed():
+            # Grain's worker processes read absl flags; outside an absl app (notebooks, pytest)
+            # nothing parsed them, so take their defaults.
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
+                                                         per_worker_buffer_size=worker_buffer_size))
+    it = it.map(_JitterDraw(cfg, seed))
+    return TrainPipeline(source, it, vocab)
+
+
+def make_eval_datasets(datasets: Sequence, *, n_steps_input: int, split: str = "valid",
+                       inflate_to_3d: bool = False, vocab: FieldVocabulary | None = None,
+                       allow_new_fields: bool = True, max_rollout_steps: int = 100,
+                       use_released_options: bool = True) -> tuple[list[WellDataset], FieldVocabulary]:
+    """Full-trajectory datasets for validation rollouts: `ds.trajectory(j)` gives every frame;
+    `ds[j]` gives the_well's full-trajectory sample (input = first T_in frames, output = the rest)."""
+    dss, _, _, vocab = build_datasets(
+        datasets, n_steps_input=n_steps_input, n_steps_output=1, min_dt_stride=1, max_dt_stride=1,
+        inflate_to_3d=inflate_to_3d, split=split, vocab=vocab, allow_new_fields=allow_new_fields,
+        use_released_options=use_released_options, full_trajectory_mode=True, max_rollout_steps=max_rollout_steps)
+    return dss, vocab
+
+
+__all__ = ["DatasetSpec", "BatchSource", "TrainPipeline", "make_train_pipeline", "make_eval_datasets",
+           "build_datasets", "WellFormatError"]
