@@ -12,6 +12,7 @@ from walrus_jax.models import jitter as jit_lib
 from walrus_jax.models.config import PERIODIC, ModelConfig
 from walrus_jax.models.decoder import Decoder
 from walrus_jax.models.encoder import SpaceBagEncoder
+from walrus_jax.models.init import init_values
 from walrus_jax.models.jitter import Jitter
 from walrus_jax.models.processor import Processor
 
@@ -20,17 +21,32 @@ def resize_last_axis(x: jax.Array, n_out: int, axis: int) -> jax.Array:
     """Linear resize along one axis as torch's trilinear interpolate with align_corners=False (half-pixel
     centres, source index clamped at 0, no antialiasing). Used for post_neutron_star_merger 66 <-> 64."""
     n_in = x.shape[axis]
-    src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
-    src = np.maximum(src, 0.0)
+    # torch: a float32 scale, src = scale * (dst + 0.5) - 0.5 rounded once (fused multiply-add), >= 0.
+    scale = np.float64(np.float32(n_in / n_out))
+    src = (scale * (np.arange(n_out, dtype=np.float64) + 0.5) - 0.5).astype(np.float32)
+    src = np.maximum(src, np.float32(0.0))
     i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
     i1 = np.minimum(i0 + 1, n_in - 1)
-    frac = (src - i0).astype(np.float32)
+    frac = (src - i0.astype(np.float32)).astype(np.float32)
     shape = [1] * x.ndim
     shape[axis] = n_out
     a = jnp.take(x, jnp.asarray(i0), axis=axis)
     b = jnp.take(x, jnp.asarray(i1), axis=axis)
     f = jnp.asarray(frac).reshape(shape).astype(x.dtype)
     return a * (1 - f) + b * f
+
+
+def _build_parts(cfg: ModelConfig, rngs: nnx.Rngs):
+    pdt = jnp.dtype(cfg.param_dtype)
+    encoder_dummy = nnx.Param(jnp.ones((1,), pdt), logical_axes=(None,))
+    embed = nnx.Dict({f"d{d}": SpaceBagEncoder(cfg, rngs=rngs) for d in cfg.include_d})
+    processor = Processor(cfg, rngs=rngs)
+    debed = nnx.Dict({f"d{d}": Decoder(cfg, rngs=rngs) for d in cfg.include_d})
+    ape = None
+    if cfg.ape_grid is not None:
+        ape = nnx.Param(0.02 * jax.random.normal(rngs.params(), tuple(cfg.ape_grid) + (cfg.hidden_dim,), pdt),
+                        logical_axes=("tok_h", "tok_w", "tok_d", "embed"))
+    return nnx.Dict(encoder_dummy=encoder_dummy, embed=embed, processor=processor, debed=debed, ape=ape)
 
 
 class Walrus(nnx.Module):
@@ -49,16 +65,16 @@ class Walrus(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        pdt = jnp.dtype(cfg.param_dtype)
-        self.encoder_dummy = nnx.Param(jnp.ones((1,), pdt), logical_axes=(None,))
-        self.embed = nnx.Dict({f"d{d}": SpaceBagEncoder(cfg, rngs=rngs) for d in cfg.include_d})
-        self.processor = Processor(cfg, rngs=rngs)
-        self.debed = nnx.Dict({f"d{d}": Decoder(cfg, rngs=rngs) for d in cfg.include_d})
-        if cfg.ape_grid is not None:
-            self.ape = nnx.Param(0.02 * jax.random.normal(rngs.params(), tuple(cfg.ape_grid) + (cfg.hidden_dim,), pdt),
-                                 logical_axes=("tok_h", "tok_w", "tok_d", "embed"))
-        else:
-            self.ape = None
+        # Declared abstractly, then filled by one compiled program (see models/init.py).
+        abstract = nnx.eval_shape(lambda: _build_parts(cfg, nnx.Rngs(0)))
+        graphdef, state = nnx.split(abstract)
+        flat = list(nnx.to_flat_state(state))
+        values = init_values(cfg, flat, rngs.params())
+        for (_, var), value in zip(flat, values):
+            var.set_value(value)
+        parts = nnx.merge(graphdef, state)
+        self.encoder_dummy, self.embed = parts["encoder_dummy"], parts["embed"]
+        self.processor, self.debed, self.ape = parts["processor"], parts["debed"], parts["ape"]
 
     # ------------------------------------------------------------------ validation
     def _check_inputs(self, x, field_indices, bcs):
