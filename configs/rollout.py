@@ -1,0 +1,48 @@
+"""Rollout job: roll a checkpoint out on Well files, write predictions, metrics and pictures.
+
+    python -m walrus_jax.main --config configs/rollout.py --config.checkpoint=DIR \
+        --config.data=FILE_OR_DIR --workdir OUT
+
+`checkpoint`: a converted release (tools.convert_torch_ckpt output) or a walrus_jax training workdir
+(its newest checkpoint). `data`: one Well HDF5 file, a directory of them, or a dataset root with
+`split`. Outputs under the workdir: predictions/<dataset>/traj_<j>.hdf5 (Well layout: the input
+history followed by the predicted frames), metrics.json, plots/ (PNG panels, GIF, VRMSE vs step).
+Variants: "" (released settings: 6 input frames) or "tiny" (tests: 4 input frames, 3 steps).
+"""
+from ml_collections import config_dict
+
+
+def get_config(variant: str = ""):
+    c = config_dict.ConfigDict()
+    c.mode = "rollout"  # read by walrus_jax.main when --mode is not given
+    c.name = "rollout"
+    c.checkpoint = ""  # required: converted release directory or training workdir
+    c.data = ""  # required: Well file, directory of files, or dataset root (with split)
+    c.split = ""  # '' = `data` holds the files; else read data/<split>
+    c.field_transforms = ""  # "density:log10,temperature:log10" (the release's per-dataset transforms)
+    c.trajectories = ()  # trajectory indices to roll out; () = the first max_trajectories
+    c.max_trajectories = 4
+    c.start_index = 0  # first frame of the input window within each trajectory
+    c.n_input_steps = 6  # history length T_in (the release: 6 for 2D, 3 for 3D data)
+    c.max_rollout_steps = 200  # steps per trajectory (fewer if the trajectory ends first)
+    c.batch_size = 1  # trajectories rolled out together (same dataset, same shape)
+    c.chunk_size = 50  # steps per compiled scan; each chunk is copied to host memory
+    c.jitter = False  # the released model jitters even in eval; True draws it per step from `seed`
+    c.seed = 0
+    c.dtype = "float32"  # "bfloat16": bf16 parameters and matmuls (float32 statistics and softmax)
+    c.eps = 1e-5  # normalization epsilon (the original's model_epsilon)
+    c.windows = ((1, 1), (1, 20), (21, 60))  # horizon windows (1-based, inclusive) in metrics.json
+    c.plot = True
+    c.plot_steps = (1, 10, 50)  # 1-based steps shown in the PNG panels (clipped to the rollout)
+    c.animation = "gif"  # "gif" | "mp4" (needs ffmpeg) | "" (none)
+    c.write_predictions = True
+    if variant == "tiny":
+        c.n_input_steps = 4
+        c.max_rollout_steps = 3
+        c.max_trajectories = 2
+        c.batch_size = 2
+        c.chunk_size = 2
+        c.plot_steps = (1, 3)
+    elif variant:
+        raise ValueError(f"configs/rollout.py: unknown variant {variant!r} (expected '' or 'tiny')")
+    return c

@@ -1,0 +1,215 @@
+"""walrus_jax.rollout with a small fake nnx model (the real model is covered by test_rollout_oracle.py).
+
+The fake model has the Walrus call signature and layout, reads the field indices through a learned
+table and reacts to the jitter, so every argument that the rollout threads through is observable.
+"""
+import h5py
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from walrus_jax import rollout as R
+from walrus_jax.models.config import OPEN, PERIODIC, WALL, ModelConfig
+from walrus_jax.models.jitter import Jitter
+
+H = W = 32
+B, T_IN, C_VAR, C_CON = 2, 3, 3, 1
+N_STATES = 12
+BCS = np.array([[WALL, OPEN], [PERIODIC, PERIODIC]])
+
+
+class FakeWalrus(nnx.Module):
+    """y[t] = tanh(a[f] * x[t] + b[f] * mean_{s<=t} x[s]) (causal in time), rolled by the jitter."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.cfg = ModelConfig.tiny(n_states=N_STATES)
+        self.a = nnx.Param(0.5 + 0.1 * jax.random.normal(rngs.params(), (N_STATES,)))
+        self.b = nnx.Param(0.3 * jax.random.normal(rngs.params(), (N_STATES,)))
+
+    def __call__(self, x, field_indices, bcs, jitter=None):
+        assert isinstance(bcs, tuple)  # concrete, never traced
+        fi = jnp.asarray(field_indices)
+        a, b = self.a[...][fi], self.b[...][fi]
+        t = jnp.arange(1, x.shape[1] + 1, dtype=x.dtype).reshape((1, -1) + (1,) * (x.ndim - 2))
+        y = jnp.tanh(a * x + b * jnp.cumsum(x, axis=1) / t)
+        if jitter is not None:
+            y = jnp.roll(y, jitter.patch_shift[0], axis=2) + 0.01 * jnp.sum(jitter.token_shift)
+        return y
+
+
+def numpy_reference(a_tab, b_tab, window, consts, fi, pmask, mask, n_steps, eps=1e-5):
+    """SPEC §11-§12 written out in float64 numpy for the fake model (no jitter)."""
+    win = window.astype(np.float64)
+    out = []
+    for _ in range(n_steps):
+        x = np.concatenate([win, np.repeat(consts[:, None].astype(np.float64), win.shape[1], axis=1)], -1)
+        s = np.maximum(np.sqrt((x ** 2).mean(axis=(1, 2, 3), keepdims=True)), eps)
+        d = np.diff(x, axis=1)
+        dr = np.maximum(np.sqrt((d ** 2).mean(axis=(1, 2, 3), keepdims=True)), eps)
+        xn = x / s
+        t = np.arange(1, x.shape[1] + 1).reshape(1, -1, 1, 1, 1)
+        y = np.tanh(a_tab[fi] * xn + b_tab[fi] * np.cumsum(xn, axis=1) / t)
+        nxt = (x[:, -1] + y[:, -1] * dr[:, 0])[..., : win.shape[-1]]
+        nxt[mask] = 0.0
+        nxt[..., ~pmask] = 0.0
+        out.append(nxt)
+        win = np.concatenate([win[:, 1:], nxt[:, None]], axis=1)
+    return np.stack(out, axis=1)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    rng = np.random.default_rng(0)
+    model = FakeWalrus(nnx.Rngs(0))
+    data = dict(
+        input_fields=(rng.normal(size=(B, T_IN, H, W, C_VAR)) * [1.0, 10.0, 0.0]).astype(np.float32),
+        constant_fields=rng.uniform(1, 2, size=(B, H, W, C_CON)).astype(np.float32),
+    )
+    mask = np.zeros((B, H, W), bool)
+    mask[:, :4, :4] = True
+    kw = dict(field_indices=np.array([4, 7, 5, 9]), bcs=BCS, padded_field_mask=np.array([True, True, False]),
+              mask=mask)
+    return model, data, kw
+
+
+def test_matches_numpy_reference(setup):
+    model, data, kw = setup
+    preds = np.asarray(R.rollout(model, data["input_fields"], constant_fields=data["constant_fields"], n_steps=4, **kw))
+    assert preds.shape == (B, 4, H, W, C_VAR) and preds.dtype == np.float32
+    ref = numpy_reference(np.asarray(model.a[...], np.float64), np.asarray(model.b[...], np.float64),
+                          data["input_fields"], data["constant_fields"], kw["field_indices"], kw["padded_field_mask"],
+                          kw["mask"], 4)
+    np.testing.assert_allclose(preds, ref, rtol=2e-5, atol=2e-5)
+    assert (preds[..., 2] == 0).all() and (preds[:, :, :4, :4] == 0).all()
+    assert np.abs(preds[..., :2]).max() > 0.1
+
+
+def test_equals_python_loop_of_single_steps(setup):
+    model, data, kw = setup
+    n = 5
+    key = jax.random.key(3)
+    scan = np.asarray(R.rollout(model, data["input_fields"], constant_fields=data["constant_fields"], n_steps=n,
+                                jitter=key, **kw))
+    step = jax.jit(lambda w, j: R.predict_next(model, w, kw["field_indices"], R.normalize_bcs(BCS, 2),
+                                               jnp.asarray(data["constant_fields"]), jnp.asarray(kw["mask"]),
+                                               jnp.asarray(kw["padded_field_mask"]), j))
+    win = jnp.asarray(data["input_fields"])
+    loop = []
+    for t in range(n):
+        j = R.sample_jitter(jax.random.fold_in(key, t), model.cfg, (H, W), BCS)
+        nxt = step(win, j)
+        loop.append(np.asarray(nxt))
+        win = jnp.concatenate([win[:, 1:], nxt[:, None]], axis=1)
+    np.testing.assert_allclose(scan, np.stack(loop, 1), rtol=1e-6, atol=1e-6)
+
+
+def test_key_determinism(setup):
+    model, data, kw = setup
+    run = lambda k: np.asarray(R.rollout(model, data["input_fields"], constant_fields=data["constant_fields"],  # noqa
+                                         n_steps=3, jitter=k, **kw))
+    a, a2, b = run(jax.random.key(0)), run(jax.random.key(0)), run(jax.random.key(1))
+    np.testing.assert_array_equal(a, a2)
+    assert np.abs(a - b).max() > 1e-3
+    # Old-style uint32 keys are accepted too.
+    np.testing.assert_array_equal(run(jax.random.PRNGKey(0)), run(jax.random.PRNGKey(0)))
+
+
+def test_one_compilation_per_shape_and_n_steps(setup):
+    model, data, kw = setup
+    x = data["input_fields"]
+    kwargs = dict(constant_fields=data["constant_fields"], n_steps=2, **kw)
+    R.rollout(model, x, **kwargs)
+    before = R.TRACE_COUNT["scan"]
+    R.rollout(model, x * 2.0, **kwargs)
+    R.rollout(model, x + 1.0, **{**kwargs, "constant_fields": data["constant_fields"] * 3})
+    # New weights (same graph) do not retrace either.
+    m2 = FakeWalrus(nnx.Rngs(5))
+    R.rollout(m2, x, **kwargs)
+    assert R.TRACE_COUNT["scan"] == before
+    R.rollout(model, x, **{**kwargs, "n_steps": 3})
+    assert R.TRACE_COUNT["scan"] == before + 1
+    R.rollout(model, x[:1], **{**kwargs, "constant_fields": data["constant_fields"][:1], "mask": kw["mask"][:1]})
+    assert R.TRACE_COUNT["scan"] == before + 2
+
+
+def test_chunked_equals_unchunked(setup, tmp_path):
+    model, data, kw = setup
+    n = 7
+    common = dict(constant_fields=data["constant_fields"], n_steps=n, **kw)
+    for jitter in (None, jax.random.key(11)):
+        full = np.asarray(R.rollout(model, data["input_fields"], jitter=jitter, **common))
+        chunked = R.rollout(model, data["input_fields"], jitter=jitter, chunk_size=3, **common)
+        assert isinstance(chunked, np.ndarray)
+        np.testing.assert_array_equal(chunked, full)
+    # Stacked jitter, streamed into an HDF5 dataset.
+    j = Jitter(jnp.asarray(np.tile([[2, 0, 0]], (n, 1)) * np.arange(n)[:, None], jnp.int32),
+               jnp.zeros((n, model.cfg.n_blocks, 3), jnp.int32))
+    full = np.asarray(R.rollout(model, data["input_fields"], jitter=j, **common))
+    with h5py.File(tmp_path / "preds.h5", "w") as f:
+        dset = f.create_dataset("pred", (B, n, H, W, C_VAR), np.float32)
+        R.rollout(model, data["input_fields"], jitter=j, chunk_size=2, sink=dset, **common)
+    with h5py.File(tmp_path / "preds.h5", "r") as f:
+        np.testing.assert_array_equal(f["pred"][...], full)
+    # The stacked jitter is really used per step: a constant one differs.
+    const = np.asarray(R.rollout(model, data["input_fields"], jitter=Jitter(j.patch_shift[1], j.token_shift[1]), **common))
+    assert np.abs(const - full).max() > 1e-3
+
+
+def test_ensemble_is_vmap_over_keys(setup):
+    model, data, kw = setup
+    keys = jax.random.split(jax.random.key(7), 3)
+    common = dict(constant_fields=data["constant_fields"], n_steps=3, **kw)
+    ens = np.asarray(R.rollout_ensemble(model, data["input_fields"], keys, **common))
+    assert ens.shape == (3, B, 3, H, W, C_VAR)
+    for e in range(3):
+        np.testing.assert_allclose(ens[e], np.asarray(R.rollout(model, data["input_fields"], jitter=keys[e], **common)),
+                                   rtol=1e-6, atol=1e-6)
+    assert np.abs(ens[0] - ens[1]).max() > 1e-3
+    chunked = R.rollout_ensemble(model, data["input_fields"], keys, chunk_size=2, **common)
+    np.testing.assert_allclose(chunked, ens, rtol=1e-6, atol=1e-6)
+
+
+def test_plain_callable_model(setup):
+    model, data, kw = setup
+    fn = lambda x, fi, bcs, jitter=None: model(x, fi, bcs, jitter=jitter)  # noqa: E731
+    a = np.asarray(R.rollout(fn, data["input_fields"], constant_fields=data["constant_fields"], n_steps=2, **kw))
+    b = np.asarray(R.rollout(model, data["input_fields"], constant_fields=data["constant_fields"], n_steps=2, **kw))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_bad_inputs(setup):
+    model, data, kw = setup
+    x, c = data["input_fields"], data["constant_fields"]
+    with pytest.raises(ValueError, match="T_in=3 frames .* needs at least 6"):
+        R.rollout(model, x, constant_fields=c, n_steps=2, min_input_steps=6, **kw)
+    with pytest.raises(ValueError, match="field_indices has 3 entries but the data has 3 variable \\+ 1 constant"):
+        R.rollout(model, x, constant_fields=c, n_steps=2, **{**kw, "field_indices": np.array([4, 7, 5])})
+    with pytest.raises(ValueError, match="padded_field_mask must have shape"):
+        R.rollout(model, x, constant_fields=c, n_steps=2, **{**kw, "padded_field_mask": np.array([True, False])})
+    with pytest.raises(ValueError, match="constant_fields shape"):
+        R.rollout(model, x, constant_fields=c[:, :16], n_steps=2, **kw)
+    bad = x.copy()
+    bad[1, 2, 5, 6, 0] = np.nan
+    with pytest.raises(ValueError, match=r"input_fields contains 1 non-finite .* index \(1, 2, 5, 6, 0\)"):
+        R.rollout(model, bad, constant_fields=c, n_steps=2, **kw)
+    with pytest.raises(ValueError, match="out of the model's vocabulary \\[0, 12\\)"):
+        R.rollout(model, x, constant_fields=c, n_steps=2, **{**kw, "field_indices": np.array([4, 7, 5, 40])})
+    with pytest.raises(ValueError, match="bcs has 3 rows"):
+        R.rollout(model, x, constant_fields=c, n_steps=2, **{**kw, "bcs": np.zeros((3, 2), int)})
+    with pytest.raises(ValueError, match="not supported by the stride table"):
+        R.rollout(model, x[:, :, :20], constant_fields=c[:, :20], n_steps=2, **{**kw, "mask": None})
+    with pytest.raises(ValueError, match="stacked Jitter"):
+        R.rollout(model, x, constant_fields=c, n_steps=2, jitter=Jitter.zeros(2).replace(
+            patch_shift=jnp.zeros((5, 3), jnp.int32), token_shift=jnp.zeros((5, 2, 3), jnp.int32)), **kw)
+
+
+def test_mask_from_constants_and_step_count():
+    c = np.zeros((1, 4, 4, 2), np.float32)
+    c[0, 1, 2, 1] = 1.0
+    assert R.mask_from_constants(c, ["k", "other"]) is None
+    m = R.mask_from_constants(c, ["k", "mask"])
+    assert m.shape == (1, 4, 4) and m.sum() == 1 and m[0, 1, 2]
+    assert R.n_rollout_steps(100, 6) == 100
+    assert R.n_rollout_steps(500, 6) == 205  # max_rollout_steps + T_in - 1 (SPEC §12)

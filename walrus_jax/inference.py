@@ -1,0 +1,343 @@
+"""Inference: building models from weights, bf16 casting, and the rollout job.
+
+    python -m walrus_jax.main --config configs/rollout.py --config.checkpoint=DIR \
+        --config.data=FILE_OR_DIR --workdir OUT
+
+`run_rollout_job(config, workdir)` (what main.py's rollout mode calls) loads the checkpoint (a
+converted release or a training workdir, via `walrus_jax.finetune.load_base`), reads full
+trajectories from Well files with the checkpoint's field vocabulary, rolls each one out from its
+first `n_input_steps` frames (walrus_jax.rollout: one compiled lax.scan per chunk) and writes
+  predictions/<dataset>/traj_<j>.hdf5   Well layout: the input history, then the predicted frames
+                                        (attribute walrus_n_input_steps); readable by WellDataset
+  metrics.json                          VRMSE / NRMSE / MSE / spectral errors per field, per step and
+                                        over horizon windows, plus the persistence baseline
+  plots/                                per-field truth | prediction | error panels (PNG), an
+                                        animation (GIF or MP4) and VRMSE vs step (PNG)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from walrus_jax import metrics as M
+from walrus_jax import rollout as R
+from walrus_jax.models.config import BC_NAMES, ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------ models
+def _abstract(cfg: ModelConfig):
+    from walrus_jax.models.walrus import Walrus
+
+    return nnx.split(nnx.eval_shape(lambda: Walrus(cfg, rngs=nnx.Rngs(0))))
+
+
+def _buffer_default(cfg: ModelConfig, path, var):
+    """The fixed value of a non-trainable buffer a parameter-only checkpoint may leave out (the
+    RoPE frequency buffer, SPEC §7.1); None for anything else."""
+    from walrus_jax.models import positional
+
+    if isinstance(var, nnx.Param) or str(path[-1]) != "rope_freqs":
+        return None
+    base = positional.rope_base_freqs(cfg.head_dim, cfg.rope_max_freq)
+    return np.broadcast_to(base, tuple(var.get_value().shape)).copy()
+
+
+def model_from_params(cfg: ModelConfig, params: Mapping, source: str = "params"):
+    """A Walrus model with the given parameters, without running the (slow, eager) random init.
+
+    params: nested dict {path part: ...: array} as `nnx.to_pure_dict(nnx.state(model))` or
+    `walrus_jax.convert.assemble_params` produce (keys compared as strings). Arrays are cast to the
+    dtype `cfg.param_dtype` gives each variable. The RoPE frequency buffer may be absent (training
+    checkpoints hold nnx.Param only); it then gets its fixed value.
+    """
+    graphdef, state = _abstract(cfg)
+    missing = []
+    for path, var in nnx.to_flat_state(state):
+        node = params
+        try:
+            for p in path:
+                node = node[str(p)] if str(p) in node else node[p]
+        except (KeyError, TypeError):
+            node = _buffer_default(cfg, path, var)
+            if node is None:
+                missing.append("/".join(str(p) for p in path))
+                continue
+        want = var.get_value()
+        if tuple(np.shape(node)) != tuple(want.shape):
+            raise ValueError(f"{source}: parameter {'/'.join(map(str, path))} has shape {np.shape(node)}, the model "
+                             f"config expects {tuple(want.shape)}")
+        var.set_value(jnp.asarray(node, want.dtype))
+    if missing:
+        raise ValueError(f"{source}: {len(missing)} model parameter(s) missing, e.g. {missing[:5]}")
+    return nnx.merge(graphdef, state)
+
+
+def random_params(cfg: ModelConfig, seed: int = 0, scale: float = 1.0) -> dict:
+    """Random parameters for `cfg` drawn in numpy (no jax compilation: the model's own eager
+    initializers compile one program per weight, which is slow on CPU).
+
+    Norm scales and encoder_dummy are 1, biases 0, RoPE frequencies the original's buffer values,
+    every other weight N(0, scale^2 / fan_in) with fan_in the product of the input axes. Returns
+    a nested dict for `model_from_params`. For demos and tests: the outputs are meaningless.
+    """
+    from walrus_jax.models import positional
+
+    rng = np.random.default_rng(seed)
+    _, state = _abstract(cfg)
+    out: dict = {}
+    for path, var in nnx.to_flat_state(state):
+        names = [str(p) for p in path]
+        shape = tuple(var.get_value().shape)
+        leaf = names[-1]
+        if leaf == "rope_freqs":
+            base = positional.rope_base_freqs(cfg.head_dim, cfg.rope_max_freq)
+            value = np.broadcast_to(base, shape).copy()
+        elif leaf in ("scale", "encoder_dummy"):
+            value = np.ones(shape)
+        elif leaf.endswith("bias") and leaf != "rel_bias":
+            value = np.zeros(shape)
+        else:
+            # Stacked blocks carry a leading layer axis; convolutions (kH, kW, kD, in, out).
+            fan_in = int(np.prod(shape[-5:-1])) if len(shape) >= 5 else shape[-2]
+            value = rng.standard_normal(shape, dtype=np.float32) * np.float32(scale / np.sqrt(max(fan_in, 1)))
+        node = out
+        for p in names[:-1]:
+            node = node.setdefault(p, {})
+        node[leaf] = value.astype(np.float32)
+    return out
+
+
+def random_model(cfg: ModelConfig, seed: int = 0, scale: float = 1.0):
+    """A Walrus model with `random_params` (fast to build; for demos and tests)."""
+    return model_from_params(cfg, random_params(cfg, seed, scale), f"random_params(seed={seed})")
+
+
+def model_from_state_dict(cfg: ModelConfig, state_dict: Mapping[str, np.ndarray], source: str = "state_dict"):
+    """A Walrus model from a PyTorch-named state_dict (numpy arrays), via walrus_jax.convert."""
+    from walrus_jax import convert
+
+    return model_from_params(cfg, convert.assemble_params(state_dict.items(), cfg, source=source), source)
+
+
+def cast_model(model, dtype: str = "bfloat16", param_dtype: str | None = None):
+    """A copy of a Walrus model computing in `dtype` with parameters stored in `param_dtype`
+    (default: `dtype`). RMS statistics, LayerNorm and the attention softmax stay float32 inside the
+    model, and the rollout's normalization statistics are float32 whatever the model dtype."""
+    cfg = model.cfg.replace(dtype=str(jnp.dtype(dtype)), param_dtype=str(jnp.dtype(param_dtype or dtype)))
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+    return model_from_params(cfg, params, "cast_model")
+
+
+def load_model(checkpoint: str, dtype: str = "float32"):
+    """(model, vocabulary, source) from a converted release or a training workdir."""
+    from walrus_jax import finetune
+
+    base = finetune.load_base(checkpoint)
+    cfg = base.cfg.replace(dtype=dtype, param_dtype=dtype)
+    if len(base.vocab) > cfg.n_states:
+        raise ValueError(f"checkpoint {checkpoint}: its field vocabulary has {len(base.vocab)} names but the model "
+                         f"embeds only n_states={cfg.n_states}")
+    return model_from_params(cfg, base.params, base.source), base.vocab, base.source
+
+
+# ------------------------------------------------------------------------------------ Well output
+def _tensor_fields(names: Sequence[str], orders: Sequence[int], n_dims: int):
+    """Flattened channels -> [(core name, order, [channel indices])] in channel order."""
+    out, c = [], 0
+    while c < len(names):
+        order = int(orders[c])
+        n = n_dims ** order
+        chans = list(range(c, c + n))
+        core = names[c] if order == 0 else re.sub(r"_[^_]+$", "", names[c])
+        out.append((core, order, chans))
+        c += n
+    return out
+
+
+def write_well_predictions(path: str, *, dataset_name: str, frames: np.ndarray, time_grid: np.ndarray,
+                           spatial_dims: Sequence[str], space_grid: np.ndarray | None, field_names: Sequence[str],
+                           field_orders: Sequence[int], constant_fields: np.ndarray | None,
+                           constant_names: Sequence[str], constant_orders: Sequence[int], bcs: np.ndarray,
+                           n_input_steps: int, extra_attrs: Mapping | None = None) -> str:
+    """One trajectory in Well layout. frames (T, *spatial, C_var) = input history then predictions."""
+    from walrus_jax.data.writer import WellField, axis_boundaries, write_well_file
+
+    n_dims = len(spatial_dims)
+    shape = frames.shape[1:-1]
+    groups: dict[int, dict] = {0: {}, 1: {}, 2: {}}
+    for core, order, chans in _tensor_fields(field_names, field_orders, n_dims):
+        data = frames[..., chans].reshape(frames.shape[:-1] + (n_dims,) * order)
+        groups[order][core] = WellField(data[None].astype(np.float32), time_varying=True, sample_varying=True)
+    if constant_fields is not None and constant_fields.shape[-1]:
+        for core, order, chans in _tensor_fields(constant_names, constant_orders, n_dims):
+            data = constant_fields[..., chans].reshape(constant_fields.shape[:-1] + (n_dims,) * order)
+            groups[order][core] = WellField(data[None].astype(np.float32), time_varying=False, sample_varying=True)
+    coords = {}
+    for a, d in enumerate(spatial_dims):
+        if space_grid is not None and space_grid.shape[:-1] == tuple(shape):
+            idx = [0] * n_dims
+            idx[a] = slice(None)
+            coords[d] = np.asarray(space_grid[tuple(idx) + (a,)], np.float32)
+        else:
+            coords[d] = np.arange(shape[a], dtype=np.float32)
+    boundaries = {}
+    for a, d in enumerate(spatial_dims):
+        lo, hi = (BC_NAMES[int(v)] for v in bcs[a])
+        boundaries.update(axis_boundaries(d, shape[a], lo, hi))
+    attrs = {"walrus_n_input_steps": int(n_input_steps), **(extra_attrs or {})}
+    return write_well_file(path, dataset_name=dataset_name, n_trajectories=1, time=np.asarray(time_grid, np.float32),
+                           coords=coords, t0_fields=groups[0], t1_fields=groups[1], t2_fields=groups[2],
+                           boundaries=boundaries, extra_attrs=attrs)
+
+
+# ------------------------------------------------------------------------------------ the job
+def _parse_transforms(spec: str) -> dict[str, str]:
+    out = {}
+    for item in filter(None, (s.strip() for s in str(spec).split(","))):
+        if ":" not in item:
+            raise ValueError(f"config field_transforms entry {item!r}: expected 'field:transform' "
+                             "(e.g. 'density:log10')")
+        k, v = item.split(":", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _open_dataset(config, vocab):
+    from walrus_jax.data.well import WellDataset
+
+    try:
+        return WellDataset(config.data, n_steps_input=1, n_steps_output=0, split=config.split or None, vocab=vocab,
+                           allow_new_fields=False, field_transforms=_parse_transforms(config.field_transforms))
+    except KeyError as e:
+        msg = e.args[0] if e.args else str(e)
+        raise ValueError(f"the data and the checkpoint {config.checkpoint} have different field vocabularies: {msg}. "
+                         "A checkpoint predicts only fields it was trained on (fine-tune it to add fields)") from None
+
+
+def _persistence(inputs: np.ndarray, n: int) -> np.ndarray:
+    """u(t_last + k) = u(t_last): (B, T_in, ...) -> (B, n, ...)."""
+    return np.repeat(inputs[:, -1:], n, axis=1)
+
+
+def run_rollout_job(config, workdir: str) -> dict:
+    """Rolls out `config.checkpoint` on `config.data` (configs/rollout.py) and writes everything under workdir."""
+    from walrus_jax import plotting
+
+    for key in ("checkpoint", "data"):
+        if not config.get(key):
+            raise ValueError(f"config.{key} is required (--config.{key}=...)")
+    t_start = time.time()
+    os.makedirs(workdir, exist_ok=True)
+    model, vocab, source = load_model(config.checkpoint, config.dtype)
+    cfg = model.cfg
+    ds = _open_dataset(config, vocab)
+    t_in = int(config.n_input_steps)
+    traj_ids = [int(j) for j in config.trajectories] or list(range(min(int(config.max_trajectories),
+                                                                        ds.n_trajectories)))
+    for j in traj_ids:
+        if not 0 <= j < ds.n_trajectories:
+            raise ValueError(f"config.trajectories: {j} out of range; {config.data} has {ds.n_trajectories} trajectories")
+    first = ds.trajectory(traj_ids[0])
+    n_total = first["fields"].shape[0]
+    start = int(config.start_index)
+    available = n_total - start - t_in
+    if available < 1:
+        raise ValueError(f"{config.data}: trajectories have {n_total} frames; a rollout from frame {start} with a "
+                         f"history of n_input_steps={t_in} needs at least {start + t_in + 1}")
+    n_steps = int(min(available, int(config.max_rollout_steps)))
+    field_names = list(first["field_names"])
+    n_var = first["fields"].shape[-1]
+    var_names, con_names = field_names[:n_var], field_names[n_var:]
+    orders = [int(o) for o in first["field_tensor_orders"]]
+    mask_names = [str(n) for n in con_names]
+    key = jax.random.key(int(config.seed)) if config.jitter else None
+    log.info("rollout: %s (%s) on %s: %d trajectories x %d steps, T_in=%d, dtype=%s", config.checkpoint, source,
+             ds.dataset_name, len(traj_ids), n_steps, t_in, config.dtype)
+
+    preds_all, truth_all, persist_all, inputs_all = [], [], [], []
+    pred_dir = os.path.join(workdir, "predictions", ds.dataset_name)
+    timings = []
+    bs = max(1, int(config.batch_size))
+    for g in range(0, len(traj_ids), bs):
+        ids = traj_ids[g:g + bs]
+        trajs = [first if j == traj_ids[0] else ds.trajectory(j) for j in ids]
+        fields = np.stack([t["fields"] for t in trajs])  # (B, T_total, *spatial, C_var)
+        consts = np.stack([t["constant_fields"] for t in trajs])
+        consts = consts if consts.shape[-1] else None
+        inputs = fields[:, start:start + t_in]
+        truth = fields[:, start + t_in:start + t_in + n_steps]
+        mask = R.mask_from_constants(consts, mask_names) if consts is not None else None
+        t0 = time.time()
+        preds = R.rollout(model, inputs, field_indices=first["field_indices"], bcs=first["boundary_conditions"],
+                          n_steps=n_steps, constant_fields=consts, padded_field_mask=first["padded_field_mask"],
+                          mask=mask, jitter=None if key is None else jax.random.fold_in(key, g),
+                          eps=float(config.eps), chunk_size=int(config.chunk_size), min_input_steps=t_in)
+        timings.append(time.time() - t0)
+        if mask is not None:  # the original compares against a reference zeroed on the mask too
+            truth = np.where(mask[:, None, ..., None], 0.0, truth)
+        preds_all.append(preds)
+        truth_all.append(truth)
+        persist_all.append(_persistence(inputs, n_steps))
+        inputs_all.append(inputs)
+        if config.write_predictions:
+            for b, j in enumerate(ids):
+                tg = np.asarray(trajs[b]["time_grid"])[start:start + t_in + n_steps]
+                write_well_predictions(
+                    os.path.join(pred_dir, f"traj_{j}.hdf5"), dataset_name=ds.dataset_name,
+                    frames=np.concatenate([inputs[b], preds[b]]), time_grid=tg,
+                    spatial_dims=list(ds.metadata.spatial_dims), space_grid=trajs[b].get("space_grid"),
+                    field_names=var_names, field_orders=orders[:n_var],
+                    constant_fields=None if consts is None else consts[b], constant_names=con_names,
+                    constant_orders=orders[n_var:], bcs=np.asarray(first["boundary_conditions"]), n_input_steps=t_in,
+                    extra_attrs={"walrus_source_trajectory": int(j), "walrus_checkpoint": str(config.checkpoint)})
+    preds = np.concatenate(preds_all)
+    truth = np.concatenate(truth_all)
+    persist = np.concatenate(persist_all)
+    valid = list(np.asarray(first["padded_field_mask"], bool))
+    windows = tuple(tuple(int(v) for v in w) for w in config.windows)
+    per = {k: np.asarray(v) for k, v in M.compute_all(preds, truth).items()}
+    base = {k: np.asarray(v) for k, v in M.compute_all(persist, truth, spectral=False).items()}
+    report = {
+        "checkpoint": str(config.checkpoint), "checkpoint_source": source, "data": str(config.data),
+        "dataset": ds.dataset_name, "trajectories": traj_ids, "n_input_steps": t_in, "n_steps": n_steps,
+        "field_names": var_names, "padded_field_mask": [bool(v) for v in valid], "dtype": config.dtype,
+        "jitter": bool(config.jitter), "seed": int(config.seed),
+        "metrics": M.summarize(per, var_names, windows, valid),
+        "persistence": M.summarize({k: base[k] for k in ("vrmse", "nrmse", "mse")}, var_names, windows, valid),
+        "per_trajectory_vrmse": {str(j): np.asarray(per["vrmse"][i]).tolist() for i, j in enumerate(traj_ids)},
+        "rollout_seconds": timings, "wall_seconds": time.time() - t_start,
+    }
+    if config.plot:
+        pdir = os.path.join(workdir, "plots")
+        steps = sorted({min(max(int(s), 1), n_steps) - 1 for s in config.plot_steps})
+        report["plots"] = {
+            "panels": plotting.field_panels(truth[0], preds[0], var_names, steps,
+                                            os.path.join(pdir, f"{ds.dataset_name}_traj{traj_ids[0]}_panels.png"),
+                                            title=f"{ds.dataset_name} trajectory {traj_ids[0]}"),
+            "vrmse": plotting.metric_vs_step(
+                {**{f: report["metrics"]["vrmse"]["per_step"][f] for f, ok in zip(var_names, valid) if ok},
+                 "mean": report["metrics"]["vrmse"]["per_step_mean"],
+                 "persistence (mean)": report["persistence"]["vrmse"]["per_step_mean"]},
+                os.path.join(pdir, f"{ds.dataset_name}_vrmse.png"), title=f"{ds.dataset_name}: VRMSE vs step"),
+        }
+        if config.animation:
+            ext = str(config.animation).lower()
+            if ext not in ("gif", "mp4"):
+                raise ValueError(f"config.animation={config.animation!r}: expected 'gif', 'mp4' or ''")
+            report["plots"]["animation"] = plotting.animate(
+                truth[0], preds[0], var_names, os.path.join(pdir, f"{ds.dataset_name}_traj{traj_ids[0]}.{ext}"))
+    with open(os.path.join(workdir, "metrics.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    log.info("rollout done: VRMSE per window %s", {w: v["mean"] for w, v in report["metrics"]["vrmse"]["windows"].items()})
+    return report

@@ -1,0 +1,352 @@
+"""Autoregressive rollouts as one compiled `lax.scan` (SPEC §11-§12).
+
+Each step, inside the compiled program:
+  1. the window (B, T_in, *spatial, C_var) plus the constant fields repeated over time
+     -> x (B, T_in, *spatial, C_var + C_con);
+  2. RMS statistics recomputed from x (per sample and channel, eps 1e-5) and x / sample_rms;
+  3. the model -> normalized deltas (B, T_in, *spatial, C); only the last one is used;
+  4. next = x[last] + y[last] * delta_rms, constant channels dropped;
+  5. points where the boolean `mask` is True and channels whose padded_field_mask is False -> 0;
+  6. the window slides by one frame: drop the oldest, append `next`.
+
+Public entry points:
+  rollout(model, input_fields, *, field_indices, bcs, n_steps, ...)      -> (B, n_steps, *spatial, C_var)
+  rollout_ensemble(model, input_fields, keys, *, ...)                     -> (E, B, n_steps, *spatial, C_var)
+  predict_next(model, window, field_indices, bcs, ...)                    one step, un-jitted (pure)
+
+`model` is any callable `model(x, field_indices, bcs, jitter=...)` with the walrus_jax.Walrus layout;
+an `nnx.Module` is split into (graphdef, state) so the compiled program is cached per
+(graph, static arguments, shapes) and never retraced for new input values.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from walrus_jax import normalization
+from walrus_jax.models.jitter import Jitter, choose_strides, normalize_bcs, sample_jitter
+
+DEFAULT_EPS = normalization.DEFAULT_EPS
+DEFAULT_MAX_ROLLOUT_STEPS = 200
+
+# Number of times a rollout program has been traced (tests assert one compilation per shape).
+TRACE_COUNT = {"scan": 0}
+
+
+# ------------------------------------------------------------------------------------ helpers
+def n_rollout_steps(n_available: int, n_input_steps: int, max_rollout_steps: int = DEFAULT_MAX_ROLLOUT_STEPS) -> int:
+    """The original's step count (SPEC §12): min(T_out, max_rollout_steps + T_in - 1)."""
+    return int(min(n_available, max_rollout_steps + n_input_steps - 1))
+
+
+def mask_from_constants(constant_fields, constant_field_names: Sequence[str]):
+    """The original's rule (SPEC §12): if a constant field is named exactly "mask", that channel
+    (nonzero = True) marks points forced to 0 in every prediction. Returns (B, *spatial) bool or None.
+
+    constant_fields: (B, *spatial, C_con) or (*spatial, C_con) with names (C_con,).
+    """
+    names = [str(n) for n in constant_field_names]
+    if "mask" not in names:
+        return None
+    if constant_fields is None or np.shape(constant_fields)[-1] != len(names):
+        raise ValueError(f"constant_field_names {names} name {len(names)} channels but constant_fields has shape "
+                         f"{None if constant_fields is None else np.shape(constant_fields)}")
+    return np.asarray(constant_fields)[..., names.index("mask")] != 0
+
+
+def _is_key(x) -> bool:
+    if isinstance(x, Jitter) or x is None:
+        return False
+    dt = getattr(x, "dtype", None)
+    if dt is None:
+        return False
+    if jax.dtypes.issubdtype(dt, jax.dtypes.prng_key):
+        return True
+    return np.dtype(dt) == np.uint32 and tuple(np.shape(x)) == (2,)
+
+
+def _model_config(model, cfg):
+    if cfg is not None:
+        return cfg
+    for name in ("cfg", "config"):
+        c = getattr(model, name, None)
+        if c is not None and hasattr(c, "n_blocks"):
+            return c
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything that shapes the compiled program besides array shapes (hashable)."""
+
+    field_indices: tuple[int, ...]
+    bcs: tuple[tuple[int, int], ...]
+    n_var: int
+    jitter_mode: str  # "none" | "key" | "stacked"
+    has_consts: bool
+    has_mask: bool
+    eps: float
+    cfg: Any  # ModelConfig (frozen) when jitter_mode == "key", else None
+
+
+# ------------------------------------------------------------------------------------ one step
+def predict_next(model, window, field_indices, bcs, constant_fields=None, mask=None, padded_field_mask=None,
+                 jitter: Jitter | None = None, eps: float = DEFAULT_EPS) -> jax.Array:
+    """One autoregressive step (SPEC §12 step 3), pure and un-jitted.
+
+    window (B, T_in, *spatial, C_var) physical units; constant_fields (B, *spatial, C_con) or None;
+    mask (B, *spatial) bool or None (True -> 0); padded_field_mask (C_var,) bool or None (False -> 0);
+    jitter: None or one Jitter. Returns next (B, *spatial, C_var) float32.
+    """
+    window = window.astype(jnp.float32)
+    n_var = window.shape[-1]
+    x = window
+    if constant_fields is not None:
+        c = jnp.broadcast_to(constant_fields.astype(jnp.float32)[:, None],
+                             window.shape[:2] + constant_fields.shape[1:])
+        x = jnp.concatenate([window, c], axis=-1)
+    xn, _, d_rms = normalization.normalize_window(x, eps)
+    y = model(xn, field_indices, bcs, jitter=jitter)
+    nxt = normalization.next_state(x[:, -1], y[:, -1], d_rms)[..., :n_var]
+    if mask is not None:
+        nxt = jnp.where(mask[..., None], jnp.zeros((), nxt.dtype), nxt)
+    if padded_field_mask is not None:
+        nxt = jnp.where(padded_field_mask, nxt, jnp.zeros((), nxt.dtype))
+    return nxt
+
+
+def _scan_body(get_model, st: _Static, window, consts, mask, pmask, jit_xs, key, start):
+    """The lax.scan step. `get_model()` builds the model inside the step's trace: NNX graph
+    transforms inside the model (nnx.scan over blocks) refuse variables created at an outer trace
+    level, so an nnx model is merged from (graphdef, state) here rather than outside the scan."""
+    fi = np.asarray(st.field_indices, np.int32)
+    spatial = window.shape[2:-1]
+
+    def step(carry, xs):
+        win, t = carry
+        if st.jitter_mode == "key":
+            jit = sample_jitter(jax.random.fold_in(key, t), st.cfg, spatial, st.bcs)
+        elif st.jitter_mode == "stacked":
+            jit = xs
+        else:
+            jit = None
+        nxt = predict_next(get_model(), win, fi, st.bcs, consts, mask, pmask, jit, st.eps)
+        win = jnp.concatenate([win[:, 1:], nxt[:, None].astype(win.dtype)], axis=1)
+        return (win, t + 1), nxt
+
+    return step
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(graphdef, fn, st: _Static, n: int, ensemble: bool):
+    """jit(scan of n steps) for one model and static setup; jax caches per input shape below.
+
+    An nnx model comes as `graphdef` (its state is a jit argument, so new weights never retrace);
+    a plain callable comes as `fn` and is closed over (the cache holds it by identity).
+    """
+
+    def run(state, window, consts, mask, pmask, jit_xs, key, start):
+        TRACE_COUNT["scan"] += 1  # runs at trace time only
+        get_model = (lambda: nnx.merge(graphdef, state, copy=True)) if graphdef is not None else (lambda: fn)
+
+        def one(window, key):
+            step = _scan_body(get_model, st, window, consts, mask, pmask, jit_xs, key, start)
+            (win, _), preds = jax.lax.scan(step, (window, start), jit_xs, length=n)
+            return win, jnp.moveaxis(preds, 0, 1)  # (n, B, ...) -> (B, n, ...)
+
+        if ensemble:
+            return jax.vmap(one)(window, key)
+        return one(window, key)
+
+    return jax.jit(run)
+
+
+# ------------------------------------------------------------------------------------ validation
+def _check_finite(name: str, arr) -> None:
+    a = np.asarray(arr)
+    bad = ~np.isfinite(a)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{name} contains {int(bad.sum())} non-finite values (NaN/Inf); first at index {first} "
+                         f"of shape {a.shape} (layout (B, T, *spatial, C) / (B, *spatial, C))")
+
+
+def _prepare(model, input_fields, field_indices, bcs, n_steps, constant_fields, padded_field_mask, mask,
+             jitter, cfg, eps, min_input_steps, check_finite):
+    if not hasattr(input_fields, "shape") or input_fields.ndim not in (5, 6):
+        raise ValueError(f"input_fields must be (B, T_in, H, W, C_var) or (B, T_in, H, W, D, C_var); got shape "
+                         f"{getattr(input_fields, 'shape', type(input_fields))}")
+    b, t_in = input_fields.shape[:2]
+    spatial = tuple(input_fields.shape[2:-1])
+    n_var = input_fields.shape[-1]
+    need = max(1, int(min_input_steps))
+    if t_in < need:
+        raise ValueError(f"input_fields has a history of T_in={t_in} frames (axis 1 of shape {input_fields.shape}) "
+                         f"but the model needs at least {need}")
+    if int(n_steps) < 1:
+        raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+    fi = np.asarray(field_indices)
+    if fi.ndim != 1 or not np.issubdtype(fi.dtype, np.integer):
+        raise ValueError(f"field_indices must be a 1-D integer array (C_var + C_con,), got {fi.dtype} {fi.shape}")
+    n_con = 0 if constant_fields is None else constant_fields.shape[-1]
+    if constant_fields is not None:
+        want = (b,) + spatial
+        if tuple(constant_fields.shape[:-1]) != want:
+            raise ValueError(f"constant_fields shape {tuple(constant_fields.shape)} does not match input_fields "
+                             f"{tuple(input_fields.shape)}: expected (B, *spatial, C_con) = {want + ('C_con',)}")
+    if fi.shape[0] != n_var + n_con:
+        raise ValueError(f"field_indices has {fi.shape[0]} entries but the data has {n_var} variable + {n_con} "
+                         f"constant channels = {n_var + n_con} (input_fields {tuple(input_fields.shape)}, "
+                         f"constant_fields {None if constant_fields is None else tuple(constant_fields.shape)})")
+    mcfg = _model_config(model, cfg)
+    if mcfg is not None:
+        n_states = int(mcfg.n_states)
+        if (fi < 0).any() or (fi >= n_states).any():
+            raise ValueError(f"field_indices {fi.tolist()} out of the model's vocabulary [0, {n_states})")
+    bcs_t = normalize_bcs(bcs, len(spatial))
+    choose_strides(spatial + (1,) * (3 - len(spatial)))  # clear error for unsupported grid sizes
+    if padded_field_mask is not None:
+        pm = np.asarray(padded_field_mask)
+        if pm.shape != (n_var,):
+            raise ValueError(f"padded_field_mask must have shape (C_var,) = ({n_var},), got {pm.shape}")
+        padded_field_mask = jnp.asarray(pm.astype(bool))
+    if mask is not None:
+        m = jnp.asarray(mask)
+        if m.ndim == len(spatial) + 2 and m.shape[-1] == 1:
+            m = m[..., 0]
+        if tuple(m.shape) != (b,) + spatial:
+            raise ValueError(f"mask must be (B, *spatial) = {(b,) + spatial} (or with a trailing 1), got {tuple(jnp.shape(mask))}")
+        mask = m.astype(bool)
+    if check_finite:
+        _check_finite("input_fields", input_fields)
+        if constant_fields is not None:
+            _check_finite("constant_fields", constant_fields)
+
+    if jitter is None:
+        mode, jit_xs, key = "none", None, None
+    elif isinstance(jitter, Jitter):
+        ps, ts = jnp.asarray(jitter.patch_shift), jnp.asarray(jitter.token_shift)
+        if ps.ndim == 1:  # one Jitter reused at every step
+            ps, ts = jnp.broadcast_to(ps, (n_steps,) + ps.shape), jnp.broadcast_to(ts, (n_steps,) + ts.shape)
+        if ps.shape[0] != n_steps or ts.ndim != 3 or ts.shape[0] != n_steps or ps.shape[1:] != (3,):
+            raise ValueError(f"a stacked Jitter needs patch_shift (n_steps, 3) and token_shift (n_steps, n_blocks, 3) "
+                             f"with n_steps={n_steps}; got {ps.shape} and {ts.shape}")
+        mode, jit_xs, key = "stacked", Jitter(ps.astype(jnp.int32), ts.astype(jnp.int32)), None
+    elif _is_key(jitter):
+        if mcfg is None:
+            raise ValueError("jitter given as a PRNG key needs the model config (n_blocks, kernel sizes) to draw "
+                             "draws: the model has no `cfg` attribute; pass cfg=ModelConfig(...)")
+        mode, jit_xs, key = "key", None, jitter
+    else:
+        raise TypeError(f"jitter must be None, a PRNG key or a (stacked) Jitter; got {type(jitter).__name__}")
+
+    st = _Static(tuple(int(v) for v in fi), bcs_t, int(n_var), mode, constant_fields is not None,
+                 mask is not None, float(eps), mcfg if mode == "key" else None)
+    consts = None if constant_fields is None else jnp.asarray(constant_fields, jnp.float32)
+    return st, consts, mask, padded_field_mask, jit_xs, key
+
+
+def _split(model):
+    """nnx.Module -> (graphdef, None, state); plain callable -> (None, callable, None)."""
+    if isinstance(model, nnx.Module):
+        graphdef, state = nnx.split(model)
+        return graphdef, None, state
+    return None, model, None
+
+
+def _slice_jitter(j: Jitter | None, a: int, b: int):
+    return None if j is None else Jitter(j.patch_shift[a:b], j.token_shift[a:b])
+
+
+# ------------------------------------------------------------------------------------ public API
+def rollout(model, input_fields, *, field_indices, bcs, n_steps: int, constant_fields=None,
+            padded_field_mask=None, mask=None, jitter=None, cfg=None, eps: float = DEFAULT_EPS,
+            chunk_size: int | None = None, sink=None, min_input_steps: int = 1, check_finite: bool = True):
+    """Autoregressive rollout, one compiled lax.scan (SPEC §12).
+
+    input_fields (B, T_in, *spatial, C_var) physical units, spatial (H, W) or (H, W, D).
+    field_indices (C_var + C_con,) vocabulary rows; bcs (n_spatial_dims, 2) or (B, n_spatial_dims, 2).
+    constant_fields (B, *spatial, C_con) or None; padded_field_mask (C_var,) bool or None;
+    mask (B, *spatial) bool or None: True points are set to 0 in every prediction (see
+    `mask_from_constants`).
+    jitter: None (no random shifts); a PRNG key (a draw per step with sample_jitter(fold_in(key,
+    step)), inside the compiled program; the same key gives the same rollout, chunked or not); or a
+    Jitter stacked over steps (patch_shift (n_steps, 3), token_shift (n_steps, n_blocks, 3)) or a
+    single Jitter reused every step.
+    chunk_size: None runs all steps in one scan and returns a device array. Otherwise the rollout
+    runs in scans of chunk_size steps; each chunk is copied to host memory (into `sink` when given:
+    anything supporting `sink[:, a:b] = chunk` with shape (B, n_steps, *spatial, C_var), e.g. an
+    h5py dataset) so device memory stays bounded; returns the numpy array (or `sink`).
+    min_input_steps: the shortest history accepted (the released model was trained with 6 in 2D).
+    Returns preds (B, n_steps, *spatial, C_var) float32 in physical units.
+    """
+    st, consts, mask, pmask, jit_xs, key = _prepare(model, input_fields, field_indices, bcs, n_steps,
+                                                   constant_fields, padded_field_mask, mask, jitter, cfg, eps,
+                                                   min_input_steps, check_finite)
+    window = jnp.asarray(input_fields, jnp.float32)
+    return _drive(model, st, window, consts, mask, pmask, jit_xs, key, int(n_steps), chunk_size, sink,
+                  ensemble=False)
+
+
+def rollout_ensemble(model, input_fields, keys, *, field_indices, bcs, n_steps: int, constant_fields=None,
+                     padded_field_mask=None, mask=None, cfg=None, eps: float = DEFAULT_EPS,
+                     chunk_size: int | None = None, sink=None, min_input_steps: int = 1, check_finite: bool = True):
+    """An ensemble of jittered rollouts: `rollout` with jitter=keys[e], vmapped over e in one program.
+
+    keys: (E,) PRNG keys (jax.random.split(key, E)). Returns (E, B, n_steps, *spatial, C_var);
+    member e equals rollout(..., jitter=keys[e]).
+    """
+    keys = jnp.asarray(keys) if not isinstance(keys, jax.Array) else keys
+    if keys.ndim < 1 or not _is_key(keys[0]):
+        raise TypeError(f"keys must be a stack of PRNG keys (E,) (jax.random.split(key, E)); got {keys.dtype} "
+                        f"{keys.shape}")
+    st, consts, mask, pmask, _, _ = _prepare(model, input_fields, field_indices, bcs, n_steps, constant_fields,
+                                             padded_field_mask, mask, keys[0], cfg, eps, min_input_steps,
+                                             check_finite)
+    e = keys.shape[0]
+    window = jnp.broadcast_to(jnp.asarray(input_fields, jnp.float32)[None], (e,) + tuple(input_fields.shape))
+    return _drive(model, st, window, consts, mask, pmask, None, keys, int(n_steps), chunk_size, sink,
+                  ensemble=True)
+
+
+def _drive(model, st, window, consts, mask, pmask, jit_xs, key, n_steps, chunk_size, sink, ensemble):
+    graphdef, fn, state = _split(model)
+    start0 = jnp.zeros((), jnp.int32)
+    if chunk_size is None and sink is None:
+        _, preds = _compiled(graphdef, fn, st, n_steps, ensemble)(state, window, consts, mask, pmask, jit_xs, key,
+                                                                 start0)
+        return preds
+    chunk_size = n_steps if chunk_size is None else int(chunk_size)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    lead = window.shape[:2] if ensemble else window.shape[:1]
+    out_shape = tuple(lead) + (n_steps,) + tuple(window.shape[len(lead) + 1:])
+    if sink is None:
+        sink = np.empty(out_shape, np.float32)
+    elif tuple(sink.shape) != out_shape:
+        raise ValueError(f"sink has shape {tuple(sink.shape)}; expected {out_shape} (lead axes, n_steps, *spatial, C_var)")
+    t_axis = len(lead)
+    pending = None  # (a, b, device preds): copied to host while the next chunk runs (async dispatch)
+    a = 0
+    while a < n_steps:
+        b = min(a + chunk_size, n_steps)
+        fn_ab = _compiled(graphdef, fn, st, b - a, ensemble)
+        window, preds = fn_ab(state, window, consts, mask, pmask, _slice_jitter(jit_xs, a, b), key,
+                              jnp.asarray(a, jnp.int32))
+        if pending is not None:
+            _write(sink, t_axis, *pending)
+        pending = (a, b, preds)
+        a = b
+    _write(sink, t_axis, *pending)
+    return sink
+
+
+def _write(sink, t_axis, a, b, preds):
+    idx = (slice(None),) * t_axis + (slice(a, b),)
+    sink[idx] = np.asarray(preds)
