@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from walrus_jax.models import positional
@@ -47,19 +48,24 @@ class HeadLayerNorm(nnx.Module):
 
 
 def _attention(q, k, v, bias=None, is_causal=False):
-    """(N, L, heads, hd) attention; softmax in float32 whatever the compute dtype."""
-    dtype = q.dtype
-    if dtype != jnp.float32:
-        # bf16 matmuls, float32 logits / softmax: upcast-free path via preferred element type.
-        logits = jnp.einsum("nqhd,nkhd->nhqk", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(q.shape[-1]).astype(jnp.float32)
-        if bias is not None:
-            logits = logits + bias.astype(jnp.float32)
-        if is_causal:
-            L = q.shape[1]
-            logits = jnp.where(jnp.tril(jnp.ones((L, L), bool)), logits, -jnp.inf)
-        p = jax.nn.softmax(logits, axis=-1).astype(dtype)
-        return jnp.einsum("nhqk,nkhd->nqhd", p, v)
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, is_causal=is_causal)
+    """Softmax attention on (N, L, heads, hd) tensors; logits and softmax in float32.
+
+    On GPU with bf16/fp16 inputs this is cuDNN's fused flash attention. Elsewhere it is two einsums
+    around a float32 softmax: on CPU that runs ~2x faster than `jax.nn.dot_product_attention`'s
+    XLA path (which transposes to (N, heads, L, hd) and back around every product).
+    """
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        return jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(q.dtype),
+                                            is_causal=is_causal, implementation="cudnn")
+    scale = 1.0 / np.sqrt(q.shape[-1])
+    logits = jnp.einsum("nqhd,nkhd->nhqk", q, k, preferred_element_type=jnp.float32) * np.float32(scale)
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    if is_causal:
+        L = q.shape[1]
+        logits = jnp.where(jnp.asarray(np.tril(np.ones((L, L), bool))), logits, -jnp.inf)
+    p = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("nhqk,nkhd->nqhd", p, v)
 
 
 class TimeAttention(nnx.Module):
@@ -88,7 +94,7 @@ class TimeAttention(nnx.Module):
         q, k, v = self.q_norm(qkv[0]), self.k_norm(qkv[1]), qkv[2]
         bias = positional.time_bias(self.rel_bias[...], T, cfg.causal_in_time, cfg.rel_pos_buckets,
                                     cfg.rel_pos_max_distance)[None]
-        o = _attention(q, k, v.astype(q.dtype), bias=bias.astype(q.dtype), is_causal=cfg.causal_in_time)
+        o = _attention(q, k, v, bias=bias, is_causal=cfg.causal_in_time)
         o = jnp.transpose(o.reshape(B, h, w, d, T, hid), (0, 4, 1, 2, 3, 5))
         return x + drop_path(self.out(o).astype(x.dtype), rate, key, 2)
 
