@@ -5,13 +5,14 @@ machine's measured float32 matmul rate, peak memory; float32 and bf16.
     python tools/bench/forward.py --configs small,medium --dtypes float32 --repeats 5
     python tools/bench/forward.py --compile-scaling                # compile time vs number of blocks
 
-FLOPs come from XLA's cost analysis of the compiled forward. The matmul reference is numpy's
+FLOPs are counted analytically (tools/bench/flops.py: matmuls, attention, convolutions). The matmul reference is numpy's
 float32 4096x4096 dot on CPU (the issue's yardstick), or a jitted jnp.dot on an accelerator.
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import os
 import resource
 import statistics
 import sys
@@ -24,6 +25,9 @@ from flax import nnx
 
 import walrus_jax as wj
 from walrus_jax.models.config import PERIODIC
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from flops import forward_flops  # noqa: E402
 
 CONFIGS = {
     "small": lambda **kw: wj.ModelConfig.small(**kw),
@@ -83,9 +87,7 @@ def bench_one(name: str, dtype: str, spatial, T: int, C: int, repeats: int, B: i
     t = time.perf_counter()
     compiled = fwd.lower(state, x).compile()
     compile_s = time.perf_counter() - t
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+    flops = forward_flops(cfg, spatial, T, C, B)
     compiled(state, x).block_until_ready()
     times = []
     for _ in range(repeats):
