@@ -159,19 +159,70 @@ def expected_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     return {tuple(str(p) for p in path): tuple(v.get_value().shape) for path, v in nnx.to_flat_state(nnx.state(abstract))}
 
 
+def expected_dtypes(cfg: ModelConfig) -> dict[tuple[str, ...], np.dtype]:
+    """NNX path -> storage dtype of every variable of Walrus(cfg) (the fixed RoPE buffer stays float32
+    whatever param_dtype is), from the abstract model."""
+    from walrus_jax.models.walrus import Walrus
+
+    abstract = nnx.eval_shape(lambda: Walrus(cfg, rngs=nnx.Rngs(0)))
+    return {tuple(str(p) for p in path): np.dtype(v.get_value().dtype)
+            for path, v in nnx.to_flat_state(nnx.state(abstract))}
+
+
+def _shape_after(transform, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of transform(array of `shape`) without allocating it (a zero-stride view)."""
+    dummy = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), shape=tuple(shape), strides=(0,) * len(shape))
+    return tuple(transform(dummy).shape)
+
+
+def check_shapes(shapes: Mapping[str, tuple[int, ...]], cfg: ModelConfig, *,
+                 expected: Mapping[tuple[str, ...], tuple[int, ...]] | None = None) -> list[str]:
+    """Every problem `assemble_params` would report, from the keys and shapes alone (no tensor data
+    is read): unexpected keys, missing keys, shape mismatches. Empty list: the state_dict fits."""
+    table = mapping(cfg)
+    full_shapes = expected_shapes(cfg) if expected is None else expected
+    problems = []
+    for key, shape in shapes.items():
+        target = table.get(key)
+        if target is None:
+            problems.append(f"unexpected key '{key}' (shape {tuple(shape)})")
+            continue
+        if target.path not in full_shapes:
+            problems.append(f"key '{key}' maps to {'.'.join(target.path)}, which this model config lacks")
+            continue
+        want = tuple(full_shapes[target.path][len(target.index):])
+        try:
+            got = _shape_after(target.transform, tuple(shape))
+        except (ValueError, IndexError, TypeError):
+            got = None
+        if got != want:
+            inv = INVERSE[target.transform]
+            problems.append(f"key '{key}' has shape {tuple(shape)}, expected "
+                            f"{_shape_after(inv, want)} for the model config")
+    missing = sorted(set(table) - set(shapes))
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): " + ", ".join(f"'{k}'" for k in missing[:20])
+                        + (" ..." if len(missing) > 20 else ""))
+    return problems
+
+
 class ConversionError(ValueError):
     """All problems found while mapping a state_dict, reported together."""
 
 
 def assemble_params(items: Iterable[tuple[str, np.ndarray]], cfg: ModelConfig, *, dtype=np.float32,
-                    source: str = "state_dict", on_tensor: Callable[[str], None] | None = None) -> dict:
+                    source: str = "state_dict", on_tensor: Callable[[str], None] | None = None,
+                    dtypes: Mapping[tuple[str, ...], object] | None = None,
+                    shapes: Mapping[tuple[str, ...], tuple[int, ...]] | None = None) -> dict:
     """Consumes (torch key, array) pairs (one at a time, so the caller can stream them) and returns a
     nested dict {path...: np.ndarray} matching `nnx.state(Walrus(cfg))`.
 
+    dtypes: optional per-path storage dtype (e.g. `expected_dtypes(cfg)`), overriding `dtype`.
+    shapes: optional precomputed `expected_shapes(cfg)` (saves building the abstract model twice).
     Raises ConversionError listing every unexpected key, missing key and shape mismatch.
     """
     table = mapping(cfg)
-    shapes = expected_shapes(cfg)
+    shapes = expected_shapes(cfg) if shapes is None else shapes
     out: dict[tuple[str, ...], np.ndarray] = {}
     filled: dict[tuple[str, ...], np.ndarray] = {}
     used, problems = set(), []
@@ -192,9 +243,9 @@ def assemble_params(items: Iterable[tuple[str, np.ndarray]], cfg: ModelConfig, *
                             f"{tuple(inv(np.zeros(want, np.float32)).shape)} for the model config")
             continue
         if target.path not in out:
-            out[target.path] = np.zeros(full, dtype)
+            out[target.path] = np.zeros(full, dtype if dtypes is None else dtypes.get(target.path, dtype))
             filled[target.path] = np.zeros(full[:len(target.index)] or (1,), bool)
-        out[target.path][target.index] = value.astype(dtype)
+        out[target.path][target.index] = value  # numpy casts on assignment: no extra full-size temporary
         filled[target.path][target.index or (0,)] = True
         used.add(key)
         if on_tensor is not None:
@@ -236,3 +287,100 @@ def to_state_dict(model) -> dict[str, np.ndarray]:
     flat = {tuple(str(p) for p in path): np.asarray(v[...], np.float32)
             for path, v in nnx.to_flat_state(nnx.state(model))}
     return {key: INVERSE[t.transform](flat[t.path][t.index]) for key, t in mapping(model.cfg).items()}
+
+
+# ---------------------------------------------------------------------------- streaming by group
+BASE_GROUP = "base"
+
+
+def layer_group(i: int) -> str:
+    return f"layer_{i:03d}"
+
+
+def is_stacked(path: tuple[str, ...]) -> bool:
+    """True for variables of the scanned blocks (leading layer axis)."""
+    return tuple(path[:len(BLOCKS)]) == BLOCKS
+
+
+def _nest(flat: Mapping[tuple[str, ...], np.ndarray]) -> dict:
+    nested: dict = {}
+    for path, value in flat.items():
+        node = nested
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = value
+    return nested
+
+
+def group_shapes(cfg: ModelConfig, shapes: Mapping[tuple[str, ...], tuple[int, ...]] | None = None
+                 ) -> dict[str, dict[tuple[str, ...], tuple[int, ...]]]:
+    """The parameters split into groups that are written one at a time: BASE_GROUP (every variable
+    outside the scanned blocks, full paths) and one group per block (`layer_group(i)`: the block's
+    slice of every stacked variable, paths relative to processor.blocks, shapes without the layer axis)."""
+    shapes = expected_shapes(cfg) if shapes is None else shapes
+    out: dict[str, dict] = {BASE_GROUP: {}}
+    for i in range(cfg.n_blocks):
+        out[layer_group(i)] = {}
+    for path, shape in shapes.items():
+        if is_stacked(path):
+            for i in range(cfg.n_blocks):
+                out[layer_group(i)][path[len(BLOCKS):]] = tuple(shape[1:])
+        else:
+            out[BASE_GROUP][path] = tuple(shape)
+    return out
+
+
+def assemble_groups(get: Callable[[str], np.ndarray], cfg: ModelConfig, *, dtypes=None, shapes=None,
+                    release: Callable[[str], None] | None = None,
+                    on_tensor: Callable[[str], None] | None = None) -> Iterable[tuple[str, dict]]:
+    """Streams a state_dict group by group: yields (group name, nested dict of numpy arrays) for
+    BASE_GROUP and then every block (see `group_shapes`), reading each torch key with `get(key)`
+    exactly once and calling `release(key)` when its data has been copied. Peak memory: one group.
+
+    The keys must already have passed `check_shapes` (this raises ConversionError on any
+    mismatch, but only the group being built is checked then)."""
+    table = mapping(cfg)
+    shapes = expected_shapes(cfg) if shapes is None else shapes
+    dtypes = {} if dtypes is None else dtypes
+    by_group: dict[str, list[str]] = {}
+    for key, t in table.items():
+        g = layer_group(t.index[0]) if is_stacked(t.path) else BASE_GROUP
+        by_group.setdefault(g, []).append(key)
+    order = [BASE_GROUP] + [layer_group(i) for i in range(cfg.n_blocks)]
+    for g in order:
+        flat: dict[tuple[str, ...], np.ndarray] = {}
+        for key in by_group.get(g, []):
+            t = table[key]
+            stacked = is_stacked(t.path)
+            path = t.path[len(BLOCKS):] if stacked else t.path
+            slot = t.index[1:] if stacked else t.index
+            full = tuple(shapes[t.path][1:] if stacked else shapes[t.path])
+            value = t.transform(np.asarray(get(key)))
+            want = full[len(slot):]
+            if tuple(value.shape) != want:
+                raise ConversionError(f"key '{key}': shape {value.shape} after layout transform, expected {want}")
+            if path not in flat:
+                flat[path] = np.zeros(full, dtypes.get(t.path, np.float32))
+            flat[path][slot] = value
+            if release is not None:
+                release(key)
+            if on_tensor is not None:
+                on_tensor(key)
+        yield g, _nest(flat)
+
+
+def split_groups(params: Mapping, cfg: ModelConfig) -> Iterable[tuple[str, dict]]:
+    """A full nested parameter dict (stacked blocks) -> the groups of `group_shapes` (numpy views)."""
+    flat: dict[tuple[str, ...], np.ndarray] = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, Mapping):
+                walk(v, prefix + (str(k),))
+            else:
+                flat[prefix + (str(k),)] = v
+
+    walk(params, ())
+    yield BASE_GROUP, _nest({p: v for p, v in flat.items() if not is_stacked(p)})
+    for i in range(cfg.n_blocks):
+        yield layer_group(i), _nest({p[len(BLOCKS):]: v[i] for p, v in flat.items() if is_stacked(p)})

@@ -1,0 +1,135 @@
+"""Shared config skeleton: every key the trainer reads, with defaults. Config files call
+`base_config()` and override; main.py locks the result, so a typo in a file or on the command line
+(`--config.train.stpes=5`) is an error instead of a silently ignored setting.
+
+Loaded by path from the other config files (configs/ is not a package): see `load_common()`.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from ml_collections import config_dict
+
+from walrus_jax.models.config import ModelConfig
+
+# Logical axis names used by walrus_jax.models -> mesh axes. Parameters are sharded over 'fsdp'
+# along their hidden (embed) dimension, everything else is replicated; the fsdp axis is used at
+# most once per weight and only where it divides the dimension (walrus_jax.sharding.spec_for).
+DEFAULT_RULES = (
+    ("embed", "fsdp"),
+    ("layers", None),
+    ("qkv", None),
+    ("fused", None),
+    ("attn", None),
+    ("mlp", None),
+    ("heads", None),
+    ("head_dim", None),
+    ("buckets", None),
+    ("inter", None),
+    ("vocab", None),
+    ("kh", None),
+    ("kw", None),
+    ("kd", None),
+    ("rope", None),
+    ("rope_axes", None),
+    ("tok_h", None),
+    ("tok_w", None),
+    ("tok_d", None),
+)
+
+
+def model_section(cfg: ModelConfig) -> config_dict.ConfigDict:
+    d = cfg.to_dict()
+    d["include_d"] = tuple(d["include_d"])
+    d["kernel_sizes"] = tuple(d["kernel_sizes"])
+    ape = d.pop("ape_grid")
+    m = config_dict.ConfigDict(d)
+    # None is not a type: a placeholder keeps the key typed (a tuple of 3 ints) and overridable.
+    m.ape_grid = config_dict.placeholder(tuple) if ape is None else tuple(ape)
+    return m
+
+
+def base_config() -> config_dict.ConfigDict:
+    c = config_dict.ConfigDict()
+    c.name = "walrus"
+    c.seed = 0
+    # Converted checkpoint (tools.convert_torch_ckpt output) to start from; '' = random init.
+    c.init_from = ""
+    c.mode = "train"  # train | eval | rollout (the --mode flag overrides)
+    c.model = model_section(ModelConfig.small())
+
+    c.data = config_dict.ConfigDict()
+    c.data.root = ""  # directory holding Well-format datasets (<root>/<name>/data/<split>/*.hdf5)
+    c.data.generate = "miniwell"  # generated into data.cache_dir when data.root is '' ('' = never)
+    c.data.generate_quick = True
+    c.data.generate_systems = ""  # comma-separated miniwell systems ('' = the generator's default)
+    c.data.cache_dir = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
+                                    "walrus_jax", "miniwell")
+    c.data.datasets = ()  # dataset names under root ('' / empty = every dataset found)
+    c.data.batch_size = 8  # global micro-batch (all processes together)
+    c.data.n_steps_input = 4
+    c.data.n_steps_output = 1
+    c.data.min_dt_stride = 1
+    c.data.max_dt_stride = 1
+    c.data.rotate = False
+    c.data.inflate_to_3d = False
+    c.data.worker_count = 0
+    c.data.allow_new_fields = True
+
+    c.train = config_dict.ConfigDict()
+    c.train.steps = 1000  # optimizer updates (each = grad_accum micro-batches)
+    c.train.grad_accum = 1
+    c.train.lr = 2e-4
+    c.train.weight_decay = 1e-4
+    c.train.eps = 1e-10
+    c.train.b1 = 0.9
+    c.train.b2 = 0.999
+    c.train.clip_norm = 10.0
+    c.train.warmup_steps = 50
+    c.train.cooldown_steps = 50
+    c.train.warmup_factor = 0.1
+    c.train.cooldown_factor = 1e-3
+    c.train.loss_multiplier = 100.0
+    c.train.normalization_eps = 1e-5
+    c.train.jitter = True
+    c.train.log_every = 10
+    c.train.max_wall_seconds = 0.0  # > 0: stop early (and checkpoint) after this many seconds
+
+    c.mesh = config_dict.ConfigDict()
+    c.mesh.data = 1
+    c.mesh.fsdp = -1  # -1: every remaining device
+
+    c.sharding = config_dict.ConfigDict()
+    c.sharding.rules = DEFAULT_RULES
+
+    c.checkpoint = config_dict.ConfigDict()
+    c.checkpoint.every = 200
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+
+    c.eval = config_dict.ConfigDict()
+    c.eval.every = 0  # optimizer steps between evaluations during training (0 = only at the end)
+    c.eval.split = "valid"
+    c.eval.n_trajectories = 4  # held-out trajectories per dataset
+    c.eval.rollout_steps = 30
+    c.eval.windows = ((1, 10), (11, 30))
+    c.eval.plot = True
+    c.eval.batch_size = 4
+
+    c.finetune = config_dict.ConfigDict()
+    c.finetune.enabled = False
+    c.finetune.lr_factor = 0.5  # the paper: half the base learning rate
+    c.finetune.freeze = ()  # parameter path prefixes to freeze, e.g. ('encoder', 'blocks')
+    c.finetune.new_field_init = "mean"  # new vocabulary rows: 'mean' of the existing rows, or 'zeros'
+    c.finetune.learned_rope = "none"  # none | shared | per_axis
+    c.finetune.ape = False  # absolute position embedding (anisotropic domains)
+    return c
+
+
+def load_common():
+    """This module, loaded by path (config files are executed by path, not as a package)."""
+    spec = importlib.util.spec_from_file_location("walrus_jax_configs_common", __file__)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -1,0 +1,64 @@
+"""main.py: configs (locked, variants, overrides) and bad input that fails before any compute."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from walrus_jax import main, optim, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "tiny.py")
+
+
+def test_every_config_loads_and_has_the_public_keys():
+    for name in ("demo", "tiny", "walrus_1p3b", "finetune"):
+        c = main.load_config(os.path.join(REPO, "configs", f"{name}.py"))
+        for key in ("train.steps", "mesh.data", "mesh.fsdp", "checkpoint.every", "init_from"):
+            node = c
+            for part in key.split("."):
+                node = node[part]
+        optim.warmup_invsqrt_cooldown(c.train.lr, c.train.steps, c.train.warmup_steps, c.train.cooldown_steps)
+    c = main.load_config(os.path.join(REPO, "configs", "walrus_1p3b.py"))
+    assert (c.model.hidden_dim, c.model.n_blocks, c.train.lr, c.train.eps, c.train.grad_accum) == (1408, 40, 2e-4,
+                                                                                                    1e-10, 4)
+    assert main.load_config(os.path.join(REPO, "configs", "walrus_1p3b.py:medium")).model.hidden_dim == 768
+    assert main.load_config(os.path.join(REPO, "configs", "finetune.py:rope")).finetune.learned_rope == "per_axis"
+
+
+def test_overrides_apply_and_unknown_keys_fail():
+    c = main.load_config(TINY, ["train.steps=17", "mesh.fsdp=1", "model.ape_grid=(4,4,1)"])
+    assert c.train.steps == 17 and c.mesh.fsdp == 1 and tuple(c.model.ape_grid) == (4, 4, 1)
+    with pytest.raises(Exception, match="stpes"):
+        main.load_config(TINY, ["train.stpes=3"])
+    with pytest.raises(Exception, match="lr"):
+        main.load_config(TINY, ["train.lr=fast"])
+    with pytest.raises(Exception, match="unknown variant 'nope'"):  # absl wraps it in IllegalFlagValueError
+        main.load_config(TINY + ":nope")
+
+
+def test_bad_mesh_and_init_from_fail_early(tmp_path):
+    with pytest.raises(ValueError, match=r"mesh.data × mesh.fsdp = 3 × 1 = 3 does not match the 1 available"):
+        train.validate_config(main.load_config(TINY, ["mesh.data=3", "mesh.fsdp=1"]))
+    with pytest.raises(FileNotFoundError, match="init_from='/nonexistent/ckpt' does not exist"):
+        train.validate_config(main.load_config(TINY, ["init_from=/nonexistent/ckpt"]))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="not a walrus_jax workdir"):
+        train.validate_config(main.load_config(TINY, [f"init_from={empty}"]))
+    with pytest.raises(ValueError, match="warmup_steps \\+ train.cooldown_steps"):
+        train.validate_config(main.load_config(TINY, ["train.steps=1"]))
+    with pytest.raises(FileNotFoundError, match="data.root='/nonexistent/data' does not exist"):
+        train.resolve_data(main.load_config(TINY, ["data.root=/nonexistent/data"]))
+
+
+def test_batch_not_divisible_by_the_mesh_fails_before_compute(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = subprocess.run([sys.executable, "-m", "walrus_jax.main", "--config", TINY, "--workdir", str(tmp_path / "w"),
+                          "--config.data.batch_size=6", "--config.mesh.data=2", "--config.mesh.fsdp=4",
+                          "--config.data.root=/nonexistent"], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=REPO)
+    assert out.returncode != 0
+    assert "data.batch_size=6 is not divisible by the mesh's 8 devices (mesh.data=2 × mesh.fsdp=4)" in out.stderr
+    assert not (tmp_path / "w" / "checkpoints").exists()

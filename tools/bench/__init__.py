@@ -1,0 +1,1 @@
+"""Benchmark scripts that print tables (python -m tools.bench.<name>); not tests."""

@@ -1,0 +1,5 @@
+import sys
+
+from tools.convert_torch_ckpt.cli import main
+
+sys.exit(main())

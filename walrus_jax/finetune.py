@@ -1,0 +1,212 @@
+"""Fine-tuning from a pretrained checkpoint (`config.init_from`), the paper's recipe (SPEC §14).
+
+`init_from` is either
+  * a walrus_jax training workdir (or its `checkpoints/` folder): the newest restorable
+    checkpoint's parameters, model config and field vocabulary are used; or
+  * a converted release (`tools.convert_torch_ckpt` output), read with
+    `walrus_jax.load_pretrained(path)`.
+
+What changes on top of the base model:
+  * New field names in the fine-tuning data extend the vocabulary (`FieldVocabulary.extend`): the
+    encoder's input rows and the decoder's output columns / bias for the new indices are
+    initialised with the mean of the base model's field rows (`finetune.new_field_init='mean'`,
+    rows 0-2 — the boundary flags — excluded) or zeros. Existing rows are copied unchanged, so
+    on the old fields the fine-tuned model starts out computing exactly what the base model does.
+  * Optional learnable RoPE frequencies (`finetune.learned_rope`: 'shared' or 'per_axis'),
+    initialised from the base frequencies, and an absolute position embedding
+    (`finetune.ape` with `model.ape_grid`), initialised to zero (again: no change at step 0).
+  * Optional frozen parts (`finetune.freeze`: parameter-path prefixes such as 'embed' or
+    'processor/blocks/time'): zero updates and no optimizer moments.
+  * Half the base learning rate (`finetune.lr_factor`) and, in configs/finetune.py, a fixed time
+    stride (data.min_dt_stride == data.max_dt_stride).
+The architecture comes from the checkpoint; `config.model` contributes only what fine-tuning may
+change (dropout rates, remat, dtype, the RoPE / APE options).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from ml_collections import config_dict
+
+from walrus_jax.models.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+FLAG_ROWS = 3  # vocabulary rows 0-2 are the boundary flags (closed, open, bias)
+# Options that config.model may set on top of the checkpoint's architecture.
+TUNABLE = ("drop_path", "input_field_drop", "remat", "dtype", "param_dtype", "jitter_patches", "scan_layers")
+
+
+def _checkpoint_dir(path: str) -> str | None:
+    """The Orbax checkpoint folder inside a training workdir, or None if `path` is not one."""
+    for cand in (os.path.join(path, "checkpoints"), path):
+        if os.path.isdir(cand) and any(d.isdigit() and os.path.isdir(os.path.join(cand, d, "state"))
+                                       for d in os.listdir(cand)):
+            return cand
+    return None
+
+
+def check_init_from(path: str) -> None:
+    """Fails early (before any compute) when `init_from` points at nothing usable."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config init_from={path!r} does not exist (expected a walrus_jax workdir or a "
+                                "converted checkpoint directory from tools.convert_torch_ckpt)")
+    if _checkpoint_dir(path) is not None:
+        return
+    if not os.path.isdir(path) or not os.listdir(path):
+        raise FileNotFoundError(f"config init_from={path!r} is not a walrus_jax workdir (no checkpoints/<step>/state) "
+                                "and not a converted checkpoint directory")
+
+
+@dataclasses.dataclass
+class Base:
+    cfg: ModelConfig
+    params: dict  # pure dict of numpy arrays
+    vocab: Any  # FieldVocabulary
+    source: str
+
+
+def load_base(path: str) -> Base:
+    """Parameters, architecture and vocabulary of the checkpoint at `path` (module docstring)."""
+    from walrus_jax.data import FieldVocabulary
+
+    check_init_from(path)
+    ck = _checkpoint_dir(path)
+    if ck is not None:
+        import orbax.checkpoint as ocp
+
+        from walrus_jax.checkpointing import Checkpointer
+
+        mgr = Checkpointer(ck, keep=1_000_000, async_save=False)
+        errors = []
+        for step in reversed(mgr.steps()):
+            try:
+                meta = mgr.read_meta(step)
+                sdir = os.path.join(ck, str(step), "state")
+                c = ocp.PyTreeCheckpointer()
+                md = c.metadata(sdir)
+                tree = getattr(getattr(md, "item_metadata", md), "tree", getattr(md, "item_metadata", md))
+                ra = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+                state = c.restore(sdir, args=ocp.args.PyTreeRestore(restore_args=ra))
+            except Exception as e:  # noqa: BLE001 - corrupt: previous checkpoint
+                log.warning("init_from %s/%d unreadable (%s); trying the previous one", ck, step, e)
+                errors.append(step)
+                continue
+            vocab = FieldVocabulary.from_dict(meta["vocab"]) if meta.get("vocab") else FieldVocabulary.released()
+            return Base(ModelConfig.from_dict(meta["model_config"]), state["params"], vocab, f"{ck}/{step}")
+        raise RuntimeError(f"config init_from={path!r}: no readable checkpoint (tried steps {errors})")
+    import walrus_jax
+
+    if not hasattr(walrus_jax, "load_pretrained"):
+        raise RuntimeError(f"config init_from={path!r} is not a walrus_jax workdir and walrus_jax.load_pretrained "
+                           "(converted releases) is not available in this installation")
+    from flax import nnx
+
+    loaded = walrus_jax.load_pretrained(path)
+    model = loaded[0] if isinstance(loaded, tuple) else loaded
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    vocab = getattr(loaded, "vocab", None) or getattr(model, "vocab", None)
+    if vocab is None:
+        vocab = FieldVocabulary.released()
+    elif not isinstance(vocab, FieldVocabulary):
+        vocab = FieldVocabulary.from_dict(vocab)
+    return Base(model.cfg, params, vocab, path)
+
+
+def _flat(tree) -> dict[str, Any]:
+    return {"/".join(str(getattr(k, "key", k)) for k in p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+class Plan:
+    """Everything train.py needs to fine-tune instead of training from scratch."""
+
+    def __init__(self, config, base: Base):
+        self.config = config
+        self.base = base
+        ft = config.finetune
+        m = config.model
+        over = {k: getattr(m, k) for k in TUNABLE if k in m}
+        over["learned_rope"] = ft.learned_rope
+        if ft.ape:
+            if m.ape_grid is None:
+                raise ValueError("config finetune.ape=True needs config model.ape_grid = (h, w, d), the token grid "
+                                 "of the fine-tuning data")
+            over["ape_grid"] = tuple(int(v) for v in m.ape_grid)
+        else:
+            over["ape_grid"] = None
+        self.model_cfg = base.cfg.replace(**over)
+        self.vocab = base.vocab
+
+    def finalize_config(self, n_states_data: int) -> ModelConfig:
+        n = max(self.base.cfg.n_states, int(n_states_data))
+        if n > self.base.cfg.n_states:
+            log.warning("fine-tuning data adds %d field(s) to the vocabulary: n_states %d -> %d",
+                        n - self.base.cfg.n_states, self.base.cfg.n_states, n)
+        self.model_cfg = self.model_cfg.replace(n_states=n)
+        return self.model_cfg
+
+    def train_config(self, train):
+        t = config_dict.ConfigDict(train.to_dict())
+        t.lr = float(train.lr) * float(self.config.finetune.lr_factor)
+        return t
+
+    def trainable_mask(self, params_abstract) -> Any:
+        prefixes = [p.strip("/") for p in self.config.finetune.freeze]
+        flat = _flat(params_abstract)
+        for p in prefixes:
+            if not any(k == p or k.startswith(p + "/") for k in flat):
+                raise KeyError(f"config finetune.freeze entry {p!r} matches no parameter (top-level names: "
+                               f"{sorted({k.split('/')[0] for k in flat})})")
+        if not prefixes:
+            return None
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: not any(_match("/".join(str(getattr(k, "key", k)) for k in path), p) for p in prefixes),
+            params_abstract)
+
+    def initial_params(self, parts, fresh: dict) -> dict:
+        """Base parameters mapped onto the fine-tuning model (whose random init is `fresh`),
+        placed with the model's shardings."""
+        base = _flat(self.base.params)
+        n_old = self.base.cfg.n_states
+        how = self.config.finetune.new_field_init
+        if how not in ("mean", "zeros"):
+            raise ValueError(f"config finetune.new_field_init={how!r}; expected 'mean' or 'zeros'")
+
+        def one(path, new):
+            key = "/".join(str(getattr(k, "key", k)) for k in path)
+            if key not in base:
+                if key == "ape" or key.endswith("/ape"):
+                    return np.zeros(new.shape, new.dtype)  # no change at step 0
+                return np.asarray(new)  # e.g. learnable RoPE: initialised from the default frequencies
+            old = np.asarray(base[key])
+            if old.shape == tuple(new.shape):
+                return old.astype(new.dtype)
+            diff = [a for a, (o, n) in enumerate(zip(old.shape, new.shape)) if o != n]
+            if old.ndim != new.ndim or len(diff) != 1 or old.shape[diff[0]] != n_old:
+                raise ValueError(f"init_from {self.base.source}: parameter {key} has shape {old.shape}, the "
+                                 f"fine-tuning model expects {tuple(new.shape)}; only the vocabulary axis may grow")
+            ax = diff[0]
+            extra = new.shape[ax] - n_old
+            if how == "mean" and n_old > FLAG_ROWS:
+                rows = np.take(old, np.arange(FLAG_ROWS, n_old), axis=ax).mean(axis=ax, keepdims=True)
+                add = np.repeat(rows, extra, axis=ax)
+            else:
+                add = np.zeros(old.shape[:ax] + (extra,) + old.shape[ax + 1:], old.dtype)
+            return np.concatenate([old, add], axis=ax).astype(new.dtype)
+
+        host = jax.tree_util.tree_map_with_path(one, fresh)
+        return jax.device_put(host, parts.param_shardings)
+
+
+def _match(key: str, prefix: str) -> bool:
+    return key == prefix or key.startswith(prefix + "/")
+
+
+def prepare(config, base_cfg: ModelConfig | None = None) -> Plan:
+    """Loads `config.init_from` and returns the fine-tuning plan (errors before any training)."""
+    return Plan(config, load_base(config.init_from))

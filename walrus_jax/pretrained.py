@@ -1,0 +1,457 @@
+"""Converted (pretrained) Walrus checkpoints: one self-describing directory, written atomically.
+
+Layout of a converted directory (written by `tools.convert_torch_ckpt` or `save_pretrained`):
+
+    DIR/
+      params/base/                  Orbax checkpoint (StandardCheckpointHandler): every parameter
+                                    outside the scanned blocks (encoders, decoders, encoder_dummy, ape),
+                                    nested like nnx.to_pure_dict(nnx.state(model))
+      params/layer_000/ ...         one Orbax checkpoint per block: that block's slice of every stacked
+                                    processor.blocks variable (the layer axis removed). Written one at
+                                    a time so that converting the 5 GB release never holds more than
+                                    one block; `load_pretrained` stacks them back along the layer axis.
+      config.json                   ModelConfig.to_dict()
+      vocabulary.json               {"field_index_map": {name: row} | null, "source": "..."}
+      walrus_jax_pretrained.json    completion marker, written last: format, version, every array's
+                                    path / shape / dtype, provenance
+
+Everything is written into a hidden temporary directory beside DIR that is renamed to DIR only
+after the marker is written, so an interrupted conversion never leaves a DIR that `load_pretrained`
+accepts (a leftover `.DIR.partial-*` folder has no marker, or is never looked at).
+
+    model = load_pretrained(DIR)                                  # float32, single device
+    model = load_pretrained(DIR, dtype="bfloat16")                # bf16 parameters and compute
+    model = load_pretrained(DIR, mesh=mesh)                       # each device gets only its shards
+    vocab = model_vocabulary(DIR)                                 # FieldVocabulary or None
+    model.vocab                                                   # the same, attached to the model
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from walrus_jax.models.config import ModelConfig
+
+FORMAT = "walrus_jax.pretrained"
+VERSION = 1
+MARKER = "walrus_jax_pretrained.json"
+CONFIG_FILE = "config.json"
+VOCAB_FILE = "vocabulary.json"
+PARAMS_DIR = "params"
+PARTIAL_TAG = ".partial-"
+DTYPES = ("float32", "bfloat16")
+
+
+class PretrainedFormatError(ValueError):
+    """A directory that is not a complete converted checkpoint (missing, incomplete, foreign, corrupt)."""
+
+
+# ------------------------------------------------------------------------------ vocabulary
+def _vocabulary_type():
+    from walrus_jax.data.fields import FieldVocabulary
+
+    class PretrainedVocabulary(FieldVocabulary):
+        """The checkpoint's field vocabulary. Hashable, because it rides on the model as a static
+        attribute (nnx keeps non-Variable attributes in the graph definition)."""
+
+        def __hash__(self):
+            return hash(tuple(sorted(self._map.items())))
+
+    return PretrainedVocabulary
+
+
+def make_vocabulary(mapping: Mapping[str, int] | None):
+    """A hashable FieldVocabulary from a {name: row} map (None -> None)."""
+    if mapping is None:
+        return None
+    return _vocabulary_type()(mapping)
+
+
+def check_vocabulary(mapping: Mapping[str, int] | None, n_states: int, where: str) -> list[str]:
+    """Problems (empty if none) of a {name: row} vocabulary against a model with n_states rows."""
+    if mapping is None:
+        return []
+    problems = []
+    if not isinstance(mapping, Mapping):
+        return [f"{where}: field vocabulary must be a mapping name -> row, got {type(mapping).__name__}"]
+    bad = {k: v for k, v in mapping.items() if not isinstance(v, (int, np.integer)) or isinstance(v, bool)}
+    if bad:
+        problems.append(f"{where}: field vocabulary rows must be integers, got {dict(list(bad.items())[:5])}")
+        return problems
+    over = {k: int(v) for k, v in mapping.items() if not 0 <= int(v) < n_states}
+    if over:
+        problems.append(f"{where}: field vocabulary has {len(mapping)} entries but rows {sorted(over.items(), key=lambda kv: kv[1])[:5]} "
+                        f"are outside [0, n_states={n_states}) of the checkpoint (wrong n_states: the "
+                        "vocabulary and the checkpoint's encoder/decoder rows do not belong together)")
+    seen: dict[int, str] = {}
+    for k, v in mapping.items():
+        if int(v) in seen:
+            problems.append(f"{where}: field vocabulary names {seen[int(v)]!r} and {k!r} share row {int(v)}")
+        seen[int(v)] = k
+    return problems
+
+
+# ------------------------------------------------------------------------------ writing
+def _flat(tree: Mapping, prefix: tuple = ()) -> dict[tuple[str, ...], Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, prefix + (str(k),)))
+        else:
+            out[prefix + (str(k),)] = v
+    return out
+
+
+def _fsync_write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def partial_dir_for(directory: str) -> str:
+    """A fresh hidden temporary directory name beside `directory` (same filesystem: rename is atomic)."""
+    parent, name = os.path.split(os.path.abspath(directory))
+    return os.path.join(parent, f".{name}{PARTIAL_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def check_output_dir(directory: str, overwrite: bool) -> None:
+    """Fails early (before any work) when `directory` exists and overwrite is off, or is a file."""
+    directory = os.path.abspath(directory)
+    if os.path.lexists(directory) and not overwrite:
+        raise FileExistsError(f"output directory {directory} already exists; pass --overwrite (overwrite=True) "
+                              "to replace it")
+    if os.path.lexists(directory) and not os.path.isdir(directory):
+        raise FileExistsError(f"output path {directory} exists and is not a directory; refusing to replace it")
+    parent = os.path.dirname(directory)
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise NotADirectoryError(f"cannot write {directory}: {parent} is a file")
+
+
+def write_pretrained(directory: str, groups: Iterable[tuple[str, Mapping]], cfg: ModelConfig, *,
+                     vocabulary: Mapping[str, int] | None, vocabulary_source: str,
+                     info: Mapping[str, Any] | None = None, overwrite: bool = False,
+                     log: Callable[[str], None] | None = None) -> str:
+    """Writes a converted-checkpoint directory atomically (module docstring) and returns its path.
+
+    groups: (name, nested dict of arrays) for every group of `walrus_jax.convert.group_shapes(cfg)`
+      ("base", then "layer_000", ...), consumed one at a time: each is written as its own Orbax
+      checkpoint under params/<name> before the next is produced, so a converter streaming from a
+      checkpoint file never holds more than one group (Orbax keeps a transient copy of everything
+      handed to one save call; one call for the whole 5 GB model would double the peak memory).
+    vocabulary: {field name: row} or None (recorded as none, `vocabulary_source` saying why).
+    info: extra provenance stored in the marker (source file, sizes, timings).
+    A failure at any point removes the temporary directory and leaves `directory` untouched.
+    """
+    import orbax.checkpoint as ocp
+
+    from walrus_jax import convert as conv
+
+    log = log or (lambda s: None)
+    directory = os.path.abspath(directory)
+    check_output_dir(directory, overwrite)
+    problems = check_vocabulary(vocabulary, cfg.n_states, "vocabulary")
+    if problems:
+        raise ValueError("; ".join(problems))
+    expected = conv.expected_shapes(cfg)
+    want = conv.group_shapes(cfg, expected)
+    os.makedirs(os.path.dirname(directory), exist_ok=True)
+    tmp = partial_dir_for(directory)
+    os.makedirs(os.path.join(tmp, PARAMS_DIR))
+    try:
+        t0 = time.time()
+        ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+        arrays: dict[str, dict] = {}
+        written = []
+        for name, tree in groups:
+            flat = _flat(tree)
+            if name not in want or name in written:
+                raise ValueError(f"write_pretrained: unexpected parameter group {name!r}")
+            got = {p: tuple(np.shape(v)) for p, v in flat.items()}
+            if got != want[name]:
+                diff = sorted(set(got.items()) ^ set(want[name].items()))[:6]
+                raise ValueError(f"write_pretrained: group {name!r} does not match the model config: {diff}")
+            ckptr.save(os.path.join(tmp, PARAMS_DIR, name), args=ocp.args.StandardSave(dict(tree)))
+            written.append(name)
+            for p, v in flat.items():
+                full = p if name == conv.BASE_GROUP else conv.BLOCKS + p
+                arrays["/".join(full)] = {"shape": list(expected[full]), "dtype": str(np.dtype(v.dtype))}
+            del tree, flat
+        missing = [g for g in want if g not in written]
+        if missing:
+            raise ValueError(f"write_pretrained: parameter groups {missing} were not written")
+        log(f"wrote {len(written)} Orbax parameter groups in {time.time() - t0:.1f} s")
+        _fsync_write(os.path.join(tmp, CONFIG_FILE), json.dumps(cfg.to_dict(), indent=2) + "\n")
+        _fsync_write(os.path.join(tmp, VOCAB_FILE), json.dumps(
+            {"field_index_map": None if vocabulary is None else {str(k): int(v) for k, v in vocabulary.items()},
+             "source": vocabulary_source}, indent=2) + "\n")
+        marker = {
+            "format": FORMAT, "version": VERSION, "complete": True,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "groups": written,
+            "n_arrays": len(arrays),
+            "n_elements": int(sum(int(np.prod(a["shape"])) for a in arrays.values())),
+            "arrays": dict(sorted(arrays.items())),
+            "info": dict(info or {}),
+        }
+        # The marker is the last file: its presence means everything above is on disk.
+        _fsync_write(os.path.join(tmp, MARKER), json.dumps(marker, indent=1) + "\n")
+        if os.path.lexists(directory):  # overwrite=True (checked above): swap, then delete the old one
+            old = partial_dir_for(directory) + ".old"
+            os.rename(directory, old)
+            os.rename(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def save_pretrained(model, directory: str, *, vocabulary=None, overwrite: bool = False,
+                    info: Mapping[str, Any] | None = None) -> str:
+    """Writes `model` (a walrus_jax.Walrus) as a converted-checkpoint directory that
+    `load_pretrained` reads. vocabulary: FieldVocabulary / {name: row} / None (default: the
+    model's `vocab` attribute if it has one)."""
+    if vocabulary is None:
+        vocabulary = getattr(model, "vocab", None)
+    if vocabulary is not None and hasattr(vocabulary, "to_dict"):
+        vocabulary = vocabulary.to_dict()
+    from walrus_jax import convert as conv
+
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+    return write_pretrained(directory, conv.split_groups(params, model.cfg), model.cfg, vocabulary=vocabulary,
+                            vocabulary_source="save_pretrained" if vocabulary is not None else "none",
+                            info={"written_by": "walrus_jax.pretrained.save_pretrained", **dict(info or {})},
+                            overwrite=overwrite)
+
+
+# ------------------------------------------------------------------------------ reading
+def read_marker(directory: str) -> dict:
+    """The completion marker of a converted directory; PretrainedFormatError naming what is wrong."""
+    directory = os.path.abspath(str(directory))
+    if not os.path.exists(directory):
+        raise FileNotFoundError(f"pretrained checkpoint directory {directory} does not exist (convert the released "
+                                "walrus.pt with `python -m tools.convert_torch_ckpt --checkpoint walrus.pt --config "
+                                "extended_config.yaml --output DIR`)")
+    if not os.path.isdir(directory):
+        raise PretrainedFormatError(f"{directory} is a file, not a converted checkpoint directory (a torch .pt file "
+                                    "must be converted first with `python -m tools.convert_torch_ckpt`)")
+    marker = os.path.join(directory, MARKER)
+    if not os.path.isfile(marker):
+        name = os.path.basename(directory)
+        if PARTIAL_TAG in name:
+            why = "it is the temporary directory of an interrupted conversion; run the converter again"
+        elif os.path.isdir(os.path.join(directory, "checkpoints")):
+            why = "it looks like a walrus_jax training workdir; use config.init_from or walrus_jax.checkpointing"
+        elif not os.listdir(directory):
+            why = "it is empty"
+        else:
+            listing = sorted(os.listdir(directory))
+            why = f"it holds {listing[:8]}{' ...' if len(listing) > 8 else ''}, not a converter output"
+        raise PretrainedFormatError(f"{directory} is not a complete walrus_jax converted checkpoint: the completion "
+                                    f"marker {MARKER} is missing ({why})")
+    try:
+        with open(marker) as f:
+            meta = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise PretrainedFormatError(f"{marker}: unreadable completion marker ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("complete") is not True:
+        raise PretrainedFormatError(f"{marker}: not a walrus_jax converted-checkpoint marker (format "
+                                    f"{meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r})")
+    if int(meta.get("version", -1)) > VERSION:
+        raise PretrainedFormatError(f"{marker}: format version {meta.get('version')} is newer than this walrus_jax "
+                                    f"reads ({VERSION}); upgrade walrus_jax")
+    for name in (CONFIG_FILE, VOCAB_FILE, PARAMS_DIR):
+        if not os.path.exists(os.path.join(directory, name)):
+            raise PretrainedFormatError(f"{directory}: incomplete converted checkpoint, {name} is missing")
+    return meta
+
+
+def model_config(directory: str) -> ModelConfig:
+    """The ModelConfig stored in a converted directory."""
+    read_marker(directory)
+    path = os.path.join(os.path.abspath(directory), CONFIG_FILE)
+    try:
+        with open(path) as f:
+            return ModelConfig.from_dict(json.load(f))
+    except (OSError, json.JSONDecodeError, ValueError, TypeError) as e:
+        raise PretrainedFormatError(f"{path}: cannot read the model config ({e})") from e
+
+
+def model_vocabulary(directory: str):
+    """The field vocabulary (a FieldVocabulary: name -> encoder/decoder row) stored with a converted
+    checkpoint, or None when the source config had no `data.field_index_map_override`."""
+    read_marker(directory)
+    path = os.path.join(os.path.abspath(directory), VOCAB_FILE)
+    try:
+        with open(path) as f:
+            mapping = json.load(f).get("field_index_map")
+    except (OSError, json.JSONDecodeError, AttributeError) as e:
+        raise PretrainedFormatError(f"{path}: cannot read the field vocabulary ({e})") from e
+    return make_vocabulary(mapping)
+
+
+def _rules_for(model_state, mesh, rules) -> dict[str, Any]:
+    """Logical-axis -> mesh-axis rules: `rules` if given, else walrus_jax.sharding's table if it has
+    one, else 'embed' over 'fsdp' (the HSDP layout of DESIGN.md) and everything else replicated."""
+    from walrus_jax import sharding
+
+    if rules is None:
+        rules = getattr(sharding, "DEFAULT_RULES", None)
+    if rules is None:
+        if "fsdp" not in mesh.axis_names:
+            raise ValueError(f"load_pretrained: the mesh has axes {mesh.axis_names} and no 'fsdp' axis; pass "
+                             "rules={logical axis name: mesh axis or None} (names: "
+                             f"{sorted(_logical_names(model_state))})")
+        rules = {name: ("fsdp" if name == "embed" else None) for name in _logical_names(model_state)}
+    rules = dict(rules.items() if isinstance(rules, Mapping) else (tuple(r) for r in rules))
+    for name, axis in rules.items():
+        axes = axis if isinstance(axis, (tuple, list)) else (axis,)
+        for a in axes:
+            if a is not None and a not in mesh.axis_names:
+                raise ValueError(f"load_pretrained: rule {name!r} -> {axis!r} names a mesh axis the mesh lacks "
+                                 f"(mesh axes: {mesh.axis_names})")
+    return rules
+
+
+def _logical_names(model_state) -> set[str]:
+    from walrus_jax.sharding import logical_names
+
+    out = set()
+    for _, var in nnx.to_flat_state(model_state):
+        out.update(n for n in (logical_names(var) or ()) if n is not None)
+    return out
+
+
+def _restore_host(directory: str, cfg: ModelConfig, meta: Mapping, dtypes: Mapping[str, np.dtype]) -> dict[str, np.ndarray]:
+    """{'a/b/c': host array (stacked blocks re-assembled)} cast to `dtypes`, read group by group."""
+    import orbax.checkpoint as ocp
+
+    from walrus_jax import convert as conv
+
+    groups = conv.group_shapes(cfg)
+    if list(meta.get("groups", [])) != list(groups):
+        raise PretrainedFormatError(f"{directory}: the marker lists parameter groups {meta.get('groups')}, the model "
+                                    f"config expects {list(groups)}")
+    ckptr = ocp.PyTreeCheckpointer()
+    out: dict[str, np.ndarray] = {}
+    for g, shapes in groups.items():
+        full = {p: (p if g == conv.BASE_GROUP else conv.BLOCKS + p) for p in shapes}
+        args = conv._nest({p: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtypes["/".join(full[p])])
+                           for p in shapes})
+        path = os.path.join(directory, PARAMS_DIR, g)
+        try:
+            tree = ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+        except Exception as e:  # noqa: BLE001 - any Orbax failure here means missing or damaged files
+            raise PretrainedFormatError(f"{path}: the Orbax parameter checkpoint cannot be read "
+                                        f"({type(e).__name__}: {str(e)[:400]}); the directory is damaged, "
+                                        "convert again") from e
+        for p, v in _flat(tree).items():
+            name = "/".join(full[p])
+            if tuple(v.shape) != tuple(shapes.get(p, ())):
+                raise PretrainedFormatError(f"{path}: array {'/'.join(p)} has shape {v.shape}, expected {shapes.get(p)}")
+            if g == conv.BASE_GROUP:
+                out[name] = v
+            else:
+                i = int(g.split("_")[1])
+                if name not in out:
+                    out[name] = np.empty((cfg.n_blocks,) + tuple(v.shape), dtypes[name])
+                out[name][i] = v
+    return out
+
+
+def load_pretrained(directory: str, *, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None,
+                    rules: Mapping[str, Any] | Sequence[tuple[str, Any]] | None = None, **overrides):
+    """A walrus_jax.Walrus with the parameters of a converted checkpoint directory.
+
+    dtype: None (as converted: config.json's param_dtype / dtype), "float32" or "bfloat16" (both the
+      storage and the compute dtype; the fixed RoPE frequency buffer stays float32 as the model
+      creates it). Stored arrays are cast while they are read.
+    mesh: restore every array directly with its NamedSharding over this mesh (no full host copy per
+      device). Shardings come from the weights' logical axis names (nnx metadata `logical_axes`)
+      through `rules` ({logical name: mesh axis or None}, or a sequence of pairs; default: 'embed'
+      over 'fsdp', everything else replicated). None: everything on the default device.
+    overrides: further ModelConfig fields that do not change parameter shapes (remat, scan_layers,
+      drop_path, input_field_drop, jitter_patches).
+    The model's `vocab` attribute is the checkpoint's field vocabulary (or None), as
+    `model_vocabulary(directory)` returns it.
+    Raises FileNotFoundError / PretrainedFormatError naming the directory and what is wrong.
+    """
+    import orbax.checkpoint as ocp
+
+    from walrus_jax.models.walrus import Walrus
+
+    directory = os.path.abspath(str(directory))
+    meta = read_marker(directory)
+    cfg = model_config(directory)
+    vocab = model_vocabulary(directory)
+    if dtype is not None:
+        if str(dtype) not in DTYPES:
+            raise ValueError(f"load_pretrained: dtype={dtype!r}; expected None or one of {DTYPES}")
+        cfg = cfg.replace(param_dtype=str(dtype), dtype=str(dtype))
+    shape_fields = {"hidden_dim", "intermediate_dim", "n_blocks", "num_heads", "n_states", "include_d",
+                    "kernel_sizes", "learned_rope", "ape_grid", "rel_pos_buckets"}
+    bad = sorted(set(overrides) & shape_fields)
+    if bad:
+        raise ValueError(f"load_pretrained: {bad} change parameter shapes and come from the checkpoint "
+                         f"({directory}/{CONFIG_FILE}); they cannot be overridden")
+    if overrides:
+        cfg = cfg.replace(**overrides)
+
+    abstract = nnx.eval_shape(lambda: Walrus(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    flat = {"/".join(str(p) for p in path): var for path, var in nnx.to_flat_state(state)}
+    stored = meta.get("arrays", {})
+    problems = []
+    for name in sorted(set(flat) - set(stored)):
+        problems.append(f"model variable {name} {tuple(flat[name].get_value().shape)} is not in the checkpoint")
+    for name in sorted(set(stored) - set(flat)):
+        problems.append(f"checkpoint array {name} {tuple(stored[name]['shape'])} has no model variable")
+    for name in sorted(set(stored) & set(flat)):
+        want = tuple(flat[name].get_value().shape)
+        if tuple(stored[name]["shape"]) != want:
+            problems.append(f"{name}: checkpoint shape {tuple(stored[name]['shape'])}, model expects {want}")
+    if problems:
+        raise PretrainedFormatError(f"{directory}: the stored parameters do not fit the model described by its "
+                                    f"{CONFIG_FILE} ({len(problems)} problem(s)):\n  - " + "\n  - ".join(problems))
+
+    if mesh is not None:
+        from walrus_jax.sharding import param_specs
+
+        specs = param_specs(state, _rules_for(state, mesh, rules), mesh)
+        shardings = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs,
+                                 is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    else:
+        if rules is not None:
+            raise ValueError("load_pretrained: rules= needs mesh=")
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: one, nnx.to_pure_dict(state))
+    dtypes = {path: np.dtype(var.get_value().dtype) for path, var in flat.items()}
+    host = _restore_host(directory, cfg, meta, dtypes)
+    flat_shardings = {"/".join(str(getattr(k, "key", k)) for k in p): s
+                      for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+    placed = {}
+    for name in list(host):
+        # One array at a time: each device receives only its shard; the host copy is dropped.
+        placed[name] = jax.device_put(host.pop(name), flat_shardings[name])
+    restored: dict = {}
+    for name, value in placed.items():
+        node = restored
+        parts = name.split("/")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    nnx.replace_by_pure_dict(state, restored)
+    model = nnx.merge(graphdef, state)
+    model.vocab = vocab
+    return model
