@@ -11,7 +11,7 @@ from flax import nnx
 
 from walrus_jax import inference as I
 from walrus_jax import metrics as M
-from walrus_jax import rollout as R
+from walrus_jax import rollouts as R
 from walrus_jax.data.fields import FieldVocabulary
 from walrus_jax.data.writer import WellField, axis_boundaries, write_well_file
 from walrus_jax.models.config import ModelConfig

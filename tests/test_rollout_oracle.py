@@ -14,7 +14,7 @@ from flax import nnx
 
 import walrus_jax as wj
 from walrus_jax import normalization
-from walrus_jax import rollout as R
+from walrus_jax import rollouts as R
 from walrus_jax.inference import cast_model, model_from_state_dict
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")

@@ -9,7 +9,7 @@ from walrus_jax import data, metrics
 from walrus_jax.models import OPEN, PERIODIC, WALL, Jitter, ModelConfig, Walrus, sample_jitter
 from walrus_jax.normalization import normalize_window, normalized_delta_targets
 from walrus_jax.pretrained import load_pretrained, model_config, model_vocabulary, save_pretrained
-from walrus_jax.rollout import rollout, rollout_ensemble
+from walrus_jax.rollouts import rollout, rollout_ensemble
 
 __version__ = "0.1.0"
 __all__ = [

@@ -2,7 +2,7 @@
 
 For each dataset, the first `eval.n_trajectories` trajectories of the held-out split are rolled out
 from their first T_in frames (at the training's smallest time stride) for up to
-`eval.rollout_steps` steps with `walrus_jax.rollout.rollout` (deterministic: no jitter), and
+`eval.rollout_steps` steps with `walrus_jax.rollouts.rollout` (deterministic: no jitter), and
 scored against the truth with the_well's VRMSE and NRMSE (`walrus_jax.metrics`), per field and
 averaged over horizon windows (1-10, 11-30 by default, 1-based inclusive). The persistence
 baseline u(t+k) = u(t) (the last input frame repeated) is scored the same way.
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from walrus_jax import metrics as metrics_lib
-from walrus_jax import rollout as rollout_lib
+from walrus_jax import rollouts as rollout_lib
 
 log = logging.getLogger(__name__)
 

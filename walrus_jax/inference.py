@@ -6,7 +6,7 @@
 `run_rollout_job(config, workdir)` (what main.py's rollout mode calls) loads the checkpoint (a
 converted release or a training workdir, via `walrus_jax.finetune.load_base`), reads full
 trajectories from Well files with the checkpoint's field vocabulary, rolls each one out from its
-first `n_input_steps` frames (walrus_jax.rollout: one compiled lax.scan per chunk) and writes
+first `n_input_steps` frames (walrus_jax.rollouts: one compiled lax.scan per chunk) and writes
   predictions/<dataset>/traj_<j>.hdf5   Well layout: the input history, then the predicted frames
                                         (attribute walrus_n_input_steps); readable by WellDataset
   metrics.json                          VRMSE / NRMSE / MSE / spectral errors per field, per step and
@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from walrus_jax import metrics as M
-from walrus_jax import rollout as R
+from walrus_jax import rollouts as R
 from walrus_jax.models.config import BC_NAMES, ModelConfig
 
 log = logging.getLogger(__name__)

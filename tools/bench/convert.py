@@ -132,11 +132,11 @@ def main(argv=None) -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
             if args.load:
-                # Block on each parameter's array (v[...]): tree-mapping over the Variables would
-                # convert them and double the measured memory.
+                # Block on each parameter's own array (get_value): `v[...]` or tree-mapping over the
+                # Variables would make copies and double the measured memory.
                 code = ("import time; t=time.time(); from flax import nnx; from walrus_jax.pretrained import load_pretrained; "
                         f"m=load_pretrained({out!r}); "
-                        "[v[...].block_until_ready() for _, v in nnx.to_flat_state(nnx.state(m))]; "
+                        "[v.get_value().block_until_ready() for _, v in nnx.to_flat_state(nnx.state(m))]; "
                         "print('load_s', time.time()-t)")
                 wall, peak2, _ = run_child([sys.executable, "-c", code], "load_pretrained")
                 row = dict(step=f"load_pretrained ({dt})", wall_s=round(wall, 1), stream_write_s=None,

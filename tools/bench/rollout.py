@@ -42,7 +42,7 @@ def bench_one(preset: str, dtype: str, hw: int, t_in: int, steps: int, batch: in
     import jax.numpy as jnp
     from flax import nnx
 
-    from walrus_jax import rollout as R
+    from walrus_jax import rollouts as R
     from walrus_jax.inference import model_from_params, random_params
     from walrus_jax.models.config import ModelConfig
     from walrus_jax.models.jitter import Jitter, sample_jitter

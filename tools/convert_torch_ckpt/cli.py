@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         convert(args.checkpoint, args.config, args.output, dtype=args.dtype, overwrite=args.overwrite,
                 log=lambda s: print(s, flush=True))
-    except (conv.ConversionError, FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
+    except (conv.ConversionError, OSError, ValueError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"error: {msg}", file=sys.stderr, flush=True)
         return 1
