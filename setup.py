@@ -30,6 +30,7 @@ setup(
             "pytest>=8",
             "pyyaml>=6.0",
             "torch==2.13.0",
+            "safetensors>=0.4",
             "nbclient>=0.10",
             "nbformat>=5.10",
             "ipykernel>=6.29",

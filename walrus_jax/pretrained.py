@@ -442,8 +442,11 @@ def load_pretrained(directory: str, *, dtype: str | None = None, mesh: jax.shard
                       for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
     placed = {}
     for name in list(host):
-        # One array at a time: each device receives only its shard; the host copy is dropped.
+        # One array at a time: each device receives only its shard, and the host copy is dropped as
+        # soon as the transfer is done (device_put copies asynchronously and keeps the host buffer
+        # alive until then; without the wait the whole model would briefly exist twice).
         placed[name] = jax.device_put(host.pop(name), flat_shardings[name])
+        placed[name].block_until_ready()
     restored: dict = {}
     for name, value in placed.items():
         node = restored
