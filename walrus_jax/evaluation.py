@@ -13,6 +13,7 @@ padded) fields, then over trajectories, then over datasets.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import os
 from typing import Any, Sequence

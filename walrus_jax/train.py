@@ -427,7 +427,7 @@ def train(config, workdir: str) -> dict:
     step = start
     stopped_early = False
     t_loop = time.time()
-    if True:  # (block kept for readability of the loop / final-save structure)
+    try:
         while step < config.train.steps:
             micro_losses, norms = [], []
             for _ in range(train_cfg.grad_accum):
@@ -456,8 +456,11 @@ def train(config, workdir: str) -> dict:
         if step > start or not ckpt.steps():
             save(step, force=True)
         report = run_eval(step) if eval_sets else None
-    ckpt.close()
-    writer.close()
+    finally:
+        # Let a started (asynchronous) save finish even when something above failed, so the
+        # newest checkpoint is complete; an unfinished one is never listed anyway.
+        ckpt.close()
+        writer.close()
     summary = write_summary(workdir, losses, step, resumed_from, report, time.time() - t_start, train_seconds,
                             stopped_early, is_main)
     if report is not None and is_main and config.eval.plot:
