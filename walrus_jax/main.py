@@ -25,7 +25,8 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path.py[:variant]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Working directory (checkpoints, logs, summary.json).")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "rollout"], "What to run.")
+flags.DEFINE_enum("mode", None, ["train", "eval", "rollout"],
+                  "What to run; default: the config's `mode` entry (configs/rollout.py sets rollout), else train.")
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                   "jax.distributed.initialize: auto = when --coordinator_address is set; on = always "
                   "(cluster auto-detection); off = never.")
@@ -77,10 +78,8 @@ def run(config, workdir: str, mode: str = "train") -> dict | None:
 
         return train.evaluate_job(config, workdir)
     if mode == "rollout":
-        try:
-            from walrus_jax import inference
-        except ImportError as e:
-            raise RuntimeError("--mode=rollout needs walrus_jax.inference (run_rollout_job)") from e
+        from walrus_jax import inference
+
         return inference.run_rollout_job(config, workdir)
     raise ValueError(f"unknown mode {mode!r}")
 
@@ -98,7 +97,8 @@ def main(argv):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     init_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                      FLAGS.cpu_collectives)
-    out = run(FLAGS.config, FLAGS.workdir, FLAGS.mode)
+    mode = FLAGS.mode or FLAGS.config.get("mode", "train")
+    out = run(FLAGS.config, FLAGS.workdir, mode)
     import jax
 
     if jax.process_index() == 0 and isinstance(out, dict):
