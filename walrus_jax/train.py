@@ -328,7 +328,10 @@ def train(config, workdir: str) -> dict:
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh(config.mesh)
+    timing: dict[str, float] = {}  # wall-time split, reported in summary.json["timing"]
+    t_data = time.time()
     paths = resolve_data(config)
+    timing["data_seconds"] = time.time() - t_data
 
     base_cfg = model_config(config)
     ft = None
@@ -427,12 +430,18 @@ def train(config, workdir: str) -> dict:
     step = start
     stopped_early = False
     t_loop = time.time()
+    timing["setup_seconds"] = t_loop - t_start  # data, model init, optimizer state, eval sets
+    first_step = True
     try:
         while step < config.train.steps:
             micro_losses, norms = [], []
             for _ in range(train_cfg.grad_accum):
                 batch, bcs = load_batch(mesh, next(it))
                 state, met = step_fn(state, batch, rest, bcs)
+                if first_step:  # compile + one execution (blocks once, to time it)
+                    jax.block_until_ready(met["loss"])
+                    timing["first_step_seconds"] = time.time() - t_loop
+                    first_step = False
                 micro_losses.append(met["loss"])
                 norms.append(met["grad_norm"])
             pending.append((step, micro_losses, norms))
@@ -453,16 +462,19 @@ def train(config, workdir: str) -> dict:
         progress.update(step, last_loss, force=True)
         progress.close()
         train_seconds = time.time() - t_loop
+        timing["train_seconds"] = train_seconds
         if step > start or not ckpt.steps():
             save(step, force=True)
+        t_eval = time.time()
         report = run_eval(step) if eval_sets else None
+        timing["eval_seconds"] = time.time() - t_eval
     finally:
         # Let a started (asynchronous) save finish even when something above failed, so the
         # newest checkpoint is complete; an unfinished one is never listed anyway.
         ckpt.close()
         writer.close()
     summary = write_summary(workdir, losses, step, resumed_from, report, time.time() - t_start, train_seconds,
-                            stopped_early, is_main)
+                            stopped_early, is_main, timing)
     if report is not None and is_main and config.eval.plot:
         evaluation.plot_rollout(report, eval_sets, os.path.join(workdir, "rollout.png"))
     return summary
@@ -474,11 +486,14 @@ def loss_window(n: int) -> int:
 
 
 def write_summary(workdir, losses, steps_done, resumed_from, report, wall, train_seconds, stopped_early,
-                  is_main) -> dict:
+                  is_main, timing: dict | None = None) -> dict:
     """WORKDIR/summary.json:
     steps_done, initial_loss / final_loss (means over the first / last `loss_window` steps),
     losses (one per optimizer step, across resumes), resumed_from_step (null if fresh),
-    eval {vrmse_1_10, persistence_vrmse_1_10, nrmse_1_10, ... and per dataset}, wall_seconds.
+    eval {vrmse_1_10, persistence_vrmse_1_10, nrmse_1_10, ... and per dataset}, wall_seconds,
+    timing {data_seconds (incl. miniwell generation), setup_seconds (everything before the first
+    step), first_step_seconds (compile + one step), train_seconds (the loop, incl. the first step),
+    eval_seconds (final rollout evaluation, incl. its compile)}.
     """
     w = loss_window(len(losses))
     summary = {
@@ -492,6 +507,7 @@ def write_summary(workdir, losses, steps_done, resumed_from, report, wall, train
         "eval": evaluation.strip_arrays(report) if report is not None else None,
         "train_seconds": train_seconds,
         "wall_seconds": wall,
+        "timing": dict(timing or {}),
     }
     if is_main:
         tmp = os.path.join(workdir, "summary.json.tmp")
