@@ -1,4 +1,4 @@
-"""Small layers shared by the encoder, decoder and blocks: RMSGroupNorm, drop path, dtype helpers."""
+"""Small layers shared by the encoder, decoder and blocks: RMSGroupNorm and drop path."""
 from __future__ import annotations
 
 import jax
@@ -6,15 +6,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from walrus_jax.models.config import RMS_NORM_EPS
-
-
-def dtype_of(name: str):
-    return jnp.dtype(name)
-
-
-def param(rngs: nnx.Rngs, init, shape, dtype, logical_axes) -> nnx.Param:
-    """A parameter carrying its logical axis names (mapped to mesh axes by `walrus_jax.sharding`)."""
-    return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=tuple(logical_axes))
 
 
 class RMSGroupNorm(nnx.Module):
