@@ -298,7 +298,8 @@ def gen_gray_scott(rng, n, n_traj, n_frames, params):
             cx, cy = rng.uniform(0, L, size=2)
             dx = (X - cx + L / 2) % L - L / 2
             dy = (Y - cy + L / 2) % L - L / 2
-            blob = np.exp(-(dx ** 2 + dy ** 2) / (2 * (0.06 * L) ** 2))
+            # Seeds a few grid cells wide: narrower ones (0.06 L at 32^2) die out at F = 0.025.
+            blob = np.exp(-(dx ** 2 + dy ** 2) / (2 * (0.1 * L) ** 2))
             a0 -= 0.5 * blob
             b0 += 0.25 * blob
         b0 += 0.01 * rng.random((n, n))
