@@ -175,35 +175,40 @@ def _shape_after(transform, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(transform(dummy).shape)
 
 
+def _match(table: Mapping[str, Target], full_shapes, key: str, shape) -> tuple[Target | None, str | None]:
+    """-> (target, None) when `key` maps onto the model with the right shape, else (None, problem)."""
+    target = table.get(key)
+    if target is None:
+        return None, f"unexpected key '{key}' (shape {tuple(shape)})"
+    if target.path not in full_shapes:
+        return None, f"key '{key}' maps to {'.'.join(target.path)}, which this model config lacks"
+    want = tuple(full_shapes[target.path][len(target.index):])
+    try:
+        got = _shape_after(target.transform, tuple(shape))
+    except (ValueError, IndexError, TypeError):
+        got = None
+    if got != want:
+        return None, (f"key '{key}' has shape {tuple(shape)}, expected "
+                      f"{_shape_after(INVERSE[target.transform], want)} for the model config")
+    return target, None
+
+
+def _missing_problems(table: Mapping[str, Target], seen) -> list[str]:
+    missing = sorted(set(table) - set(seen))
+    if not missing:
+        return []
+    return [f"{len(missing)} missing key(s): " + ", ".join(f"'{k}'" for k in missing[:20])
+            + (" ..." if len(missing) > 20 else "")]
+
+
 def check_shapes(shapes: Mapping[str, tuple[int, ...]], cfg: ModelConfig, *,
                  expected: Mapping[tuple[str, ...], tuple[int, ...]] | None = None) -> list[str]:
     """Every problem `assemble_params` would report, from the keys and shapes alone (no tensor data
     is read): unexpected keys, missing keys, shape mismatches. Empty list: the state_dict fits."""
     table = mapping(cfg)
     full_shapes = expected_shapes(cfg) if expected is None else expected
-    problems = []
-    for key, shape in shapes.items():
-        target = table.get(key)
-        if target is None:
-            problems.append(f"unexpected key '{key}' (shape {tuple(shape)})")
-            continue
-        if target.path not in full_shapes:
-            problems.append(f"key '{key}' maps to {'.'.join(target.path)}, which this model config lacks")
-            continue
-        want = tuple(full_shapes[target.path][len(target.index):])
-        try:
-            got = _shape_after(target.transform, tuple(shape))
-        except (ValueError, IndexError, TypeError):
-            got = None
-        if got != want:
-            inv = INVERSE[target.transform]
-            problems.append(f"key '{key}' has shape {tuple(shape)}, expected "
-                            f"{_shape_after(inv, want)} for the model config")
-    missing = sorted(set(table) - set(shapes))
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): " + ", ".join(f"'{k}'" for k in missing[:20])
-                        + (" ..." if len(missing) > 20 else ""))
-    return problems
+    problems = [p for key, shape in shapes.items() if (p := _match(table, full_shapes, key, shape)[1])]
+    return problems + _missing_problems(table, shapes)
 
 
 class ConversionError(ValueError):
@@ -224,36 +229,22 @@ def assemble_params(items: Iterable[tuple[str, np.ndarray]], cfg: ModelConfig, *
     table = mapping(cfg)
     shapes = expected_shapes(cfg) if shapes is None else shapes
     out: dict[tuple[str, ...], np.ndarray] = {}
-    filled: dict[tuple[str, ...], np.ndarray] = {}
     used, problems = set(), []
     for key, tensor in items:
-        target = table.get(key)
-        if target is None:
-            problems.append(f"unexpected key '{key}' (shape {tuple(np.shape(tensor))})")
-            continue
-        if target.path not in shapes:
-            problems.append(f"key '{key}' maps to {'.'.join(target.path)}, which this model config lacks")
+        target, problem = _match(table, shapes, key, np.shape(tensor))
+        if problem:
+            problems.append(problem)
             continue
         full = shapes[target.path]
-        want = full[len(target.index):]
-        value = target.transform(np.asarray(tensor))
-        if tuple(value.shape) != tuple(want):
-            inv = INVERSE[target.transform]
-            problems.append(f"key '{key}' has shape {tuple(np.shape(tensor))}, expected "
-                            f"{tuple(inv(np.zeros(want, np.float32)).shape)} for the model config")
-            continue
         if target.path not in out:
             out[target.path] = np.zeros(full, dtype if dtypes is None else dtypes.get(target.path, dtype))
-            filled[target.path] = np.zeros(full[:len(target.index)] or (1,), bool)
-        out[target.path][target.index] = value  # numpy casts on assignment: no extra full-size temporary
-        filled[target.path][target.index or (0,)] = True
+        # numpy casts on assignment: no extra full-size temporary
+        out[target.path][target.index] = target.transform(np.asarray(tensor))
         used.add(key)
         if on_tensor is not None:
             on_tensor(key)
-    missing = sorted(set(table) - used)
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): " + ", ".join(f"'{k}'" for k in missing[:20])
-                        + (" ..." if len(missing) > 20 else ""))
+    missing = _missing_problems(table, used)
+    problems += missing
     not_covered = sorted(".".join(p) for p in shapes if p not in out and not missing)
     if not_covered:
         problems.append("model variables with no checkpoint key: " + ", ".join(not_covered))
