@@ -1,0 +1,71 @@
+"""The CPU formulations of attention and strided convolution equal the plain ones (values and
+gradients), including the shapes where blocks need padding."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rel_err
+
+from walrus_jax.models.blocked_attention import blocked_attention, query_block_size
+from walrus_jax.models.encoder import DIMS, conv3d
+
+
+def materialised_attention(q, k, v):
+    logits = jnp.einsum("nqhd,nkhd->nhqk", q, k) / np.sqrt(q.shape[-1])
+    return jnp.einsum("nhqk,nkhd->nqhd", jax.nn.softmax(logits, axis=-1), v)
+
+
+@pytest.mark.parametrize("shape,block_bytes", [
+    ((2, 40, 3, 8), 2 * 40 * 40 * 4),     # one block per head
+    ((3, 50, 2, 16), 3 * 8 * 50 * 4),     # 7 blocks of 8 rows: 6 padded query rows
+    ((1, 37, 4, 12), 1 * 10 * 37 * 4),    # 4 blocks of 10 rows, 3 padded rows
+])
+def test_blocked_attention_equals_materialised(shape, block_bytes):
+    keys = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (3.0 * jax.random.normal(kk, shape) for kk in keys)  # large logits: max-subtraction matters
+    f = lambda q, k, v: blocked_attention(q, k, v, block_bytes=block_bytes)
+    got, want = f(q, k, v), materialised_attention(q, k, v)
+    assert rel_err(got, want) <= 1e-5
+
+    # Both are float32 computations: compared as max |difference| / max |reference| (the oracle
+    # tests' measure); against a float64 reference both are ~5e-6 here.
+    loss = lambda fn: (lambda *a: jnp.sum(jnp.cos(fn(*a)) * jnp.arange(shape[-1])))
+    g_got = jax.grad(loss(f), argnums=(0, 1, 2))(q, k, v)
+    g_want = jax.grad(loss(materialised_attention), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g_got, g_want):
+        assert rel_err(a, b) <= 2e-5
+
+
+def test_query_block_size():
+    assert query_block_size(6, 1024, 8 * 2**20) == 256   # 341 rows fit; evened out: 4 blocks of 256
+    assert query_block_size(1, 100, 10**9) == 100        # everything fits: one block
+    rows = query_block_size(6, 32768, 8 * 2**20)         # a 32^3 token grid: few rows, bounded memory
+    assert 8 <= rows and 6 * rows * 32768 * 4 <= 8 * 2**20 + 6 * 8 * 32768 * 4
+    rows = query_block_size(4, 1000, 4 * 4 * 1000 * 30)  # 30 rows fit -> 34 blocks of 30 (20 padded)
+    n_blocks = -(-1000 // rows)
+    assert rows <= 30 and n_blocks * rows - 1000 < n_blocks
+
+
+def test_blocked_attention_rejects_mismatched_shapes():
+    q = jnp.zeros((1, 8, 2, 4))
+    with pytest.raises(ValueError, match="one shape"):
+        blocked_attention(q, jnp.zeros((1, 9, 2, 4)), q)
+
+
+@pytest.mark.parametrize("spatial,kernel,strides,channels", [
+    ((21, 19, 1), (8, 8, 1), (2, 2, 1), 5),    # the first encoder layer on 2-D data; odd lengths
+    ((20, 1, 17), (8, 1, 8), (6, 1, 4), 3),    # stride not dividing the kernel (8 / 6)
+    ((9, 10, 11), (4, 4, 4), (2, 1, 3), 7),    # 3-D, mixed strides
+    ((12, 12, 1), (4, 4, 1), (2, 2, 1), 40),   # many channels: the plain strided path
+])
+def test_conv3d_equals_strided_convolution(spatial, kernel, strides, channels):
+    kx, kw = jax.random.split(jax.random.key(1))
+    x = jax.random.normal(kx, (2,) + spatial + (channels,))
+    w = jax.random.normal(kw, kernel + (channels, 6))
+    want = jax.lax.conv_general_dilated(x, w, strides, "VALID", dimension_numbers=DIMS,
+                                        precision=jax.lax.Precision.HIGHEST)
+    got = conv3d(x, w, strides, jnp.float32)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
