@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import walrus_jax as wj
 from walrus_jax import rollouts as R
 from walrus_jax.models.config import OPEN, PERIODIC, WALL, ModelConfig
 from walrus_jax.models.jitter import Jitter
@@ -94,7 +95,8 @@ def test_equals_python_loop_of_single_steps(setup):
                                 jitter=key, **kw))
     step = jax.jit(lambda w, j: R.predict_next(model, w, kw["field_indices"], R.normalize_bcs(BCS, 2),
                                                jnp.asarray(data["constant_fields"]), jnp.asarray(kw["mask"]),
-                                               jnp.asarray(kw["padded_field_mask"]), j))
+                                               jnp.asarray(kw["padded_field_mask"]), j),
+                   compiler_options=wj.compiler_options())  # the same program settings as the scan
     win = jnp.asarray(data["input_fields"])
     loop = []
     for t in range(n):

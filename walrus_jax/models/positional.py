@@ -78,17 +78,18 @@ def rope_angles(freqs: jax.Array, grid: tuple[int, int, int]) -> jax.Array:
 
 
 def apply_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
-    """Rotates the first angles.shape[-1] channels of each head in interleaved pairs (2m, 2m+1).
+    """Rotates the first angles.shape[-1] channels of each head in interleaved pairs (2m, 2m+1):
+    (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin); the remaining channels pass unchanged.
 
-    x: (..., L, heads, head_dim); angles: (L, n_rot). Computed in float32."""
-    n_rot = angles.shape[-1]
-    dtype = x.dtype
+    Written as x * cos + swap_pairs(x) * signed_sin over the whole head (cos = 1, sin = 0 on the
+    unrotated channels), so XLA fuses it into one elementwise pass instead of slicing, stacking and
+    concatenating. x: (..., L, heads, head_dim); angles: (L, n_rot). Computed in float32."""
+    L, n_rot = angles.shape
+    hd, dtype = x.shape[-1], x.dtype
+    pad = jnp.zeros((L, hd - n_rot), jnp.float32)
+    cos = jnp.concatenate([jnp.cos(angles), pad + 1.0], axis=-1)[:, None, :]
+    sign = jnp.asarray(np.tile(np.array([-1.0, 1.0], np.float32), n_rot // 2))
+    sin = jnp.concatenate([jnp.sin(angles) * sign, pad], axis=-1)[:, None, :]
     xf = x.astype(jnp.float32)
-    rot, rest = xf[..., :n_rot], xf[..., n_rot:]
-    cos = jnp.cos(angles)[:, None, :]
-    sin = jnp.sin(angles)[:, None, :]
-    pairs = rot.reshape(rot.shape[:-1] + (n_rot // 2, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    rotate_half = jnp.stack([-x1, x0], axis=-1).reshape(rot.shape)
-    out = rot * cos + rotate_half * sin
-    return jnp.concatenate([out, rest], axis=-1).astype(dtype)
+    swapped = xf.reshape(xf.shape[:-1] + (hd // 2, 2))[..., ::-1].reshape(xf.shape)  # (x1, x0) per pair
+    return (xf * cos + swapped * sin).astype(dtype)
