@@ -95,6 +95,7 @@ def bench_one(name: str, dtype: str, spatial, T: int, C: int, repeats: int, B: i
     times, rates = [], []
     for _ in range(repeats):
         rates.append(matmul_rate(repeats=2))
+        time.sleep(0.5)  # let numpy's BLAS threads stop spinning before XLA's start
         t = time.perf_counter()
         compiled(state, x).block_until_ready()
         times.append(time.perf_counter() - t)
