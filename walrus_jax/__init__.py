@@ -4,19 +4,19 @@
     model = wj.Walrus(wj.ModelConfig.walrus_1p3b(), rngs=nnx.Rngs(0))     # or wj.load_pretrained(dir)
     y = model(x, field_indices, bcs, jitter=None)                        # (B, T, *spatial, C)
     preds = wj.rollout(model, input_fields, field_indices=..., bcs=..., n_steps=...)
-    fwd = jax.jit(f, compiler_options=wj.compiler_options())            # your own jits: faster on CPU
+    fwd = wj.jit(f)      # jax.jit + wj.compiler_options() at top level: ~20% faster forward on CPU
 """
 from walrus_jax import data, metrics
 from walrus_jax.models import OPEN, PERIODIC, WALL, Jitter, ModelConfig, Walrus, sample_jitter
 from walrus_jax.normalization import normalize_window, normalized_delta_targets
 from walrus_jax.pretrained import load_pretrained, model_config, model_vocabulary, save_pretrained
 from walrus_jax.rollouts import rollout, rollout_ensemble
-from walrus_jax.xla_options import compiler_options
+from walrus_jax.xla_options import compiler_options, jit
 
 __version__ = "0.1.0"
 __all__ = [
     "ModelConfig", "Walrus", "Jitter", "sample_jitter", "WALL", "OPEN", "PERIODIC",
     "load_pretrained", "save_pretrained", "model_config", "model_vocabulary",
     "rollout", "rollout_ensemble", "metrics", "data", "normalize_window", "normalized_delta_targets",
-    "compiler_options",
+    "compiler_options", "jit",
 ]

@@ -29,9 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from walrus_jax import normalization
+from walrus_jax import normalization, xla_options
 from walrus_jax.models.jitter import Jitter, choose_strides, normalize_bcs, sample_jitter
-from walrus_jax.xla_options import compiler_options
 
 DEFAULT_EPS = normalization.DEFAULT_EPS
 DEFAULT_MAX_ROLLOUT_STEPS = 200
@@ -165,7 +164,7 @@ def _compiled(graphdef, fn, st: _Static, n: int, ensemble: bool):
             return jax.vmap(one)(window, key)
         return one(window, key)
 
-    return jax.jit(run, compiler_options=compiler_options())
+    return xla_options.jit(run)
 
 
 # ------------------------------------------------------------------------------------ validation

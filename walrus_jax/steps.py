@@ -27,9 +27,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from walrus_jax import normalization
+from walrus_jax import normalization, xla_options
 from walrus_jax.models.jitter import Jitter, normalize_bcs, sample_jitter
-from walrus_jax.xla_options import compiler_options
 
 # Batch entries that are arrays with a leading batch axis (sharded over the mesh).
 BATCH_KEYS = ("input_fields", "output_fields", "constant_fields")
@@ -163,12 +162,11 @@ def build_train_step(graphdef, tx, opts: StepOptions, state_shardings=None, rest
     kw = {}
     if state_shardings is not None:
         kw = dict(in_shardings=(state_shardings, None, rest_shardings), out_shardings=(state_shardings, None))
-    return jax.jit(fn, static_argnums=(3,), donate_argnums=(0,), compiler_options=compiler_options(), **kw)
+    return xla_options.jit(fn, static_argnums=(3,), donate_argnums=(0,), **kw)
 
 
 def build_eval_loss(graphdef, opts: StepOptions):
-    return jax.jit(functools.partial(eval_loss, graphdef=graphdef, opts=opts), static_argnames=("bcs",),
-                   compiler_options=compiler_options())
+    return xla_options.jit(functools.partial(eval_loss, graphdef=graphdef, opts=opts), static_argnames=("bcs",))
 
 
 def device_batch(batch: Mapping[str, Any]) -> tuple[dict, tuple]:

@@ -8,6 +8,10 @@ is per compiled program, so it touches nothing else in the process.
 
     step = jax.jit(my_step, compiler_options=wj.compiler_options())   # for your own jitted code
 
+JAX accepts compiler options only on a top-level jit: staged inside another jit, `make_jaxpr` or a
+scan body it raises. walrus_jax's own jitted functions are therefore built with `jit` below, which
+uses the options when called at top level and a plain `jax.jit` when staged inside something else.
+
 A user's own `--xla_cpu_experimental_ynn_fusion_type=...` in XLA_FLAGS wins: then nothing is set. On
 other backends, or a jax whose XLA does not know the option, this is an empty dict.
 """
@@ -33,3 +37,40 @@ def compiler_options() -> dict[str, str]:
     except jax.errors.JaxRuntimeError:
         return {}
     return options
+
+
+def jit(fn, **jit_kwargs):
+    """`jax.jit(fn, **jit_kwargs)`, with `compiler_options()` whenever it is called (or lowered) at
+    top level; inside another trace it is the plain jit. Supports calling, `.lower` and the
+    attributes of the jitted function."""
+    return _TopLevelJit(fn, jit_kwargs)
+
+
+class _TopLevelJit:
+    def __init__(self, fn, jit_kwargs):
+        self._plain = jax.jit(fn, **jit_kwargs)
+        options = compiler_options()
+        self._tuned = jax.jit(fn, compiler_options=options, **jit_kwargs) if options else self._plain
+        functools.update_wrapper(self, fn)
+
+    def _pick(self, args, kwargs):
+        return self._plain if _inside_trace(args, kwargs) else self._tuned
+
+    def __call__(self, *args, **kwargs):
+        return self._pick(args, kwargs)(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        return self._pick(args, kwargs).lower(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tuned, name)
+
+
+def _inside_trace(args, kwargs) -> bool:
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((args, kwargs))):
+        return True
+    try:  # a trace with only constant arguments (closed-over values): jax's own test
+        from jax._src import core
+        return not core.trace_state_clean()
+    except (ImportError, AttributeError):
+        return False

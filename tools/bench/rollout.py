@@ -46,7 +46,7 @@ def bench_one(preset: str, dtype: str, hw: int, t_in: int, steps: int, batch: in
     from walrus_jax.inference import model_from_params, random_params
     from walrus_jax.models.config import ModelConfig
     from walrus_jax.models.jitter import Jitter, sample_jitter
-    from walrus_jax.xla_options import compiler_options
+    from walrus_jax import xla_options
 
     cfg = getattr(ModelConfig, preset)(dtype=dtype, param_dtype=dtype)
     t0 = time.time()
@@ -97,7 +97,7 @@ def bench_one(preset: str, dtype: str, hw: int, t_in: int, steps: int, batch: in
         nxt = R.predict_next(m, window, fi_j, bcs, jitter=jit_)
         return jnp.concatenate([window[:, 1:], nxt[:, None]], axis=1), nxt
 
-    step = jax.jit(one_step, compiler_options=compiler_options())
+    step = xla_options.jit(one_step)
     k0 = None if key is None else jax.random.fold_in(key, 0)
     t0 = time.time()
     step_c = step.lower(state, win, k0).compile()
