@@ -1,5 +1,5 @@
-"""The CPU formulations of attention and strided convolution equal the plain ones (values and
-gradients), including the shapes where blocks need padding."""
+"""The CPU formulations of attention and convolution equal the plain ones (values and gradients),
+including the shapes where blocks need padding."""
 from __future__ import annotations
 
 import jax
@@ -9,7 +9,7 @@ import pytest
 from conftest import rel_err
 
 from walrus_jax.models.blocked_attention import blocked_attention, query_block_size
-from walrus_jax.models.encoder import DIMS, conv3d
+from walrus_jax.models.convolution import DIMS, conv3d, conv_stride1
 
 
 def materialised_attention(q, k, v):
@@ -54,18 +54,40 @@ def test_blocked_attention_rejects_mismatched_shapes():
         blocked_attention(q, jnp.zeros((1, 9, 2, 4)), q)
 
 
+def lax_conv(x, w, strides, padding="VALID"):
+    return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=DIMS,
+                                        precision=jax.lax.Precision.HIGHEST)
+
+
+def grads(fn, x, w):
+    return jax.grad(lambda x, w: jnp.sum(jnp.sin(fn(x, w))), argnums=(0, 1))(x, w)
+
+
 @pytest.mark.parametrize("spatial,kernel,strides,channels", [
     ((21, 19, 1), (8, 8, 1), (2, 2, 1), 5),    # the first encoder layer on 2-D data; odd lengths
     ((20, 1, 17), (8, 1, 8), (6, 1, 4), 3),    # stride not dividing the kernel (8 / 6)
     ((9, 10, 11), (4, 4, 4), (2, 1, 3), 7),    # 3-D, mixed strides
-    ((12, 12, 1), (4, 4, 1), (2, 2, 1), 40),   # many channels: the plain strided path
+    ((12, 12, 1), (4, 4, 1), (2, 2, 1), 40),   # many channels
 ])
 def test_conv3d_equals_strided_convolution(spatial, kernel, strides, channels):
     kx, kw = jax.random.split(jax.random.key(1))
     x = jax.random.normal(kx, (2,) + spatial + (channels,))
-    w = jax.random.normal(kw, kernel + (channels, 6))
-    want = jax.lax.conv_general_dilated(x, w, strides, "VALID", dimension_numbers=DIMS,
-                                        precision=jax.lax.Precision.HIGHEST)
+    w = jax.random.normal(kw, kernel + (channels, 6)) / np.sqrt(np.prod(kernel) * channels)
+    want = lax_conv(x, w, strides)
     got = conv3d(x, w, strides, jnp.float32)
     assert got.shape == want.shape
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-4)
+    assert rel_err(got, want) <= 1e-5
+    for a, b in zip(grads(lambda x, w: conv3d(x, w, strides, jnp.float32), x, w),
+                    grads(lambda x, w: lax_conv(x, w, strides), x, w)):
+        assert rel_err(a, b) <= 2e-5
+
+
+@pytest.mark.parametrize("padding", [((0, 0),) * 3, ((1, 1), (1, 1), (0, 0)), ((3, 3), (0, 0), (2, 2))])
+def test_conv_stride1_gradient(padding):
+    kx, kw = jax.random.split(jax.random.key(4))
+    x = jax.random.normal(kx, (3, 7, 6, 5, 4))
+    w = jax.random.normal(kw, (2, 3, 2, 4, 5)) / 5
+    assert rel_err(conv_stride1(x, w, padding), lax_conv(x, w, (1, 1, 1), padding)) <= 1e-5
+    for a, b in zip(grads(lambda x, w: conv_stride1(x, w, padding), x, w),
+                    grads(lambda x, w: lax_conv(x, w, (1, 1, 1), padding), x, w)):
+        assert rel_err(a, b) <= 2e-5

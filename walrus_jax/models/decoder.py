@@ -9,7 +9,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from walrus_jax.models.config import ModelConfig
-from walrus_jax.models.encoder import DIMS, SPATIAL3, fold_singleton_axes
+from walrus_jax.models.convolution import conv_stride1
+from walrus_jax.models.encoder import SPATIAL3, fold_singleton_axes
 from walrus_jax.models.layers import RMSGroupNorm
 
 
@@ -57,8 +58,7 @@ def _transposed_conv_subpixel(x: jax.Array, w: jax.Array, strides: Sequence[int]
     w = w.reshape(m[0], s1, m[1], s2, m[2], s3, n_in, n_out)
     w = jnp.flip(w, axis=(0, 2, 4))  # tap q of the conv reads x[l - (m - 1 - q)]
     w = jnp.transpose(w, (0, 2, 4, 6, 1, 3, 5, 7)).reshape(m[0], m[1], m[2], n_in, s1 * s2 * s3 * n_out)
-    y = jax.lax.conv_general_dilated(x.astype(dtype), w.astype(dtype), (1, 1, 1),
-                                     [(ma - 1, ma - 1) for ma in m], dimension_numbers=DIMS)
+    y = conv_stride1(x.astype(dtype), w.astype(dtype), tuple((ma - 1, ma - 1) for ma in m))
     N, L1, L2, L3 = y.shape[:4]
     y = y.reshape(N, L1, L2, L3, s1, s2, s3, n_out)
     y = jnp.transpose(y, (0, 1, 4, 2, 5, 3, 6, 7)).reshape(N, L1 * s1, L2 * s2, L3 * s3, n_out)

@@ -10,11 +10,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from walrus_jax.models.config import FLAG_LABELS, ModelConfig
+from walrus_jax.models.convolution import conv3d
 from walrus_jax.models.layers import RMSGroupNorm
 
-DIMS = ("NHWDC", "HWDIO", "NHWDC")
 SPATIAL3 = (1, 2, 3)  # spatial axes of an (N, H, W, D, C) tensor
-FEW_CHANNELS = 32  # below this, strided convolutions go through space-to-depth (see conv3d)
 
 
 def fold_singleton_axes(w: jax.Array, in_shape: Sequence[int], reduce) -> jax.Array:
@@ -23,42 +22,6 @@ def fold_singleton_axes(w: jax.Array, in_shape: Sequence[int], reduce) -> jax.Ar
     weights exactly as the original's adaptive kernels do."""
     axes = tuple(a for a in range(3) if in_shape[a] == 1)
     return reduce(w, axis=axes, keepdims=True) if axes else w
-
-
-def conv3d(x: jax.Array, w: jax.Array, strides: Sequence[int], dtype) -> jax.Array:
-    """VALID channels-last 3-D convolution, x (N, H, W, D, I), w (kH, kW, kD, I, O).
-
-    A strided convolution over few input channels (the first encoder layer sees C + 3 of them) is
-    computed as a stride-1 convolution of the space-to-depth input (each s-block of samples becomes
-    s * I channels) with the matching rearranged kernel: XLA:CPU's strided convolution is ~3x slower
-    there (and ~5% faster with hundreds of channels, where it is kept). Same products, summed in a
-    different order (float32 rounding only)."""
-    x, w = x.astype(dtype), w.astype(dtype)
-    if any(s > 1 for s in strides) and x.shape[-1] < FEW_CHANNELS:
-        x, w = _space_to_depth(x, w, strides)
-        strides = (1, 1, 1)
-    return jax.lax.conv_general_dilated(x, w, tuple(strides), "VALID", dimension_numbers=DIMS)
-
-
-def _space_to_depth(x: jax.Array, w: jax.Array, strides: Sequence[int]) -> tuple[jax.Array, jax.Array]:
-    """Rewrites a stride-s VALID convolution as a stride-1 one. Per axis, with m = ceil(k / s) and
-    n_out = (n - k) // s + 1: the kernel is zero-padded to m * s taps, the input cropped or zero-padded
-    to (n_out - 1 + m) * s samples (the extra samples only meet zero taps), and both are folded into
-    (length / s, s) with the s phases moved to the channel axis.
-    x (N, n1, n2, n3, I), w (k1, k2, k3, I, O) -> x' (N, n1', n2', n3', s1 s2 s3 I), w' (m1, m2, m3, s1 s2 s3 I, O)."""
-    k, n = w.shape[:3], x.shape[1:4]
-    m = [-(-ka // sa) for ka, sa in zip(k, strides)]
-    length = [((na - ka) // sa + m_a) * sa for na, ka, sa, m_a in zip(n, k, strides, m)]
-    x = x[:, :length[0], :length[1], :length[2]]
-    x = jnp.pad(x, [(0, 0)] + [(0, la - xa) for la, xa in zip(length, x.shape[1:4])] + [(0, 0)])
-    w = jnp.pad(w, [(0, ma * sa - ka) for ma, sa, ka in zip(m, strides, k)] + [(0, 0), (0, 0)])
-    (s1, s2, s3), (N, I, O) = strides, (x.shape[0], x.shape[-1], w.shape[-1])
-    x = x.reshape(N, length[0] // s1, s1, length[1] // s2, s2, length[2] // s3, s3, I)
-    x = jnp.transpose(x, (0, 1, 3, 5, 2, 4, 6, 7)).reshape(N, length[0] // s1, length[1] // s2, length[2] // s3,
-                                                          s1 * s2 * s3 * I)
-    w = w.reshape(m[0], s1, m[1], s2, m[2], s3, I, O)
-    w = jnp.transpose(w, (0, 2, 4, 1, 3, 5, 6, 7)).reshape(m[0], m[1], m[2], s1 * s2 * s3 * I, O)
-    return x, w
 
 
 class SpaceBagEncoder(nnx.Module):
