@@ -11,7 +11,6 @@ float32 4096x4096 dot on CPU (the issue's yardstick), or a jitted jnp.dot on an 
 from __future__ import annotations
 
 import argparse
-import functools
 import gc
 import os
 import resource
@@ -80,7 +79,7 @@ def bench_one(name: str, dtype: str, spatial, T: int, C: int, repeats: int, B: i
     bcs = ((PERIODIC, PERIODIC),) * len(spatial)
     fi = jnp.arange(3, 3 + C)
 
-    @functools.partial(jax.jit, compiler_options=wj.compiler_options())
+    @wj.jit
     def fwd(state, x):
         return nnx.merge(graphdef, state)(x, fi, bcs)
 
@@ -117,7 +116,7 @@ def compile_scaling(blocks=(2, 40)):
         graphdef, state = nnx.split(abstract)
         x = jax.ShapeDtypeStruct((1, 6, 128, 128, 4), jnp.float32)
 
-        @functools.partial(jax.jit, compiler_options=wj.compiler_options())
+        @wj.jit
         def fwd(state, x):
             return nnx.merge(graphdef, state)(x, jnp.arange(3, 7), ((PERIODIC, PERIODIC),) * 2)
 
