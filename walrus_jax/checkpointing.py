@@ -19,11 +19,12 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from walrus_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(ConfigError):
     """The workdir holds checkpoints of another architecture / another parameter layout."""
 
 

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from walrus_jax.errors import DataError
 from walrus_jax.models.config import ModelConfig
 
 
@@ -211,7 +212,7 @@ def check_shapes(shapes: Mapping[str, tuple[int, ...]], cfg: ModelConfig, *,
     return problems + _missing_problems(table, shapes)
 
 
-class ConversionError(ValueError):
+class ConversionError(DataError):
     """All problems found while mapping a state_dict, reported together."""
 
 

@@ -38,6 +38,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from walrus_jax.errors import DataError
 from walrus_jax.models.config import ModelConfig
 
 FORMAT = "walrus_jax.pretrained"
@@ -50,7 +51,7 @@ PARTIAL_TAG = ".partial-"
 DTYPES = ("float32", "bfloat16")
 
 
-class PretrainedFormatError(ValueError):
+class PretrainedFormatError(DataError):
     """A directory that is not a complete converted checkpoint (missing, incomplete, foreign, corrupt)."""
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from walrus_jax.data import transforms as T
 from walrus_jax.data.fields import FieldVocabulary, flattened_names, normalize_field_transforms
+from walrus_jax.errors import DataError
 from walrus_jax.models.config import OPEN, PERIODIC, WALL
 
 BC_CODES = {"WALL": WALL, "OPEN": OPEN, "PERIODIC": PERIODIC}
@@ -29,7 +30,7 @@ REQUIRED_ROOT_ATTRS = ("dataset_name", "grid_type", "n_spatial_dims", "n_traject
 REQUIRED_GROUPS = ("dimensions", "boundary_conditions", "scalars", *FIELD_GROUPS)
 
 
-class WellFormatError(ValueError):
+class WellFormatError(DataError):
     """A Well file (or a set of them) does not follow the format; the message names file and key."""
 
 
