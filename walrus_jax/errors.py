@@ -7,6 +7,12 @@ exception it refines, so `except ValueError` keeps working for library users.
 """
 from __future__ import annotations
 
+import errno
+import os
+import sys
+import traceback
+from typing import Callable
+
 
 class UserError(Exception):
     """Base class: the message names the file, key, field, axis or shape and what was expected."""
@@ -22,3 +28,66 @@ class DataError(UserError, ValueError):
 
 class PathError(UserError, FileNotFoundError):
     """A path given by the user that does not exist or is of the wrong kind."""
+
+
+# ------------------------------------------------------------------------------ command lines
+VERBOSE_ENV = "WALRUS_JAX_VERBOSE"
+
+# OS errors that mean "the environment refused" (full disk, read-only or forbidden directory) when
+# they surface wrapped inside a library's own exception (Orbax re-raises write failures).
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG}
+
+
+def verbose_requested(argv=()) -> bool:
+    """True when `--verbose` is on the command line or WALRUS_JAX_VERBOSE is 1/true/yes."""
+    env = os.environ.get(VERBOSE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    return env or any(a in ("--verbose", "--verbose=true", "--verbose=1") for a in argv)
+
+
+def user_facing(exc: BaseException) -> BaseException | None:
+    """The exception to print as one line: `exc` itself when it is a UserError or an OSError, else
+    an OS error of the environment (full disk, read-only directory, ...) found in its chain of
+    causes; None when `exc` is a bug (keep the traceback)."""
+    if isinstance(exc, (UserError, OSError)):
+        return exc
+    seen = set()
+    e = exc.__cause__ or exc.__context__
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _ENVIRONMENT_ERRNOS:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def describe(exc: BaseException) -> str:
+    """The message of a user-facing exception (an OSError as "reason: path")."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        hint = {errno.ENOSPC: " (the disk is full)", errno.EDQUOT: " (disk quota exceeded)",
+                errno.EROFS: " (read-only file system)", errno.EFBIG: " (file size limit reached)"}.get(exc.errno, "")
+        return f"{exc.strerror}{hint}" + (f": {where}" if where else "")
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])
+    return str(exc) or type(exc).__name__
+
+
+def run_command(fn: Callable[[], int | None], verbose: bool = False) -> int:
+    """Runs a command-line body: 0 (or its return value) on success; for a user's mistake or an
+    environment error prints `error: <message>` to stderr (the traceback too when `verbose`) and
+    returns 2. Any other exception propagates with its traceback (a bug)."""
+    try:
+        rc = fn()
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except BaseException as e:  # noqa: BLE001 - sorted below: user-facing or re-raised
+        shown = user_facing(e) if not isinstance(e, SystemExit) else None
+        if shown is None:
+            raise
+        if verbose:
+            traceback.print_exception(e)
+        sys.stdout.flush()
+        print(f"error: {describe(shown)}", file=sys.stderr, flush=True)
+        return 2
+    return 0 if rc is None else int(rc)
