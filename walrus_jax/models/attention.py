@@ -105,7 +105,7 @@ class TimeAttention(nnx.Module):
                                     cfg.rel_pos_max_distance)[None]
         o = _attention(q, k, v, bias=bias, is_causal=cfg.causal_in_time)
         o = jnp.transpose(o.reshape(B, h, w, d, T, hid), (0, 4, 1, 2, 3, 5))
-        return x + drop_path(self.out(o).astype(x.dtype), rate, key, 2)
+        return x + drop_path(self.out(o).astype(x.dtype), rate, key, draw_axes=(1,))
 
 
 class SpaceAttention(nnx.Module):
@@ -145,7 +145,7 @@ class SpaceAttention(nnx.Module):
         o = _attention(q, k, v.reshape(B * T, L, nh, hd)).reshape(B * T, L, hid)
         value, gate = jnp.split(ff, 2, axis=-1)  # first half value, second half gate (SPEC §7.4)
         branch = self.attn_out(o) + self.ff_out(jax.nn.silu(gate) * value)
-        return x + drop_path(branch.reshape(x.shape).astype(x.dtype), rate, key, 2)
+        return x + drop_path(branch.reshape(x.shape).astype(x.dtype), rate, key, draw_axes=(0, 1))
 
 
 class RopeFreqs(nnx.Variable):

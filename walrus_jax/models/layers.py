@@ -27,13 +27,15 @@ class RMSGroupNorm(nnx.Module):
         return y.astype(x.dtype)
 
 
-def drop_path(x: jax.Array, rate, key: jax.Array | None, sample_axes: int) -> jax.Array:
-    """Stochastic depth on a residual branch: each element of the leading `sample_axes` axes keeps its
-    branch with probability 1 - rate and is rescaled by 1 / (1 - rate). `rate` may be traced (it is
-    scanned over blocks); with key None it is the identity (eval)."""
+def drop_path(x: jax.Array, rate, key: jax.Array | None, draw_axes: tuple[int, ...]) -> jax.Array:
+    """Stochastic depth on a residual branch: each index of the axes `draw_axes` (one draw per index,
+    shared along every other axis) keeps its branch with probability 1 - rate and is rescaled by
+    1 / (1 - rate). `rate` may be traced (it is scanned over blocks); with key None it is the identity
+    (eval). The original's time branch is (T, B, ...) with one draw per frame shared by the batch
+    (draw_axes=(1,) on (B, T, ...)); its space branch draws per (sample, frame) (draw_axes=(0, 1))."""
     if key is None:
         return x
     keep = 1.0 - rate
-    mask = jax.random.bernoulli(key, keep, x.shape[:sample_axes])
-    mask = mask.reshape(mask.shape + (1,) * (x.ndim - sample_axes))
+    shape = tuple(x.shape[a] if a in draw_axes else 1 for a in range(x.ndim))
+    mask = jax.random.bernoulli(key, keep, shape)
     return jnp.where(mask, x / jnp.maximum(keep, 1e-12).astype(x.dtype), jnp.zeros_like(x))
