@@ -11,16 +11,23 @@ Flags:
 Multi-host: `jax.distributed.initialize` runs when --coordinator_address is given (with
 --num_processes / --process_id), or with --distributed=on (cluster auto-detection: TPU pods,
 SLURM, ...). On CPU, cross-process collectives use gloo.
+
+A mistake of the user's (unknown config key, unreadable config file, bad path or data, a full disk
+or read-only directory) ends with one line `error: <message>` on stderr and exit status 2; `--verbose`
+(or WALRUS_JAX_VERBOSE=1) prints the traceback too.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from walrus_jax.errors import ConfigError, PathError, run_command, verbose_requested
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path.py[:variant]).", lock_config=True)
@@ -34,6 +41,7 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
 flags.DEFINE_string("cpu_collectives", "gloo", "CPU cross-process collectives implementation (gloo or mpi).")
+flags.DEFINE_bool("verbose", False, "Print the traceback of an error (also: env WALRUS_JAX_VERBOSE=1).")
 
 log = logging.getLogger("walrus_jax")
 
@@ -46,7 +54,7 @@ def init_distributed(mode: str, coordinator_address=None, num_processes=None, pr
     if mode == "off" or (mode == "auto" and not coordinator_address):
         return False
     if coordinator_address and (num_processes is None or process_id is None):
-        raise ValueError("--coordinator_address needs --num_processes and --process_id")
+        raise ConfigError("--coordinator_address needs --num_processes and --process_id")
     # CPU collectives must be chosen before the backend starts.
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
     kw = {}
@@ -57,18 +65,88 @@ def init_distributed(mode: str, coordinator_address=None, num_processes=None, pr
 
 
 def load_config(spec: str, overrides=()):
-    """The config that `--config spec --config.k=v ...` gives (same parser, locked). For tests/notebooks."""
+    """The config that `--config spec --config.k=v ...` gives (same parser, locked). For tests/notebooks.
+    Raises ConfigError / PathError naming the file or the `--config.key` at fault."""
     argv = ["walrus_jax", f"--config={spec}"] + [f"--config.{o}" for o in overrides]
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)
-    fv(argv)
+    parse_flags(fv, argv)
     return fv.config
+
+
+# ------------------------------------------------------------------------------ flag errors
+def _config_spec(argv) -> str | None:
+    """The value of --config in argv (forms `--config=X` and `--config X`)."""
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _check_config_file(spec: str | None) -> None:
+    if not spec:
+        return
+    path = spec.split(":", 1)[0]
+    if not os.path.exists(path):
+        raise PathError(f"--config {path}: no such file (expected a Python config file, e.g. configs/demo.py)")
+    if not os.path.isfile(path):
+        raise PathError(f"--config {path}: not a file (expected a Python config file, e.g. configs/demo.py)")
+
+
+def _flag_error(e: BaseException, argv) -> ConfigError:
+    """A config-flag parsing failure (absl / ml_collections) as one ConfigError naming the flag."""
+    spec = _config_spec(argv)
+    msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    if isinstance(e, SyntaxError):
+        path = (spec or "").split(":", 1)[0]
+        why = "it is a binary file" if "null bytes" in str(e.msg) or "codec can't decode" in str(e.msg) else \
+            f"{e.msg} at line {e.lineno}"
+        return ConfigError(f"--config {path}: not a readable Python config file ({why})")
+    if isinstance(e, (KeyError, AttributeError)):
+        # ml_collections: "'stpes'\nDid you mean \"steps\" instead of \"stpes\"?" (quoted once more).
+        names = re.findall(r"[\\']*'([^'\\]+)[\\']*'", msg)
+        key = names[0] if names else msg.strip("'\"")
+        hint = re.search(r'Did you mean \\?"([^"\\]+)\\?"', msg)
+        flag = next((a.split("=", 1)[0] for a in argv if a.startswith("--config.")
+                     and key in a.split("=", 1)[0].split(".")), None)
+        where = f"{flag}: " if flag else ""
+        return ConfigError(f"{where}the config ({spec}) has no key {key!r}"
+                           + (f"; did you mean {hint.group(1)!r}?" if hint else ""))
+    if isinstance(e, flags.UnrecognizedFlagError):
+        if msg.startswith("Unknown command line flag 'config.") and spec is None:
+            return ConfigError(f"{msg}: --config is required before --config.* overrides")
+        return ConfigError(f"{msg} (see --help)")
+    if isinstance(e, flags.Error):
+        if "Traceback (most recent call last)" in msg:  # the config file's own get_config raised
+            head = msg.split(":", 1)[0] if msg.startswith("flag ") else f"--config {spec}"
+            last = [ln for ln in msg.splitlines() if ln.strip()][-1]
+            return ConfigError(f"{head.removeprefix('flag ')}: {last}")
+        return ConfigError(msg.removeprefix("flag "))
+    return ConfigError(f"--config {spec}: {type(e).__name__}: {msg}")
+
+
+def parse_flags(flag_values, argv) -> list[str]:
+    """flag_values(argv) with every parsing failure raised as ConfigError / PathError naming the flag."""
+    _check_config_file(_config_spec(argv))
+    try:
+        rest = flag_values(argv)
+        if "config" in flag_values and flag_values["config"].present:
+            flag_values.config.get("mode")  # a config file that failed to load raises on first access
+    except (ConfigError, PathError):
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure here comes from the user's flags or config file
+        raise _flag_error(e, argv) from e
+    return rest
 
 
 def run(config, workdir: str, mode: str = "train") -> dict | None:
     """Dispatches one job (what main() does after flags and distributed init)."""
     if not workdir:
-        raise ValueError("--workdir is required")
+        raise ConfigError("--workdir is required")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise PathError(f"--workdir {workdir}: is a file, not a directory")
     if mode == "train":
         from walrus_jax import train
 
@@ -81,16 +159,17 @@ def run(config, workdir: str, mode: str = "train") -> dict | None:
         from walrus_jax import inference
 
         return inference.run_rollout_job(config, workdir)
-    raise ValueError(f"unknown mode {mode!r}")
+    raise ConfigError(f"unknown mode {mode!r}: expected train, eval or rollout")
 
 
 def main(argv):
+    """The command after flag parsing (argv: what the flags left)."""
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise ConfigError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.config is None:
-        raise app.UsageError("--config is required, e.g. --config configs/demo.py")
+        raise ConfigError("--config is required, e.g. --config configs/demo.py")
     if not FLAGS.workdir:
-        raise app.UsageError("--workdir is required")
+        raise ConfigError("--workdir is required")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     for noisy in ("absl", "orbax", "jax._src", "grain"):
@@ -111,5 +190,23 @@ def main(argv):
         print(json.dumps(brief))
 
 
+def cli(argv=None) -> int:
+    """Parses the flags and runs main; returns the exit status (2 and one `error:` line for a user's
+    mistake, see the module docstring)."""
+    argv = list(sys.argv if argv is None else argv)
+    if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
+        print(__doc__)
+        print(FLAGS.main_module_help())
+        return 0
+    return run_command(lambda: main(parse_flags(FLAGS, argv)), verbose_requested(argv))
+
+
 if __name__ == "__main__":
-    app.run(main)
+    rc = cli()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if rc:
+        # Everything is written by now (the job's finally blocks ran); leave at once instead of
+        # waiting for library threads (checkpoint writers, data workers) that may never finish.
+        os._exit(rc)
+    sys.exit(rc)
