@@ -294,14 +294,14 @@ def test_main_reports_errors_and_exit_code(work, capsys):
     rc = cli.main(["--checkpoint", str(work["dir"] / "nope.pt"), "--config", work["small_yaml"],
                    "--output", str(work["dir"] / "never")])
     err = capsys.readouterr().err
-    assert rc == 1 and f"error: checkpoint file {work['dir'] / 'nope.pt'} does not exist" in err
+    assert rc == 2 and f"error: checkpoint file {work['dir'] / 'nope.pt'} does not exist" in err
 
 
 def test_existing_output_is_kept_unless_overwrite(work, small_dir, capsys):
     before = sorted(os.listdir(small_dir))
     rc = cli.main(["--checkpoint", os.path.join(FIX, "finetune_ckpt.pt"), "--config", work["ft_yaml"],
                    "--output", small_dir])
-    assert rc == 1 and "already exists; pass --overwrite" in capsys.readouterr().err
+    assert rc == 2 and "already exists; pass --overwrite" in capsys.readouterr().err
     assert sorted(os.listdir(small_dir)) == before and pretrained.model_config(small_dir).n_states == 8
     target = str(work["dir"] / "replace_me")
     cli.convert(os.path.join(FIX, "small_ckpt.pt"), work["small_yaml"], target, log=lambda s: None)

@@ -125,13 +125,20 @@ def partial_dir_for(directory: str) -> str:
 
 
 def check_output_dir(directory: str, overwrite: bool) -> None:
-    """Fails early (before any work) when `directory` exists and overwrite is off, or is a file."""
+    """Fails early (before any work) when `directory` exists and overwrite is off, or is a file.
+    overwrite replaces only an earlier converted checkpoint (it holds the completion marker) or an
+    empty directory: anything else may be the user's own files and is refused."""
     directory = os.path.abspath(directory)
+    if os.path.lexists(directory) and not os.path.isdir(directory):
+        raise FileExistsError(f"output path {directory} exists and is not a directory; refusing to replace it")
     if os.path.lexists(directory) and not overwrite:
         raise FileExistsError(f"output directory {directory} already exists; pass --overwrite (overwrite=True) "
                               "to replace it")
-    if os.path.lexists(directory) and not os.path.isdir(directory):
-        raise FileExistsError(f"output path {directory} exists and is not a directory; refusing to replace it")
+    if os.path.isdir(directory) and os.listdir(directory) and not os.path.isfile(os.path.join(directory, MARKER)):
+        listing = sorted(os.listdir(directory))
+        raise FileExistsError(f"output directory {directory} holds {listing[:5]}{' ...' if len(listing) > 5 else ''} "
+                              f"and is not an earlier converted checkpoint (no {MARKER}); --overwrite replaces only "
+                              "those or an empty directory. Choose another output directory")
     parent = os.path.dirname(directory)
     if os.path.exists(parent) and not os.path.isdir(parent):
         raise NotADirectoryError(f"cannot write {directory}: {parent} is a file")

@@ -1,7 +1,7 @@
 """Released PyTorch Walrus checkpoint (+ extended_config.yaml) -> walrus_jax converted directory.
 
     python -m tools.convert_torch_ckpt --checkpoint walrus.pt --config extended_config.yaml --output DIR \
-        [--dtype float32|bfloat16] [--overwrite]
+        [--dtype float32|bfloat16] [--overwrite] [--allow-nonfinite] [--verbose]
 
 Input formats: the released `torch.save({"app": {"model": state_dict}})`, a bare state_dict (also
 `{"model": state_dict}` / `{"state_dict": ...}`), or a `.safetensors` file. `.pt` files are read with
@@ -16,6 +16,10 @@ into Orbax checkpoints, and the memory-mapped pages of each consumed tensor are 
 memory is a small fraction of the checkpoint size (one block plus the encoders/decoders).
 The output (`walrus_jax.pretrained`) is written into a temporary directory beside DIR and renamed
 when complete; DIR is never half-written. Read it with `walrus_jax.load_pretrained(DIR)`.
+A tensor holding NaN or Inf is refused (naming it) unless --allow-nonfinite. --overwrite replaces
+only an earlier converter output (it holds the completion marker) or an empty directory, and never
+a directory holding the checkpoint or the YAML. Every mistake ends in one `error: ...` line and exit
+status 2 (--verbose or WALRUS_JAX_VERBOSE=1 adds the traceback).
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ import numpy as np
 
 from walrus_jax import convert as conv
 from walrus_jax import pretrained
+from walrus_jax.errors import run_command, verbose_requested
 from walrus_jax.models.config import ModelConfig
 
 STATE_DICT_PATHS = (("app", "model"), ("model",), ("state_dict",))
@@ -114,9 +119,10 @@ def _explain_torch_error(path: str, e: BaseException) -> CheckpointReadError:
             "torch.save({'app': {'model': model.state_dict()}}, path), from a trusted environment.")
     if "central directory" in msg or "PytorchStreamReader" in msg or isinstance(e, EOFError):
         size = os.path.getsize(path)
+        first = (msg.splitlines() or [type(e).__name__])[0][:200]
         return CheckpointReadError(
             f"{path}: cannot read the PyTorch checkpoint: the file ({size:,} bytes) is truncated or corrupted "
-            f"({msg.splitlines()[0][:200]}). The released walrus.pt is 5,145,064,530 bytes; download or copy it again.")
+            f"({first}). The released walrus.pt is 5,145,064,530 bytes; download or copy it again.")
     return CheckpointReadError(f"{path}: cannot read the PyTorch checkpoint ({type(e).__name__}: {msg[:300]})")
 
 
@@ -209,6 +215,9 @@ def open_checkpoint(path: str, log: Callable[[str], None] = lambda s: None) -> C
                                 else f"checkpoint path {path} is not a file")
     with open(path, "rb") as fh:
         head = fh.read(16)
+    if not head:
+        raise CheckpointReadError(f"{path}: the file is empty (0 bytes); expected a PyTorch checkpoint "
+                                  "(the released walrus.pt is 5,145,064,530 bytes) or a .safetensors file")
     if path.endswith(".safetensors") or (len(head) > 9 and head[8:9] == b"{" and not head.startswith(b"PK")):
         return _open_safetensors(path, log)
     return _open_torch(path, log)
@@ -222,8 +231,11 @@ def read_config(path: str) -> tuple[dict, dict | None, str]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"config file {path} does not exist")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             doc = yaml.safe_load(f)
+    except UnicodeDecodeError as e:
+        raise conv.ConversionError(f"{path}: not a YAML text file (byte {e.start} is not UTF-8 text); expected "
+                                   "the released extended_config.yaml") from e
     except yaml.YAMLError as e:
         raise conv.ConversionError(f"{path}: not valid YAML ({e})") from e
     if not isinstance(doc, Mapping) or not isinstance(doc.get("model"), Mapping):
@@ -263,25 +275,62 @@ def build_config(model_section: Mapping, shapes: Mapping[str, tuple[int, ...]], 
     return cfg, problems
 
 
+def _nonfinite_check(get: Callable[[str], np.ndarray], source: str) -> Callable[[str], np.ndarray]:
+    """`get` that raises ConversionError naming the first tensor holding NaN or Inf (a corrupted or
+    diverged checkpoint would otherwise convert into a model that silently predicts NaN)."""
+
+    def checked(key: str) -> np.ndarray:
+        a = get(key)
+        finite = np.isfinite(a)
+        if not finite.all():
+            n_nan = int(np.isnan(a).sum())
+            n_inf = int(a.size - finite.sum()) - n_nan
+            first = tuple(int(i) for i in np.argwhere(~finite)[0])
+            raise conv.ConversionError(
+                f"{source}: tensor '{key}' (shape {tuple(a.shape)}) holds {n_nan} NaN and {n_inf} Inf values "
+                f"(first at index {first}); the checkpoint is corrupted or its training diverged. Pass "
+                "--allow-nonfinite (allow_nonfinite=True) to convert it anyway")
+        return a
+
+    return checked
+
+
+def _refuse_inputs_inside(output: str, inputs: Mapping[str, str]) -> None:
+    """The output directory (replaced by --overwrite) must not hold the converter's own inputs."""
+    out = os.path.realpath(output)
+    for flag, path in inputs.items():
+        real = os.path.realpath(path)
+        if real == out or real.startswith(out.rstrip(os.sep) + os.sep):
+            raise conv.ConversionError(f"--output {output} contains the input {flag} {path}; choose an output "
+                                       "directory that holds neither the checkpoint nor the YAML")
+
+
 def _size(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def convert(checkpoint: str, config: str, output: str, *, dtype: str = "float32", overwrite: bool = False,
-            log: Callable[[str], None] = print) -> str:
+            allow_nonfinite: bool = False, log: Callable[[str], None] = print) -> str:
     """The whole conversion (module docstring). Returns the output directory.
-    Raises ConversionError (all mapping problems together), CheckpointReadError, FileExistsError,
-    FileNotFoundError; never leaves a partial `output`."""
+    Raises ConversionError (all mapping problems together; a NaN/Inf tensor unless allow_nonfinite),
+    CheckpointReadError, FileExistsError, FileNotFoundError; never leaves a partial `output`."""
     t_start = time.time()
     if dtype not in pretrained.DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: expected one of {pretrained.DTYPES}")
+        raise conv.ConversionError(f"--dtype {dtype!r}: expected one of {pretrained.DTYPES}")
+    _refuse_inputs_inside(output, {"--checkpoint": checkpoint, "--config": config})
     pretrained.check_output_dir(output, overwrite)
     model_section, vocab, vocab_source = read_config(config)
     size = os.path.getsize(checkpoint) if os.path.isfile(checkpoint) else None
     log(f"reading {checkpoint}" + (f" ({_size(size)})" if size else ""))
     ckpt = open_checkpoint(checkpoint, log)
 
-    cfg, problems = build_config(model_section, ckpt.shapes, os.path.basename(config))
+    try:
+        cfg, problems = build_config(model_section, ckpt.shapes, os.path.basename(config))
+    except (KeyError, ValueError, TypeError) as e:  # the YAML's model section or the checkpoint's shapes
+        if isinstance(e, conv.ConversionError):
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        raise conv.ConversionError(f"{checkpoint} with {config}: {msg}") from e
     cfg = cfg.replace(param_dtype=dtype, dtype=dtype)
     bad_dtype = [f"key '{k}' has dtype {d}, expected a floating-point tensor" for k, d in ckpt.dtypes.items()
                  if not re.match(r"^(float|bfloat|f\d|bf\d|half|double)", d)]
@@ -313,7 +362,8 @@ def convert(checkpoint: str, config: str, output: str, *, dtype: str = "float32"
         "source_config": os.path.abspath(config), "vocabulary_source": vocab_source,
         "n_source_tensors": n_total, "dtype": dtype, "converter": "tools.convert_torch_ckpt",
     }
-    groups = conv.assemble_groups(ckpt.get_numpy, cfg, dtypes=conv.expected_dtypes(cfg), shapes=expected,
+    get = ckpt.get_numpy if allow_nonfinite else _nonfinite_check(ckpt.get_numpy, checkpoint)
+    groups = conv.assemble_groups(get, cfg, dtypes=conv.expected_dtypes(cfg), shapes=expected,
                                   release=ckpt.release, on_tensor=on_tensor)
     log(f"streaming {n_total} tensors into {output} (one block at a time)")
     out = pretrained.write_pretrained(output, groups, cfg, vocabulary=vocab, vocabulary_source=vocab_source,
@@ -334,13 +384,16 @@ def main(argv: list[str] | None = None) -> int:
                    "data.field_index_map_override are read)")
     p.add_argument("--output", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--dtype", default="float32", choices=pretrained.DTYPES, help="storage (and compute) dtype")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier converter output (or an empty "
+                   "directory) at --output; any other existing directory is refused")
+    p.add_argument("--allow-nonfinite", action="store_true", help="convert tensors holding NaN/Inf (refused "
+                   "by default)")
+    p.add_argument("--verbose", action="store_true", help="print the traceback of an error (also: env "
+                   "WALRUS_JAX_VERBOSE=1)")
     args = p.parse_args(argv)
-    try:
+
+    def job():
         convert(args.checkpoint, args.config, args.output, dtype=args.dtype, overwrite=args.overwrite,
-                log=lambda s: print(s, flush=True))
-    except (conv.ConversionError, OSError, ValueError, KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"error: {msg}", file=sys.stderr, flush=True)
-        return 1
-    return 0
+                allow_nonfinite=args.allow_nonfinite, log=lambda s: print(s, flush=True))
+
+    return run_command(job, args.verbose or verbose_requested())
