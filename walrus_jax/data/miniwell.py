@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from typing import Callable
 
@@ -33,6 +34,7 @@ import numpy as np
 import yaml
 
 from walrus_jax.data.writer import WellField, axis_boundaries, write_well_file
+from walrus_jax.errors import PathError, run_command, verbose_requested
 
 TWO_PI = 2.0 * np.pi
 
@@ -406,18 +408,27 @@ def generate_system(name: str, out_dir: str, *, quick: bool, seed: int = 0, n_fr
     return root
 
 
-def main(argv=None):
+def main(argv=None) -> int:
+    """The command line; returns the exit status (2 and one `error:` line for a bad --out, a full
+    disk or a read-only directory; --verbose or WALRUS_JAX_VERBOSE=1 adds the traceback)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--verbose", action="store_true", help="print the traceback of an error")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--quick", action="store_true", help="small grids (2D 32^2, 3D 16^3): under a minute on one core")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {list(SYSTEMS)}")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=1, help="processes, one system each (default 1)")
     args = ap.parse_args(argv)
+    return run_command(lambda: _run(ap, args), args.verbose or verbose_requested())
+
+
+def _run(ap, args) -> None:
     names = [s for s in args.systems.split(",") if s]
     unknown = [s for s in names if s not in SYSTEMS]
     if unknown:
         ap.error(f"unknown systems {unknown}; choose from {list(SYSTEMS)}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise PathError(f"--out {args.out}: is a file, not a directory")
     t0 = time.time()
     if args.workers > 1:
         import concurrent.futures
@@ -432,4 +443,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
