@@ -7,13 +7,16 @@ One checkpoint = one directory `WORKDIR/checkpoints/<step>/` holding
 Saves are asynchronous (the next train step runs while the previous state is written) and the
 last `keep` checkpoints are kept. Orbax writes into a temporary directory and renames it when
 complete, so a half-written checkpoint is never listed; a finalized one that fails to restore
-(truncated or corrupted files) is skipped with a warning and the previous one is used.
+(truncated or corrupted files) is skipped with a warning and the previous one is used. The broken
+one is moved aside to `<step>.corrupt-<time>` (kept for inspection, no longer listed), so that
+training can save that step again; `Checkpointer.moved_aside` lists what was moved.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import time
 from typing import Any, Mapping
 
 import jax
@@ -70,6 +73,8 @@ class Checkpointer:
         if keep < 1:
             raise ValueError(f"checkpoint.keep must be >= 1, got {keep}")
         self.directory = os.path.abspath(directory)
+        # [{"step", "moved_to", "error"}] for each checkpoint restore_latest moved aside.
+        self.moved_aside: list[dict[str, Any]] = []
         opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                             create=True, cleanup_tmp_directories=True)
         self.manager = ocp.CheckpointManager(self.directory, options=opts, item_names=("state", "meta"))
@@ -143,8 +148,9 @@ class Checkpointer:
         """Newest restorable checkpoint -> (step, state, meta, this process's data state).
 
         abstract_state: a pytree of jax.ShapeDtypeStruct with shardings (the restored arrays get
-        them). A checkpoint that fails to restore is skipped with a warning naming it.
-        Returns None when there is no checkpoint at all; raises if every one is unreadable.
+        them). A checkpoint that fails to restore is skipped with a warning naming it and moved
+        aside (`moved_aside`). Returns None when there is no checkpoint at all; raises if every one
+        is unreadable (then nothing is moved).
         """
         steps = self.steps()
         if not steps:
@@ -160,12 +166,30 @@ class Checkpointer:
                 msg = f"{type(e).__name__}: {str(e)[:300]}"
                 log.warning("checkpoint %s/%d could not be restored (%s); falling back to the previous one",
                             self.directory, step, msg)
-                errors.append((step, msg))
+                errors.append((step, msg, isinstance(e, CheckpointMismatchError)))
                 continue
+            for bad, msg, mismatch in errors:
+                if not mismatch:  # a readable checkpoint of another layout is not corrupt: leave it
+                    self._move_aside(bad, msg)
             states = meta.get("data_states") or [None]
             idx = jax.process_index() if len(states) > jax.process_index() else 0
             return step, state, meta, unjsonable(states[idx])
-        raise RuntimeError(f"no checkpoint in {self.directory} could be restored: {errors}")
+        raise RuntimeError(f"no checkpoint in {self.directory} could be restored: {[e[:2] for e in errors]}")
+
+    def _move_aside(self, step: int, error: str) -> None:
+        """Renames the unrestorable checkpoint `step` to `<step>.corrupt-<time>` (process 0 only:
+        the directory is shared by the job) so the step number is free for a new save."""
+        src = os.path.join(self.directory, str(step))
+        dst = f"{src}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+        if jax.process_index() == 0 and os.path.isdir(src):
+            os.rename(src, dst)
+            log.warning("checkpoint %s could not be restored; moved aside to %s (kept for inspection)", src, dst)
+        self.moved_aside.append({"step": int(step), "moved_to": dst, "error": error})
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
+        self.manager.reload()
 
 
 def _norm(v):

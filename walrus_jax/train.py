@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from walrus_jax import checkpointing, evaluation, optim, sharding, steps
+from walrus_jax import checkpointing, evaluation, optim, sharding, steps, workdir_lock
 from walrus_jax.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -321,7 +321,15 @@ def _flat_eval(report: dict, prefix: str = "eval/") -> dict:
 
 # ------------------------------------------------------------------------------------- the job
 def train(config, workdir: str) -> dict:
-    """Runs (or resumes) the training job; returns the summary written to WORKDIR/summary.json."""
+    """Runs (or resumes) the training job; returns the summary written to WORKDIR/summary.json.
+    The workdir is locked for the run (walrus_jax.workdir_lock): a second job on it fails at once."""
+    validate_config(config)  # a bad config fails before the workdir (and its lock) is created
+    with workdir_lock.hold(os.path.abspath(workdir), primary=jax.process_index() == 0,
+                           n_processes=jax.process_count()):
+        return _train(config, workdir)
+
+
+def _train(config, workdir: str) -> dict:
     t_start = time.time()
     validate_config(config)
     workdir = os.path.abspath(workdir)
@@ -474,7 +482,7 @@ def train(config, workdir: str) -> dict:
         ckpt.close()
         writer.close()
     summary = write_summary(workdir, losses, step, resumed_from, report, time.time() - t_start, train_seconds,
-                            stopped_early, is_main, timing)
+                            stopped_early, is_main, timing, {"checkpoints_moved_aside": ckpt.moved_aside})
     if report is not None and is_main and config.eval.plot:
         evaluation.plot_rollout(report, eval_sets, os.path.join(workdir, "rollout.png"))
     return summary
@@ -486,14 +494,15 @@ def loss_window(n: int) -> int:
 
 
 def write_summary(workdir, losses, steps_done, resumed_from, report, wall, train_seconds, stopped_early,
-                  is_main, timing: dict | None = None) -> dict:
+                  is_main, timing: dict | None = None, notes: dict | None = None) -> dict:
     """WORKDIR/summary.json:
     steps_done, initial_loss / final_loss (means over the first / last `loss_window` steps),
     losses (one per optimizer step, across resumes), resumed_from_step (null if fresh),
     eval {vrmse_1_10, persistence_vrmse_1_10, nrmse_1_10, ... and per dataset}, wall_seconds,
     timing {data_seconds (incl. miniwell generation), setup_seconds (everything before the first
     step), first_step_seconds (compile + one step), train_seconds (the loop, incl. the first step),
-    eval_seconds (final rollout evaluation, incl. its compile)}.
+    eval_seconds (final rollout evaluation, incl. its compile)}, plus `notes` (e.g.
+    checkpoints_moved_aside: unrestorable checkpoints renamed <step>.corrupt-<time>).
     """
     w = loss_window(len(losses))
     summary = {
@@ -508,6 +517,7 @@ def write_summary(workdir, losses, steps_done, resumed_from, report, wall, train
         "train_seconds": train_seconds,
         "wall_seconds": wall,
         "timing": dict(timing or {}),
+        **dict(notes or {}),
     }
     if is_main:
         tmp = os.path.join(workdir, "summary.json.tmp")
