@@ -73,7 +73,8 @@ def _check_components(name: str, what: str, a: np.ndarray, rank: int, n_dims: in
     if rank and a.shape[a.ndim - rank:] != (n_dims,) * rank:
         kind = "vector" if rank == 1 else "rank-2"
         raise DataError(f"{what} {name!r}: a {kind} field on {n_dims} spatial axes needs its last {rank} axis"
-                        f"{'es' if rank > 1 else ''} of size {n_dims}, got shape {a.shape}")
+                        f"{'es' if rank > 1 else ''} of size {n_dims} (one component per axis), got shape {a.shape}"
+                        + ("; if it is a scalar field, give tensor rank 0" if rank == 1 else ""))
 
 
 def _grid_coords(n_dims: int, spatial: tuple[int, ...], dim_names: Sequence[str], coords, spacing,
@@ -198,10 +199,11 @@ def prepare_fields(fields: Mapping, constant_fields: Mapping | None = None, dim_
     def add(name, a, rank, what, **flags):
         for fl in flattened_names(name, rank, dim_names):
             if fl in flat:
-                raise DataError(f"{what} {name!r}: its channel {fl!r} collides with {flat[fl]!r}; rename one")
+                raise DataError(f"{what} {name!r}: its channel {fl!r} collides with {flat[fl]}; rename one")
             flat[fl] = f"{what} {name!r}"
         _check_components(name, what, a, rank, n_dims)
-        a32 = a.astype(np.float32)
+        with np.errstate(over="ignore"):  # values beyond float32 become Inf: reported just below
+            a32 = a.astype(np.float32)
         _check_finite(name, what, a32, lead_names if flags.get("time_varying", True) else
                       (("trajectory",) if flags.get("sample_varying", True) else ()) + tuple(dim_names))
         groups[rank][name] = WellField(a32, **flags)

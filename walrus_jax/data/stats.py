@@ -82,14 +82,14 @@ def split_files(dataset_dir, split: str = "train") -> list[str]:
 
 
 def _slabs(ds: h5py.Dataset, sample_varying: bool, time_varying: bool):
-    """Yields (array float64, more) pieces of one stored field, trajectory by trajectory.
+    """Yields (array float64, more, trajectory, first step) pieces of one stored field.
 
     Time-varying data come in time slabs; `more` says the slab's last frame is also the first of
     the next slab (it is there for the delta across the two, and counted in the next slab)."""
     n_traj = ds.shape[0] if sample_varying else 1
     for j in range(n_traj):
         if not time_varying:
-            yield np.asarray(ds[j] if sample_varying else ds[()], np.float64), False
+            yield np.asarray(ds[j] if sample_varying else ds[()], np.float64), False, j, None
             continue
         n_t = ds.shape[1 if sample_varying else 0]
         frame = int(np.prod(ds.shape[2 if sample_varying else 1:]))
@@ -98,7 +98,7 @@ def _slabs(ds: h5py.Dataset, sample_varying: bool, time_varying: bool):
         while True:
             stop = min(n_t, start + step + 1)
             sl = (j, slice(start, stop)) if sample_varying else (slice(start, stop),)
-            yield np.asarray(ds[sl], np.float64), stop < n_t
+            yield np.asarray(ds[sl], np.float64), stop < n_t, j, start
             if stop >= n_t:
                 break
             start = stop - 1
@@ -130,10 +130,12 @@ def compute_stats(dataset_dir, split: str = "train", out: str | None = None, ove
                     raise DataError(f"{path}: field {fld.name!r} has tensor order {fld.order}, time_varying "
                                     f"{fld.time_varying}, unlike the split's earlier files ({prev[0]}, {prev[1]})")
                 ds = f[f"{FIELD_GROUPS[fld.order]}/{fld.name}"]
-                for x, more in _slabs(ds, fld.sample_varying, fld.time_varying):
+                for x, more, j, start in _slabs(ds, fld.sample_varying, fld.time_varying):
                     if not np.isfinite(x).all():
-                        raise DataError(f"{path}: field {fld.name!r} holds NaN/Inf (first at stored index "
-                                        f"{tuple(int(i) for i in np.argwhere(~np.isfinite(x))[0])} of a slab)")
+                        bad = [int(i) for i in np.argwhere(~np.isfinite(x))[0]]
+                        where = (f"trajectory {j}" if fld.sample_varying else "") + \
+                            (f" time step {start + bad.pop(0)}" if start is not None else "")
+                        raise DataError(f"{path}: field {fld.name!r} holds NaN/Inf at {where.strip()} position {tuple(bad)}")
                     mom.setdefault(fld.name, _Moments()).add(x[:-1] if more else x, fld.order)
                     if fld.time_varying and x.shape[0] > 1:
                         mom_d.setdefault(fld.name, _Moments()).add(np.diff(x, axis=0), fld.order)
