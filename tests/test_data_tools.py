@@ -212,7 +212,7 @@ def _cli(module, *args, cwd):
                           env=env, timeout=120)
 
 
-def test_clis_end_to_end_and_one_line_errors(tmp_path):
+def test_clis_end_to_end_and_one_line_errors(tmp_path, capsys):
     fields, consts = _arrays(b=4)
     np.savez(tmp_path / "run.npz", c=fields["my_tracer"], u=fields["velocity"][0])
     np.save(tmp_path / "sos.npy", consts["speed_of_sound"][:1].repeat(4, 0))
@@ -250,11 +250,25 @@ def test_clis_end_to_end_and_one_line_errors(tmp_path):
         ("walrus_jax.data.from_arrays", ["--file", tmp_path / "x.hdf5", "--name", "m", "--field",
                                          f"a={tmp_path}/missing.npy", "--dt", "1", "--spacing", "1"], "missing.npy: no such file"),
     ]:
-        r = _cli(module, *args, cwd=tmp_path)
-        assert r.returncode == 2, (args, r.stdout, r.stderr)
-        lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, r.stderr)
+        code, err = _in_process(module, args, capsys)
+        assert code == 2, (args, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, err)
     assert not os.path.exists(tmp_path / "x.hdf5")
+    # The same through a real process (exit status, nothing on stdout, no traceback).
+    r = _cli("walrus_jax.data.stats", tmp_path / "nowhere", cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1 and "no such directory" in r.stderr
+
+
+def _in_process(module, args, capsys):
+    import importlib
+
+    capsys.readouterr()
+    try:
+        code = importlib.import_module(module).main([str(a) for a in args])
+    except SystemExit as e:  # argparse mistakes
+        code = e.code
+    return code, capsys.readouterr().err
 
 
 def test_stats_refuses_nan_and_bad_files(tmp_path):
