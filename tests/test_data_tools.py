@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from walrus_jax.data import stats as st
-from walrus_jax.data.from_arrays import split_trajectories, write_dataset, write_well_file
+from walrus_jax.data.from_arrays import split_trajectories, write_dataset, write_arrays
 from walrus_jax.data.well import WellDataset
 from walrus_jax.errors import DataError, PathError, UserError
 from walrus_jax.models.config import OPEN, PERIODIC, WALL
@@ -35,7 +35,7 @@ KW = dict(dataset_name="mine", boundary_conditions={"x": "periodic", "y": ("wall
 
 def test_round_trip_windows_and_trajectories(tmp_path):
     fields, consts = _arrays()
-    path = write_well_file(tmp_path / "a.hdf5", fields, constant_fields=consts, **KW)
+    path = write_arrays(tmp_path / "a.hdf5", fields, constant_fields=consts, **KW)
     ds = WellDataset(path, n_steps_input=2, n_steps_output=1, allow_new_fields=True)
     assert ds.field_names == ["my_tracer", "velocity_x", "velocity_y", "stress_xx", "stress_xy", "stress_yx",
                               "stress_yy", "speed_of_sound", "wind_x", "wind_y"]
@@ -95,7 +95,7 @@ def test_dataset_layout_and_stats_match_numpy(tmp_path):
 def test_stats_streams_in_slabs(tmp_path, monkeypatch):
     """Tiny slabs (2 frames) give the same statistics as whole trajectories."""
     fields, _ = _arrays(t=7)
-    write_well_file(tmp_path / "d" / "data" / "train" / "a.hdf5", fields, **KW)
+    write_arrays(tmp_path / "d" / "data" / "train" / "a.hdf5", fields, **KW)
     whole = st.compute_stats(tmp_path / "d", out="")
     monkeypatch.setattr(st, "SLAB_ELEMENTS", 8 * 6 * 4)
     sliced = st.compute_stats(tmp_path / "d", out="")
@@ -171,16 +171,16 @@ BAD = [
 def test_bad_input_is_refused_before_writing(tmp_path, match, fields, kw):
     path = tmp_path / "a.hdf5"
     with pytest.raises(DataError, match=match):
-        write_well_file(path, fields, **kw)
+        write_arrays(path, fields, **kw)
     assert not os.listdir(tmp_path)  # nothing written, no temporary left behind
 
 
 def test_existing_outputs_are_kept(tmp_path):
     fields, _ = _arrays()
-    path = write_well_file(tmp_path / "a.hdf5", fields, **KW)
+    path = write_arrays(tmp_path / "a.hdf5", fields, **KW)
     before = open(path, "rb").read()
     with pytest.raises(UserError, match="already exists"):
-        write_well_file(path, {"x": np.zeros((1, 2, 4, 4))}, **KW)
+        write_arrays(path, {"x": np.zeros((1, 2, 4, 4))}, **KW)
     assert open(path, "rb").read() == before
     kw = {k: v for k, v in KW.items() if k != "dataset_name"}
     d = write_dataset(tmp_path / "root", "mine", fields, splits={"train": 0.7, "valid": 0.3}, **kw)
@@ -273,7 +273,7 @@ def _in_process(module, args, capsys):
 
 def test_stats_refuses_nan_and_bad_files(tmp_path):
     fields, _ = _arrays()
-    p = write_well_file(tmp_path / "d" / "data" / "train" / "a.hdf5", fields, **KW)
+    p = write_arrays(tmp_path / "d" / "data" / "train" / "a.hdf5", fields, **KW)
     with h5py.File(p, "r+") as f:
         f["t0_fields/my_tracer"][1, 2, 3, 4] = np.nan
     with pytest.raises(DataError, match=r"a.hdf5: field 'my_tracer' holds NaN/Inf at trajectory 1 time step 2 "

@@ -98,6 +98,18 @@ Batch k (global index, host h of P reads k = h, h + P, ...) is a pure function o
 dataset is drawn uniformly (or by weight), then B_d windows uniformly, a stride per window, one
 rotation, and the jitter from `sample_jitter(fold_in(PRNGKey(seed), k), cfg, spatial, bcs)`.
 
+Your own arrays (`from_arrays.py`) and statistics (`stats.py`)::
+
+    wj.data.write_arrays(path, {"my_tracer": c, "velocity": (u, 1)},      # (B, T, *spatial[, n_dims[, n_dims]])
+                         dataset_name="mine", boundary_conditions={"x": "periodic", "y": ("wall", "open")},
+                         dt=0.1, spacing=0.05, constant_fields=None)      # checked: DataError names field/axis
+    wj.data.write_dataset(root, "mine", fields, splits={"train": 0.8, "valid": 0.1, "test": 0.1}, **same)
+    -> root/mine/data/{train,valid,test}/mine.hdf5 + root/mine/stats.yaml  (set data.root = root)
+    python -m walrus_jax.data.from_arrays --root DIR --name mine --field my_tracer=run.npz:c ...
+    wj.data.compute_stats(dataset_dir)     # the_well's stats.yaml (mean/std/rms and *_delta) of the train split
+    python -m walrus_jax.data.stats DATASET_DIR
+    wj.data.load_stats(dataset_dir, field_names, padded_field_mask=None) -> {"rms": (C,), "rms_delta": (C,)}
+
 miniwell (`miniwell.py`)::
 
     python -m walrus_jax.data.miniwell --out DIR [--quick] [--systems a,b]
@@ -111,6 +123,7 @@ from walrus_jax.data.fields import (
     RELEASED_FIELD_NAMES,
     FieldVocabulary,
 )
+from walrus_jax.data.from_arrays import write_arrays, write_dataset
 from walrus_jax.data.pipeline import (
     BatchSource,
     DatasetSpec,
@@ -119,6 +132,7 @@ from walrus_jax.data.pipeline import (
     make_eval_datasets,
     make_train_pipeline,
 )
+from walrus_jax.data.stats import compute_stats, load_stats
 from walrus_jax.data.transforms import apply_field_transforms, inflate_to_3d, proper_rotations, rotate
 from walrus_jax.data.well import WellDataset, WellFormatError, WellMetadata, inspect_file
 from walrus_jax.data.writer import WellBoundary, WellField, WellScalar, axis_boundaries, write_well_file

@@ -235,7 +235,7 @@ def prepare_fields(fields: Mapping, constant_fields: Mapping | None = None, dim_
 
 
 # ----------------------------------------------------------------------------------- writing
-def write_well_file(path, fields: Mapping, *, dataset_name: str, boundary_conditions: Mapping,
+def write_arrays(path, fields: Mapping, *, dataset_name: str, boundary_conditions: Mapping,
                     dt: float | None = None, time=None, t0: float = 0.0,
                     spacing=None, coords=None, origin=0.0, dim_names: Sequence[str] | None = None,
                     constant_fields: Mapping | None = None, parameters: Mapping[str, float] | None = None,
@@ -333,11 +333,11 @@ def write_dataset(root, dataset_name: str, fields: Mapping, *, splits=None,
         <root>/<dataset_name>/stats.yaml                          statistics of the train split
 
     Args:
-      fields, constant_fields: as `write_well_file`, with all trajectories; `splits` divides them.
+      fields, constant_fields: as `write_arrays`, with all trajectories; `splits` divides them.
       splits: {split: fraction} or {split: trajectory indices}, splits among train / valid / test
         (default train 0.8, valid 0.1, test 0.1 of the trajectories, in order).
       overwrite: replace an existing dataset folder (otherwise it is an error).
-      file_kwargs: the other `write_well_file` arguments (boundary_conditions, dt, spacing, ...).
+      file_kwargs: the other `write_arrays` arguments (boundary_conditions, dt, spacing, ...).
     Returns the dataset folder. It is assembled in a temporary folder and renamed into place, so
     a failure leaves nothing half-written.
     """
@@ -356,7 +356,7 @@ def write_dataset(root, dataset_name: str, fields: Mapping, *, splits=None,
             sub = {n: (a[idx], r) for n, a, r in _items(fields)}
             # A constant field is per trajectory when it has one axis more than grid + components.
             sub_c = {n: (a[idx] if a.ndim == 1 + len(spatial) + r else a, r) for n, a, r in _items(constant_fields or {})}
-            write_well_file(os.path.join(tmp, "data", split, f"{dataset_name}.hdf5"), sub,
+            write_arrays(os.path.join(tmp, "data", split, f"{dataset_name}.hdf5"), sub,
                             dataset_name=dataset_name, constant_fields=sub_c, **file_kwargs)
         compute_stats(tmp, split="train")
         if os.path.exists(final):
@@ -498,7 +498,7 @@ def main(argv=None) -> int:
             k, v = p.split("=", 1)
             kw["parameters"][k] = _floats(v, f"--param {k}")[0]
         if args.file:
-            path = write_well_file(args.file, fields, **kw)
+            path = write_arrays(args.file, fields, **kw)
             print(f"wrote {path}")
         else:
             splits = {}
