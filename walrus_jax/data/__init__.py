@@ -123,7 +123,6 @@ from walrus_jax.data.fields import (
     RELEASED_FIELD_NAMES,
     FieldVocabulary,
 )
-from walrus_jax.data.from_arrays import write_arrays, write_dataset
 from walrus_jax.data.pipeline import (
     BatchSource,
     DatasetSpec,
@@ -132,7 +131,19 @@ from walrus_jax.data.pipeline import (
     make_eval_datasets,
     make_train_pipeline,
 )
-from walrus_jax.data.stats import compute_stats, load_stats
 from walrus_jax.data.transforms import apply_field_transforms, inflate_to_3d, proper_rotations, rotate
 from walrus_jax.data.well import WellDataset, WellFormatError, WellMetadata, inspect_file
 from walrus_jax.data.writer import WellBoundary, WellField, WellScalar, axis_boundaries, write_well_file
+
+# Loaded on first use: `python -m walrus_jax.data.stats` / `.from_arrays` run these modules as
+# __main__, and importing them here as well would make runpy warn about a double import.
+_LAZY = {"write_arrays": "from_arrays", "write_dataset": "from_arrays", "compute_stats": "stats",
+         "load_stats": "stats"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"walrus_jax.data.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'walrus_jax.data' has no attribute {name!r}")
