@@ -36,6 +36,7 @@ def get_config(variant: str = ""):
     c.plot_steps = (1, 10, 50)  # 1-based steps shown in the PNG panels (clipped to the rollout)
     c.animation = "gif"  # "gif" | "mp4" (needs ffmpeg) | "" (none)
     c.write_predictions = True
+    c.on_nonfinite = "error"  # a NaN/Inf prediction: "error" (fail, naming it) | "truncate" (keep the steps before it)
     if variant == "tiny":
         c.n_input_steps = 4
         c.max_rollout_steps = 3

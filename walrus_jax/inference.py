@@ -13,6 +13,11 @@ first `n_input_steps` frames (walrus_jax.rollouts: one compiled lax.scan per chu
                                         over horizon windows, plus the persistence baseline
   plots/                                per-field truth | prediction | error panels (PNG), an
                                         animation (GIF or MP4) and VRMSE vs step (PNG)
+metrics.json is strict JSON (a non-finite value is written as null). A rollout that produces
+NaN/Inf stops at the chunk where it happens: with config.on_nonfinite="error" (default) the job
+fails naming the trajectory, step and field and writes nothing for it; with "truncate" every
+trajectory is kept up to the step before the first non-finite one and metrics.json records where
+it stopped (`nonfinite`). Horizon windows longer than the rollout are listed in `windows_skipped`.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from flax import nnx
 
 from walrus_jax import metrics as M
 from walrus_jax import rollouts as R
+from walrus_jax.errors import ConfigError, DataError, PathError
 from walrus_jax.models.config import BC_NAMES, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -146,7 +152,7 @@ def load_model(checkpoint: str, dtype: str = "float32"):
     base = finetune.load_base(checkpoint)
     cfg = base.cfg.replace(dtype=dtype, param_dtype=dtype)
     if len(base.vocab) > cfg.n_states:
-        raise ValueError(f"checkpoint {checkpoint}: its field vocabulary has {len(base.vocab)} names but the model "
+        raise DataError(f"checkpoint {checkpoint}: its field vocabulary has {len(base.vocab)} names but the model "
                          f"embeds only n_states={cfg.n_states}")
     return model_from_params(cfg, base.params, base.source), base.vocab, base.source
 
@@ -206,7 +212,7 @@ def _parse_transforms(spec: str) -> dict[str, str]:
     out = {}
     for item in filter(None, (s.strip() for s in str(spec).split(","))):
         if ":" not in item:
-            raise ValueError(f"config field_transforms entry {item!r}: expected 'field:transform' "
+            raise ConfigError(f"config field_transforms entry {item!r}: expected 'field:transform' "
                              "(e.g. 'density:log10')")
         k, v = item.split(":", 1)
         out[k.strip()] = v.strip()
@@ -221,7 +227,7 @@ def _open_dataset(config, vocab):
                            allow_new_fields=False, field_transforms=_parse_transforms(config.field_transforms))
     except KeyError as e:
         msg = e.args[0] if e.args else str(e)
-        raise ValueError(f"the data and the checkpoint {config.checkpoint} have different field vocabularies: {msg}. "
+        raise DataError(f"the data and the checkpoint {config.checkpoint} have different field vocabularies: {msg}. "
                          "A checkpoint predicts only fields it was trained on (fine-tune it to add fields)") from None
 
 
@@ -230,16 +236,60 @@ def _persistence(inputs: np.ndarray, n: int) -> np.ndarray:
     return np.repeat(inputs[:, -1:], n, axis=1)
 
 
+def _json_safe(obj):
+    """obj with every NaN/Inf float as None and numpy scalars/arrays as Python values (strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _json_safe(obj.tolist())
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj
+
+
+def write_json(path: str, obj) -> None:
+    """Strict JSON (non-finite floats -> null), written to a temporary file and renamed."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(_json_safe(obj), f, indent=1, allow_nan=False)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(config):
+    """load_model for config.checkpoint, with errors that name config.checkpoint."""
+    path = str(config.checkpoint)
+    if not os.path.exists(path):
+        raise PathError(f"config.checkpoint={path!r} does not exist (expected a converted checkpoint directory from "
+                        "tools.convert_torch_ckpt or a walrus_jax training workdir)")
+    if not os.path.isdir(path):
+        raise PathError(f"config.checkpoint={path!r} is a file, not a directory (a PyTorch .pt checkpoint must be "
+                        "converted first with `python -m tools.convert_torch_ckpt`)")
+    try:
+        return load_model(path, config.dtype)
+    except (FileNotFoundError, RuntimeError) as e:  # finetune.load_base words them for config.init_from
+        msg = str(e).replace("config init_from=", "config.checkpoint=").replace("init_from", "checkpoint")
+        raise PathError(msg) from e
+
+
 def run_rollout_job(config, workdir: str) -> dict:
     """Rolls out `config.checkpoint` on `config.data` (configs/rollout.py) and writes everything under workdir."""
     from walrus_jax import plotting
 
     for key in ("checkpoint", "data"):
         if not config.get(key):
-            raise ValueError(f"config.{key} is required (--config.{key}=...)")
+            raise ConfigError(f"config.{key} is required (--config.{key}=...)")
+    on_nonfinite = str(config.get("on_nonfinite", "error"))
+    if on_nonfinite not in ("error", "truncate"):
+        raise ConfigError(f"config.on_nonfinite={on_nonfinite!r}: expected 'error' or 'truncate'")
     t_start = time.time()
+    model, vocab, source = _load_checkpoint(config)
     os.makedirs(workdir, exist_ok=True)
-    model, vocab, source = load_model(config.checkpoint, config.dtype)
     cfg = model.cfg
     ds = _open_dataset(config, vocab)
     t_in = int(config.n_input_steps)
@@ -247,13 +297,13 @@ def run_rollout_job(config, workdir: str) -> dict:
                                                                         ds.n_trajectories)))
     for j in traj_ids:
         if not 0 <= j < ds.n_trajectories:
-            raise ValueError(f"config.trajectories: {j} out of range; {config.data} has {ds.n_trajectories} trajectories")
+            raise ConfigError(f"config.trajectories: {j} out of range; {config.data} has {ds.n_trajectories} trajectories")
     first = ds.trajectory(traj_ids[0])
     n_total = first["fields"].shape[0]
     start = int(config.start_index)
     available = n_total - start - t_in
     if available < 1:
-        raise ValueError(f"{config.data}: trajectories have {n_total} frames; a rollout from frame {start} with a "
+        raise DataError(f"{config.data}: trajectories have {n_total} frames; a rollout from frame {start} with a "
                          f"history of n_input_steps={t_in} needs at least {start + t_in + 1}")
     n_steps = int(min(available, int(config.max_rollout_steps)))
     field_names = list(first["field_names"])
@@ -265,9 +315,10 @@ def run_rollout_job(config, workdir: str) -> dict:
     log.info("rollout: %s (%s) on %s: %d trajectories x %d steps, T_in=%d, dtype=%s", config.checkpoint, source,
              ds.dataset_name, len(traj_ids), n_steps, t_in, config.dtype)
 
-    preds_all, truth_all, persist_all, inputs_all = [], [], [], []
+    preds_all, truth_all, persist_all, inputs_all, trajs_all = [], [], [], [], []
     pred_dir = os.path.join(workdir, "predictions", ds.dataset_name)
     timings = []
+    n_ok, nonfinite = n_steps, None  # steps kept; where the first non-finite prediction was
     bs = max(1, int(config.batch_size))
     for g in range(0, len(traj_ids), bs):
         ids = traj_ids[g:g + bs]
@@ -279,38 +330,60 @@ def run_rollout_job(config, workdir: str) -> dict:
         truth = fields[:, start + t_in:start + t_in + n_steps]
         mask = R.mask_from_constants(consts, mask_names) if consts is not None else None
         t0 = time.time()
-        preds = R.rollout(model, inputs, field_indices=first["field_indices"], bcs=first["boundary_conditions"],
-                          n_steps=n_steps, constant_fields=consts, padded_field_mask=first["padded_field_mask"],
-                          mask=mask, jitter=None if key is None else jax.random.fold_in(key, g),
-                          eps=float(config.eps), chunk_size=int(config.chunk_size), min_input_steps=t_in)
+        try:
+            preds = R.rollout(model, inputs, field_indices=first["field_indices"], bcs=first["boundary_conditions"],
+                              n_steps=n_steps, constant_fields=consts, padded_field_mask=first["padded_field_mask"],
+                              mask=mask, jitter=None if key is None else jax.random.fold_in(key, g),
+                              eps=float(config.eps), chunk_size=int(config.chunk_size), min_input_steps=t_in,
+                              on_nonfinite="raise")
+        except R.NonFiniteRolloutError as e:  # stopped after the chunk holding the first NaN/Inf
+            where = {"trajectory": int(ids[e.sample]), "step": int(e.step) + 1, "field": var_names[e.channel]}
+            text = (f"the rollout of {config.checkpoint} on {config.data} diverged: trajectory {where['trajectory']}, "
+                    f"field {where['field']!r} is NaN/Inf at prediction step {where['step']} of {n_steps}")
+            if on_nonfinite == "error" or e.step == 0:
+                raise R.NonFiniteRolloutError(
+                    f"{text}; nothing was written for it. Check the data's units and config.field_transforms, or "
+                    "set --config.on_nonfinite=truncate to keep the steps before it", step=e.step,
+                    sample=where["trajectory"], channel=e.channel) from None
+            log.warning("%s: keeping the %d steps before it (config.on_nonfinite=truncate)", text, e.step)
+            preds = e.predictions
+            if e.step < n_ok:
+                n_ok, nonfinite = int(e.step), where
         timings.append(time.time() - t0)
         if mask is not None:  # the original compares against a reference zeroed on the mask too
             truth = np.where(mask[:, None, ..., None], 0.0, truth)
-        preds_all.append(preds)
+        preds_all.append(np.asarray(preds))
         truth_all.append(truth)
         persist_all.append(_persistence(inputs, n_steps))
         inputs_all.append(inputs)
-        if config.write_predictions:
+        trajs_all.append((ids, trajs, consts))
+    n_requested, n_steps = n_steps, n_ok  # after a truncation every trajectory keeps the same steps
+    preds = np.concatenate(preds_all)[:, :n_steps]
+    truth = np.concatenate(truth_all)[:, :n_steps]
+    persist = np.concatenate(persist_all)[:, :n_steps]
+    if config.write_predictions:
+        for (ids, trajs, consts), inputs, p in zip(trajs_all, inputs_all, preds_all):
             for b, j in enumerate(ids):
                 tg = np.asarray(trajs[b]["time_grid"])[start:start + t_in + n_steps]
                 write_well_predictions(
                     os.path.join(pred_dir, f"traj_{j}.hdf5"), dataset_name=ds.dataset_name,
-                    frames=np.concatenate([inputs[b], preds[b]]), time_grid=tg,
+                    frames=np.concatenate([inputs[b], p[b, :n_steps]]), time_grid=tg,
                     spatial_dims=list(ds.metadata.spatial_dims), space_grid=trajs[b].get("space_grid"),
                     field_names=var_names, field_orders=orders[:n_var],
                     constant_fields=None if consts is None else consts[b], constant_names=con_names,
                     constant_orders=orders[n_var:], bcs=np.asarray(first["boundary_conditions"]), n_input_steps=t_in,
                     extra_attrs={"walrus_source_trajectory": int(j), "walrus_checkpoint": str(config.checkpoint)})
-    preds = np.concatenate(preds_all)
-    truth = np.concatenate(truth_all)
-    persist = np.concatenate(persist_all)
     valid = list(np.asarray(first["padded_field_mask"], bool))
     windows = tuple(tuple(int(v) for v in w) for w in config.windows)
+    skipped = {M.window_name(w): f"needs {w[1]} steps, the rollout has {n_steps}" for w in windows if w[1] > n_steps}
+    if skipped:
+        log.warning("metrics windows %s skipped: longer than the rollout's %d steps", sorted(skipped), n_steps)
     per = {k: np.asarray(v) for k, v in M.compute_all(preds, truth).items()}
     base = {k: np.asarray(v) for k, v in M.compute_all(persist, truth, spectral=False).items()}
     report = {
         "checkpoint": str(config.checkpoint), "checkpoint_source": source, "data": str(config.data),
         "dataset": ds.dataset_name, "trajectories": traj_ids, "n_input_steps": t_in, "n_steps": n_steps,
+        "n_steps_requested": n_requested, "nonfinite": nonfinite, "windows_skipped": skipped,
         "field_names": var_names, "padded_field_mask": [bool(v) for v in valid], "dtype": config.dtype,
         "jitter": bool(config.jitter), "seed": int(config.seed),
         "metrics": M.summarize(per, var_names, windows, valid),
@@ -334,10 +407,9 @@ def run_rollout_job(config, workdir: str) -> dict:
         if config.animation:
             ext = str(config.animation).lower()
             if ext not in ("gif", "mp4"):
-                raise ValueError(f"config.animation={config.animation!r}: expected 'gif', 'mp4' or ''")
+                raise ConfigError(f"config.animation={config.animation!r}: expected 'gif', 'mp4' or ''")
             report["plots"]["animation"] = plotting.animate(
                 truth[0], preds[0], var_names, os.path.join(pdir, f"{ds.dataset_name}_traj{traj_ids[0]}.{ext}"))
-    with open(os.path.join(workdir, "metrics.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    write_json(os.path.join(workdir, "metrics.json"), report)
     log.info("rollout done: VRMSE per window %s", {w: v["mean"] for w, v in report["metrics"]["vrmse"]["windows"].items()})
     return report

@@ -9,6 +9,12 @@ Each step, inside the compiled program:
   5. points where the boolean `mask` is True and channels whose padded_field_mask is False -> 0;
   6. the window slides by one frame: drop the oldest, append `next`.
 
+Non-finite predictions (a diverging rollout) are never silent: each step also records, inside the
+compiled program, whether every value of each (sample, channel) is finite (one reduction over the
+step's output), and `on_nonfinite` decides what happens: "warn" (default), "raise"
+(NonFiniteRolloutError naming the first step, sample and channel; a chunked rollout stops after
+the chunk where it happened) or "ignore". `return_finite=True` also returns that mask.
+
 Public entry points:
   rollout(model, input_fields, *, field_indices, bcs, n_steps, ...)      -> (B, n_steps, *spatial, C_var)
   rollout_ensemble(model, input_fields, keys, *, ...)                     -> (E, B, n_steps, *spatial, C_var)
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Any, Sequence
 
 import jax
@@ -30,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from walrus_jax import normalization, xla_options
+from walrus_jax.errors import UserError
 from walrus_jax.models.jitter import Jitter, choose_strides, normalize_bcs, sample_jitter
 
 DEFAULT_EPS = normalization.DEFAULT_EPS
@@ -37,6 +45,40 @@ DEFAULT_MAX_ROLLOUT_STEPS = 200
 
 # Number of times a rollout program has been traced (tests assert one compilation per shape).
 TRACE_COUNT = {"scan": 0}
+ON_NONFINITE = ("warn", "raise", "ignore")
+
+
+class NonFiniteRolloutError(UserError, FloatingPointError):
+    """A rollout produced NaN/Inf. Attributes: step (0-based prediction step), sample, channel (the
+    first non-finite one; for an ensemble `sample` is (member, sample)), predictions (what was
+    computed: up to and including the failing chunk, the rest of a chunked output left unwritten)
+    and finite ((B, n_steps, C) bool, False where a step's channel holds NaN/Inf or was not run)."""
+
+    def __init__(self, message, *, step, sample, channel, predictions=None, finite=None):
+        super().__init__(message)
+        self.step, self.sample, self.channel = step, sample, channel
+        self.predictions, self.finite = predictions, finite
+
+
+def first_nonfinite(finite) -> tuple[int, tuple[int, ...], int] | None:
+    """(step, sample index tuple, channel) of the earliest False in a finite mask (..., n_steps, C)
+    (leading axes: sample, or member and sample); None when everything is finite."""
+    f = np.asarray(finite, bool)
+    bad_steps = np.nonzero(~f.all(axis=tuple(i for i in range(f.ndim) if i != f.ndim - 2)))[0]
+    if bad_steps.size == 0:
+        return None
+    t = int(bad_steps[0])
+    where = np.argwhere(~f[..., t, :])[0]
+    return t, tuple(int(i) for i in where[:-1]), int(where[-1])
+
+
+def _nonfinite_message(first, n_steps: int) -> str:
+    t, sample, c = first
+    who = ("sample " + str(sample[0])) if len(sample) == 1 else f"ensemble member {sample[0]}, sample {sample[1]}"
+    prior = f"; steps 1..{t} are finite" if t else ""
+    return (f"rollout diverged: prediction step {t + 1} of {n_steps} holds NaN/Inf ({who}, channel {c}){prior}. "
+            "The model is outside the range it was trained on (check the input units, field transforms and "
+            "history length); on_nonfinite='ignore' returns the predictions anyway")
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -138,7 +180,8 @@ def _scan_body(get_model, st: _Static, window, consts, mask, pmask, jit_xs, key,
             jit = None
         nxt = predict_next(get_model(), win, fi, st.bcs, consts, mask, pmask, jit, st.eps)
         win = jnp.concatenate([win[:, 1:], nxt[:, None].astype(win.dtype)], axis=1)
-        return (win, t + 1), nxt
+        finite = jnp.isfinite(nxt).all(axis=tuple(range(1, nxt.ndim - 1)))  # (B, C_var)
+        return (win, t + 1), (nxt, finite)
 
     return step
 
@@ -157,8 +200,8 @@ def _compiled(graphdef, fn, st: _Static, n: int, ensemble: bool):
 
         def one(window, key):
             step = _scan_body(get_model, st, window, consts, mask, pmask, jit_xs, key, start)
-            (win, _), preds = jax.lax.scan(step, (window, start), jit_xs, length=n)
-            return win, jnp.moveaxis(preds, 0, 1)  # (n, B, ...) -> (B, n, ...)
+            (win, _), (preds, finite) = jax.lax.scan(step, (window, start), jit_xs, length=n)
+            return win, jnp.moveaxis(preds, 0, 1), jnp.moveaxis(finite, 0, 1)  # (n, B, ...) -> (B, n, ...)
 
         if ensemble:
             return jax.vmap(one)(window, key)
@@ -267,7 +310,8 @@ def _slice_jitter(j: Jitter | None, a: int, b: int):
 # ------------------------------------------------------------------------------------ public API
 def rollout(model, input_fields, *, field_indices, bcs, n_steps: int, constant_fields=None,
             padded_field_mask=None, mask=None, jitter=None, cfg=None, eps: float = DEFAULT_EPS,
-            chunk_size: int | None = None, sink=None, min_input_steps: int = 1, check_finite: bool = True):
+            chunk_size: int | None = None, sink=None, min_input_steps: int = 1, check_finite: bool = True,
+            on_nonfinite: str = "warn", return_finite: bool = False):
     """Autoregressive rollout, one compiled lax.scan (SPEC §12).
 
     input_fields (B, T_in, *spatial, C_var) physical units, spatial (H, W) or (H, W, D).
@@ -284,23 +328,33 @@ def rollout(model, input_fields, *, field_indices, bcs, n_steps: int, constant_f
     anything supporting `sink[:, a:b] = chunk` with shape (B, n_steps, *spatial, C_var), e.g. an
     h5py dataset) so device memory stays bounded; returns the numpy array (or `sink`).
     min_input_steps: the shortest history accepted (the released model was trained with 6 in 2D).
-    Returns preds (B, n_steps, *spatial, C_var) float32 in physical units.
+    check_finite: refuse NaN/Inf in input_fields / constant_fields (ValueError naming the index).
+    on_nonfinite: what a NaN/Inf prediction does: "warn" (RuntimeWarning naming the first step,
+    sample and channel), "raise" (NonFiniteRolloutError, with the predictions attached; a chunked
+    rollout stops after the chunk where it happened) or "ignore". Checking waits for the rollout
+    to finish (it reads a (B, n_steps, C_var) flag array computed inside the scan).
+    Returns preds (B, n_steps, *spatial, C_var) float32 in physical units; with return_finite=True
+    (preds, finite), finite (B, n_steps, C_var) bool numpy: every value of that step and channel
+    is finite.
     """
     st, consts, mask, pmask, jit_xs, key = _prepare(model, input_fields, field_indices, bcs, n_steps,
                                                    constant_fields, padded_field_mask, mask, jitter, cfg, eps,
                                                    min_input_steps, check_finite)
+    _check_on_nonfinite(on_nonfinite)
     window = jnp.asarray(input_fields, jnp.float32)
     return _drive(model, st, window, consts, mask, pmask, jit_xs, key, int(n_steps), chunk_size, sink,
-                  ensemble=False)
+                  ensemble=False, on_nonfinite=on_nonfinite, return_finite=return_finite)
 
 
 def rollout_ensemble(model, input_fields, keys, *, field_indices, bcs, n_steps: int, constant_fields=None,
                      padded_field_mask=None, mask=None, cfg=None, eps: float = DEFAULT_EPS,
-                     chunk_size: int | None = None, sink=None, min_input_steps: int = 1, check_finite: bool = True):
+                     chunk_size: int | None = None, sink=None, min_input_steps: int = 1, check_finite: bool = True,
+                     on_nonfinite: str = "warn", return_finite: bool = False):
     """An ensemble of jittered rollouts: `rollout` with jitter=keys[e], vmapped over e in one program.
 
     keys: (E,) PRNG keys (jax.random.split(key, E)). Returns (E, B, n_steps, *spatial, C_var);
-    member e equals rollout(..., jitter=keys[e]).
+    member e equals rollout(..., jitter=keys[e]). on_nonfinite / return_finite as in `rollout`
+    (the finite mask is (E, B, n_steps, C_var)).
     """
     keys = jnp.asarray(keys) if not isinstance(keys, jax.Array) else keys
     if keys.ndim < 1 or not _is_key(keys[0]):
@@ -309,19 +363,43 @@ def rollout_ensemble(model, input_fields, keys, *, field_indices, bcs, n_steps: 
     st, consts, mask, pmask, _, _ = _prepare(model, input_fields, field_indices, bcs, n_steps, constant_fields,
                                              padded_field_mask, mask, keys[0], cfg, eps, min_input_steps,
                                              check_finite)
+    _check_on_nonfinite(on_nonfinite)
     e = keys.shape[0]
     window = jnp.broadcast_to(jnp.asarray(input_fields, jnp.float32)[None], (e,) + tuple(input_fields.shape))
     return _drive(model, st, window, consts, mask, pmask, None, keys, int(n_steps), chunk_size, sink,
-                  ensemble=True)
+                  ensemble=True, on_nonfinite=on_nonfinite, return_finite=return_finite)
 
 
-def _drive(model, st, window, consts, mask, pmask, jit_xs, key, n_steps, chunk_size, sink, ensemble):
+def _check_on_nonfinite(on_nonfinite: str) -> None:
+    if on_nonfinite not in ON_NONFINITE:
+        raise ValueError(f"on_nonfinite={on_nonfinite!r}: expected one of {ON_NONFINITE}")
+
+
+def _report_nonfinite(finite, n_steps: int, on_nonfinite: str, preds) -> None:
+    """Warns or raises (per on_nonfinite) when the finite mask has a False."""
+    if on_nonfinite == "ignore":
+        return
+    first = first_nonfinite(finite)
+    if first is None:
+        return
+    msg = _nonfinite_message(first, n_steps)
+    if on_nonfinite == "raise":
+        raise NonFiniteRolloutError(msg, step=first[0], sample=first[1] if len(first[1]) > 1 else first[1][0],
+                                    channel=first[2], predictions=preds, finite=np.asarray(finite, bool))
+    warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
+def _drive(model, st, window, consts, mask, pmask, jit_xs, key, n_steps, chunk_size, sink, ensemble,
+           on_nonfinite="warn", return_finite=False):
     graphdef, fn, state = _split(model)
     start0 = jnp.zeros((), jnp.int32)
     if chunk_size is None and sink is None:
-        _, preds = _compiled(graphdef, fn, st, n_steps, ensemble)(state, window, consts, mask, pmask, jit_xs, key,
-                                                                 start0)
-        return preds
+        _, preds, finite = _compiled(graphdef, fn, st, n_steps, ensemble)(state, window, consts, mask, pmask,
+                                                                         jit_xs, key, start0)
+        if on_nonfinite != "ignore" or return_finite:
+            finite = np.asarray(finite)
+            _report_nonfinite(finite, n_steps, on_nonfinite, preds)
+        return (preds, finite) if return_finite else preds
     chunk_size = n_steps if chunk_size is None else int(chunk_size)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -332,21 +410,29 @@ def _drive(model, st, window, consts, mask, pmask, jit_xs, key, n_steps, chunk_s
     elif tuple(sink.shape) != out_shape:
         raise ValueError(f"sink has shape {tuple(sink.shape)}; expected {out_shape} (lead axes, n_steps, *spatial, C_var)")
     t_axis = len(lead)
-    pending = None  # (a, b, device preds): copied to host while the next chunk runs (async dispatch)
+    finite_all = np.zeros(tuple(lead) + (n_steps, int(st.n_var)), bool)  # False until a step has run
+    pending = None  # (a, b, device preds, finite): copied to host while the next chunk runs (async dispatch)
     a = 0
     while a < n_steps:
         b = min(a + chunk_size, n_steps)
         fn_ab = _compiled(graphdef, fn, st, b - a, ensemble)
-        window, preds = fn_ab(state, window, consts, mask, pmask, _slice_jitter(jit_xs, a, b), key,
-                              jnp.asarray(a, jnp.int32))
-        if pending is not None:
-            _write(sink, t_axis, *pending)
-        pending = (a, b, preds)
+        window, preds, finite = fn_ab(state, window, consts, mask, pmask, _slice_jitter(jit_xs, a, b), key,
+                                      jnp.asarray(a, jnp.int32))
+        if pending is not None and not _write(sink, finite_all, t_axis, *pending) and on_nonfinite == "raise":
+            pending = None  # stop: the chunk just written holds NaN/Inf
+            break
+        pending = (a, b, preds, finite)
         a = b
-    _write(sink, t_axis, *pending)
-    return sink
+    if pending is not None:
+        _write(sink, finite_all, t_axis, *pending)
+    if on_nonfinite != "ignore":
+        _report_nonfinite(finite_all, n_steps, on_nonfinite, sink)
+    return (sink, finite_all) if return_finite else sink
 
 
-def _write(sink, t_axis, a, b, preds):
+def _write(sink, finite_all, t_axis, a, b, preds, finite) -> bool:
+    """Copies one chunk (and its finite flags) to the host; True if it is all finite."""
     idx = (slice(None),) * t_axis + (slice(a, b),)
     sink[idx] = np.asarray(preds)
+    finite_all[idx] = np.asarray(finite)
+    return bool(finite_all[idx].all())
