@@ -1,105 +1,252 @@
-"""Optimizer and learning-rate schedule (SPEC §14, the release's training recipe).
+"""The original trainer's optimizer step and learning-rate schedule, as pure functions.
 
-The release trains with AdamW (lr 2e-4, weight decay 1e-4, eps 1e-10, betas (0.9, 0.999)),
-clips the gradient at global norm 10, accumulates 4 micro-batches per update and uses
-"InverseSqrtLinearWarmupSqrtCooldown". The exact decay formula of that scheduler is not public;
-this module defines it as follows, per optimizer step s (0-based), peak lr L, warmup W steps,
-cooldown C steps, total S steps, warmup factor f_w, cooldown factor f_c:
+One optimizer *update* consumes `grad_accum` micro-batches. Per micro-batch the train step adds the
+gradient of `loss / grad_accum` to an accumulator (the original backpropagates loss/k into the
+same .grad buffers) and records which parameters got a gradient at all (`present`). After the last
+micro-batch of the update:
 
-    warmup   (s < W):            lr = L · (f_w + (1 − f_w) · s / W)
-    decay    (W ≤ s < S − C):    lr = L · sqrt(max(W, 1) / max(s, W, 1))
-    cooldown (S − C ≤ s < S):    lr = L_c + (L_0 − L_c) · (1 − sqrt((s − (S − C)) / C))
-        where L_0 = the decay value at s = S − C and L_c = f_c · L.
+  1. clip: total norm n of the accumulated gradient (all parameters); every gradient is multiplied
+     by min(1, clip_norm / (n + 1e-6)) — always multiplied, as torch's `clip_grad_norm_` does;
+  2. AdamW with torch semantics, per parameter that got a gradient in this update:
+       step += 1                                   (a per-parameter step count, as torch keeps)
+       p    *= 1 − lr·wd                           (in float32: with lr·wd < 6e-8 this factor is 1)
+       m     = β1·m + (1 − β1)·g ;  v = β2·v + (1 − β2)·g²
+       p    −= lr / (1 − β1^step) · m / (√v / √(1 − β2^step) + eps)
+     A parameter without a gradient in the update (the 2D encoder/decoder in an update holding only
+     3D data, and vice versa) is skipped entirely: no moment update, no step count, no decay.
+     Frozen parameters (`trainable_mask` False) have no moments at all and never move.
 
-The decay is continuous with the warmup (both equal L at s = W) and the cooldown starts at the
-decay's value and reaches f_c · L in the limit s → S ("sqrt cooldown", Hägele et al. 2024).
-The release stepped this per pseudo-epoch of 2000 micro-batches; here it is stepped per optimizer
-update (W, C, S counted in updates), which is the default the issue asks for.
+The schedule is the original's `InverseSqrtLinearWarmupSqrtCooldown`: with L the number of completed
+schedule steps (pseudo-epochs of `steps_per_epoch` updates: the lr is a staircase; or updates, with
+`per_update`, where W, C and M are multiplied by steps_per_epoch), base lr b, warmup W, cooldown C,
+total M, warmup factor f, offset o, exponent e:
+
+  L ≤ W          lr = b · (f + (1 − f) · L / W)
+  W < L ≤ M − C  lr = b / (1 + (L − W + o)^e − o^e)
+  L > M − C      lr = (1 − √((L − (M − C) − 1) / C)) · b / (1 + (o + M − C)^e − o^e)
+
+(the cooldown's base omits the −W of the decay, so it starts a few percent below where the decay
+ended; the release's last pseudo-epoch has lr 2.81e-6). Past M the formula turns negative: the
+schedule clamps at 0 and config validation refuses runs longer than the schedule.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+
+from walrus_jax.errors import ConfigError
+
+CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_: max_norm / (total_norm + 1e-6)
 
 
-def warmup_invsqrt_cooldown(peak_lr: float, total_steps: int, warmup_steps: int, cooldown_steps: int,
-                            warmup_factor: float = 0.1, cooldown_factor: float = 1e-3) -> Callable:
-    """Returns step -> lr (works on Python ints and traced int arrays). Formula: module docstring."""
-    if total_steps <= 0:
-        raise ValueError(f"train.steps must be > 0, got {total_steps}")
-    if warmup_steps < 0 or cooldown_steps < 0:
-        raise ValueError(f"train.warmup_steps={warmup_steps} and train.cooldown_steps={cooldown_steps} must be >= 0")
-    if warmup_steps + cooldown_steps > total_steps:
-        raise ValueError(f"train.warmup_steps + train.cooldown_steps = {warmup_steps + cooldown_steps} exceeds "
-                         f"train.steps = {total_steps}")
-    L, W, C, S = float(peak_lr), int(warmup_steps), int(cooldown_steps), int(total_steps)
-    fw, fc = float(warmup_factor), float(cooldown_factor)
-    w1 = float(max(W, 1))
+# ------------------------------------------------------------------------------------- schedule
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """InverseSqrtLinearWarmupSqrtCooldown (formula: module docstring), in pseudo-epochs.
 
-    def decay(s):
-        return L * jnp.sqrt(w1 / jnp.maximum(jnp.maximum(s, W), 1.0))
-
-    def schedule(step):
-        s = jnp.asarray(step, jnp.float32)
-        warm = L * (fw + (1.0 - fw) * s / w1)
-        mid = decay(s)
-        c0 = S - C
-        l0 = decay(jnp.float32(c0))
-        prog = jnp.clip((s - c0) / max(C, 1), 0.0, 1.0)
-        cool = fc * L + (l0 - fc * L) * (1.0 - jnp.sqrt(prog))
-        lr = jnp.where(s < W, warm, mid)
-        return jnp.where((C > 0) & (s >= c0), cool, lr)
-
-    return schedule
-
-
-def schedule_reference(step: int, peak_lr, total_steps, warmup_steps, cooldown_steps, warmup_factor=0.1,
-                       cooldown_factor=1e-3) -> float:
-    """Plain-Python version of the same formula (used by tests and the docs table)."""
-    L, W, C, S = peak_lr, warmup_steps, cooldown_steps, total_steps
-    if step < W:
-        return L * (warmup_factor + (1 - warmup_factor) * step / max(W, 1))
-    dec = lambda s: L * np.sqrt(max(W, 1) / max(s, W, 1))
-    if C > 0 and step >= S - C:
-        l0, lc = dec(S - C), cooldown_factor * L
-        return lc + (l0 - lc) * (1 - np.sqrt(min((step - (S - C)) / C, 1.0)))
-    return dec(step)
-
-
-def make_schedule(train_cfg) -> Callable:
-    """From the `train` section of a config (ConfigDict or anything with the same attributes)."""
-    return warmup_invsqrt_cooldown(train_cfg.lr, train_cfg.steps, train_cfg.warmup_steps,
-                                   train_cfg.cooldown_steps, train_cfg.warmup_factor, train_cfg.cooldown_factor)
-
-
-def make_optimizer(train_cfg, trainable_mask: Any = None) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping and gradient accumulation (optax.MultiSteps).
-
-    One call of the returned transformation's `update` is one *micro-batch*: MultiSteps averages
-    `train.grad_accum` micro-batch gradients and applies the inner update (clip → AdamW) once per
-    `grad_accum` calls, so the schedule counts optimizer updates. Averaging k equal-size
-    micro-batch gradients equals the gradient of one k-times batch because the loss is a mean.
-    `trainable_mask`: optional pytree of bools like the params; False leaves get zero updates
-    (frozen parts during fine-tuning) and no optimizer moments.
+    Call with the 0-based optimizer update index (Python int or traced int array) -> lr (float32).
     """
-    if train_cfg.grad_accum < 1:
-        raise ValueError(f"train.grad_accum must be >= 1, got {train_cfg.grad_accum}")
-    if train_cfg.clip_norm is not None and train_cfg.clip_norm <= 0:
-        raise ValueError(f"train.clip_norm must be > 0 (or None to disable), got {train_cfg.clip_norm}")
-    parts = []
-    if train_cfg.clip_norm:
-        parts.append(optax.clip_by_global_norm(train_cfg.clip_norm))
-    # torch.optim.AdamW semantics: p -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * p): optax.adamw is the same.
-    parts.append(optax.adamw(make_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
-                             weight_decay=train_cfg.weight_decay))
-    inner = optax.chain(*parts)
-    if trainable_mask is not None:
-        inner = optax.multi_transform({"train": inner, "freeze": optax.set_to_zero()},
-                                      jax.tree.map(lambda t: "train" if t else "freeze", trainable_mask))
-    if train_cfg.grad_accum == 1:
-        return inner
-    return optax.MultiSteps(inner, every_k_schedule=int(train_cfg.grad_accum))
+
+    base_lr: float
+    max_epochs: int
+    warmup_epochs: int
+    cooldown_epochs: int
+    steps_per_epoch: int = 1
+    per_update: bool = False
+    warmup_factor: float = 0.1
+    offset: float = 128.0
+    exponent: float = 0.5
+
+    def __post_init__(self):
+        if self.max_epochs <= 0:
+            raise ConfigError(f"the lr schedule needs at least one pseudo-epoch, got {self.max_epochs}")
+        if self.steps_per_epoch < 1:
+            raise ConfigError(f"config train.steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
+        if self.warmup_epochs < 0 or self.cooldown_epochs < 0:
+            raise ConfigError(f"config train.warmup_epochs={self.warmup_epochs} and train.cooldown_epochs="
+                              f"{self.cooldown_epochs} must be >= 0 (or -1: 5% of the run each)")
+        if self.warmup_epochs + self.cooldown_epochs > self.max_epochs:
+            raise ConfigError(f"config train.warmup_epochs + train.cooldown_epochs = "
+                              f"{self.warmup_epochs + self.cooldown_epochs} pseudo-epochs exceeds the run's "
+                              f"{self.max_epochs} (train.steps / train.steps_per_epoch); shorten them or leave "
+                              "them at -1 to follow the run length")
+
+    def _units(self):
+        k = self.steps_per_epoch if self.per_update else 1
+        return self.warmup_epochs * k, self.cooldown_epochs * k, self.max_epochs * k
+
+    def lr_at(self, level):
+        """lr after `level` completed schedule steps (float64 for Python numbers, else float32)."""
+        W, C, M = self._units()
+        b, f, o, e = self.base_lr, self.warmup_factor, self.offset, self.exponent
+        xp = np if isinstance(level, (int, float, np.integer, np.floating)) else jnp
+        L = xp.asarray(level, np.float64 if xp is np else jnp.float32)
+        warm = b * (f + (1.0 - f) * L / max(W, 1))
+        decay = b / (1.0 + xp.power(xp.maximum(L - W + o, 0.0), e) - o ** e)
+        cool_base = b / (1.0 + (o + M - C) ** e - o ** e)
+        cool = (1.0 - xp.sqrt(xp.maximum(L - (M - C) - 1, 0.0) / max(C, 1))) * cool_base
+        lr = xp.where(L > M - C, cool, xp.where((L <= W) & (W > 0), warm, decay))
+        return xp.maximum(lr, 0.0)
+
+    def __call__(self, update):
+        level = update if self.per_update else update // self.steps_per_epoch
+        return self.lr_at(level)
+
+
+def resolve_epochs(train_cfg) -> tuple[int, int, int]:
+    """(max_epochs, warmup_epochs, cooldown_epochs) of a `train` config section.
+
+    max_epochs = ceil(train.steps / train.steps_per_epoch); warmup / cooldown of -1 follow the run
+    length with the release's proportions (10 of 200 pseudo-epochs each: 5%, rounded).
+    """
+    spe = int(train_cfg.steps_per_epoch)
+    if spe < 1:
+        raise ConfigError(f"config train.steps_per_epoch must be >= 1, got {spe}")
+    if train_cfg.steps <= 0:
+        raise ConfigError(f"config train.steps must be > 0, got {train_cfg.steps}")
+    m = math.ceil(int(train_cfg.steps) / spe)
+    w = round(0.05 * m) if train_cfg.warmup_epochs == -1 else int(train_cfg.warmup_epochs)
+    c = round(0.05 * m) if train_cfg.cooldown_epochs == -1 else int(train_cfg.cooldown_epochs)
+    return m, w, c
+
+
+def make_schedule(train_cfg, lr: float | None = None) -> Schedule:
+    """The schedule of a `train` config section (lr overrides train.lr, e.g. for fine-tuning)."""
+    m, w, c = resolve_epochs(train_cfg)
+    return Schedule(base_lr=float(train_cfg.lr if lr is None else lr), max_epochs=m, warmup_epochs=w,
+                    cooldown_epochs=c, steps_per_epoch=int(train_cfg.steps_per_epoch),
+                    per_update=bool(train_cfg.lr_per_update), warmup_factor=float(train_cfg.warmup_factor),
+                    offset=float(train_cfg.lr_offset), exponent=float(train_cfg.lr_exponent))
+
+
+# ------------------------------------------------------------------------------------ optimizer
+@dataclasses.dataclass(frozen=True)
+class AdamWConfig:
+    """torch.optim.AdamW settings plus clipping and accumulation (the release: module docstring)."""
+
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-10
+    weight_decay: float = 1e-4
+    clip_norm: float | None = 10.0
+    grad_accum: int = 1
+
+    def __post_init__(self):
+        if self.grad_accum < 1:
+            raise ConfigError(f"config train.grad_accum must be >= 1, got {self.grad_accum}")
+        if self.clip_norm is not None and self.clip_norm <= 0:
+            raise ConfigError(f"config train.clip_norm must be > 0 (or None to disable), got {self.clip_norm}")
+
+
+def adamw_config(train_cfg) -> AdamWConfig:
+    return AdamWConfig(b1=float(train_cfg.b1), b2=float(train_cfg.b2), eps=float(train_cfg.eps),
+                       weight_decay=float(train_cfg.weight_decay),
+                       clip_norm=None if not train_cfg.clip_norm else float(train_cfg.clip_norm),
+                       grad_accum=int(train_cfg.grad_accum))
+
+
+def _select(tree, mask):
+    """The leaves of `tree` where `mask` (same structure, Python bools) is True, as a flat dict."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    flags = jax.tree.leaves(mask)
+    return {jax.tree_util.keystr(p): v for (p, v), t in zip(leaves, flags) if t}
+
+
+def init(params, opt: AdamWConfig, trainable_mask=None) -> dict:
+    """Optimizer state for `params` (a pytree of arrays or ShapeDtypeStructs).
+
+    {"count": updates applied, "micro": micro-batches accumulated in the current update,
+     "grad_sum": {path: array} (only with grad_accum > 1), "seen": {path: bool} got a gradient in the
+     current update, "adam": {"step": {path: int32}, "mu": {path: array}, "nu": {path: array}},
+     "last": {"grad_norm", "clip_coef", "lr"} of the latest update}; paths are trainable leaves only
+    (`jax.tree_util.keystr` of the parameter path).
+    """
+    mask = jax.tree.map(lambda _: True, params) if trainable_mask is None else trainable_mask
+    sel = _select(params, mask)
+    zeros = lambda: {k: jnp.zeros(v.shape, v.dtype) for k, v in sel.items()}
+    state = {
+        "count": jnp.zeros((), jnp.int32),
+        "micro": jnp.zeros((), jnp.int32),
+        "seen": {k: jnp.zeros((), jnp.bool_) for k in sel},
+        "adam": {"step": {k: jnp.zeros((), jnp.int32) for k in sel}, "mu": zeros(), "nu": zeros()},
+        "last": {"grad_norm": jnp.zeros((), jnp.float32), "clip_coef": jnp.ones((), jnp.float32),
+                 "lr": jnp.zeros((), jnp.float32)},
+    }
+    if opt.grad_accum > 1:
+        state["grad_sum"] = zeros()
+    return state
+
+
+def _bias_correction(beta: float, step):
+    # 1 − β^step without the cancellation of computing β^step in float32 first.
+    return -jnp.expm1(step.astype(jnp.float32) * np.float32(math.log(beta)))
+
+
+def clip_coefficient(grad_norm, clip_norm: float | None):
+    """min(1, clip_norm / (grad_norm + 1e-6)); 1 when clipping is off."""
+    if clip_norm is None:
+        return jnp.ones((), jnp.float32)
+    return jnp.minimum(1.0, jnp.float32(clip_norm) / (grad_norm + CLIP_EPS))
+
+
+def step(params, grads, present, state: dict, opt: AdamWConfig, schedule: Callable, trainable_mask=None):
+    """One micro-batch: accumulate `grads` (already divided by grad_accum), and on the update's last
+    micro-batch clip and apply AdamW. Pure; returns (new_params, new_state).
+
+    params, grads: pytrees of the same structure; present: same structure, Python/array bools
+    (the parameter took part in this micro-batch's loss). state: from `init`.
+    """
+    mask = jax.tree.map(lambda _: True, params) if trainable_mask is None else trainable_mask
+    g = _select(grads, mask)
+    seen = {k: state["seen"][k] | jnp.asarray(v) for k, v in _select(present, mask).items()}
+    micro = state["micro"] + 1
+    if opt.grad_accum > 1:
+        g = {k: state["grad_sum"][k] + v.astype(state["grad_sum"][k].dtype) for k, v in g.items()}
+
+    def apply(_):
+        p = _select(params, mask)
+        sq = sum(jnp.sum(jnp.square(v.astype(jnp.float32))) for v in g.values()) if g else jnp.zeros(())
+        norm = jnp.sqrt(sq)
+        coef = clip_coefficient(norm, opt.clip_norm)
+        lr = jnp.asarray(schedule(state["count"]), jnp.float32)
+        adam = state["adam"]
+        new_p, steps_, mu, nu = {}, {}, {}, {}
+        decay = (1.0 - lr * np.float32(opt.weight_decay)).astype(jnp.float32)
+        for k in g:
+            gk = g[k].astype(jnp.float32) * coef
+            t = adam["step"][k] + 1
+            m = adam["mu"][k] + (gk - adam["mu"][k]) * np.float32(1.0 - opt.b1)  # torch: lerp
+            v = adam["nu"][k] * np.float32(opt.b2) + np.float32(1.0 - opt.b2) * gk * gk
+            denom = jnp.sqrt(v) / jnp.sqrt(_bias_correction(opt.b2, t)) + np.float32(opt.eps)
+            pk = p[k].astype(jnp.float32) * decay - (lr / _bias_correction(opt.b1, t)) * (m / denom)
+            on = seen[k]
+            new_p[k] = jnp.where(on, pk, p[k]).astype(p[k].dtype)
+            steps_[k] = jnp.where(on, t, adam["step"][k])
+            mu[k] = jnp.where(on, m, adam["mu"][k]).astype(adam["mu"][k].dtype)
+            nu[k] = jnp.where(on, v, adam["nu"][k]).astype(adam["nu"][k].dtype)
+        new_state = {"count": state["count"] + 1, "micro": jnp.zeros((), jnp.int32),
+                     "seen": {k: jnp.zeros((), jnp.bool_) for k in seen},
+                     "adam": {"step": steps_, "mu": mu, "nu": nu},
+                     "last": {"grad_norm": norm, "clip_coef": coef, "lr": lr}}
+        if opt.grad_accum > 1:
+            new_state["grad_sum"] = {k: jnp.zeros_like(v) for k, v in state["grad_sum"].items()}
+        return new_p, new_state
+
+    def hold(_):
+        new_state = dict(state, micro=micro, seen=seen)
+        if opt.grad_accum > 1:
+            new_state["grad_sum"] = {k: v.astype(state["grad_sum"][k].dtype) for k, v in g.items()}
+        return _select(params, mask), new_state
+
+    if opt.grad_accum == 1:
+        new_sel, new_state = apply(None)
+    else:
+        new_sel, new_state = jax.lax.cond(micro >= opt.grad_accum, apply, hold, None)
+    leaves = jax.tree_util.tree_flatten_with_path(params)
+    out = [new_sel.get(jax.tree_util.keystr(p), v) for p, v in leaves[0]]
+    return jax.tree.unflatten(leaves[1], out), new_state

@@ -1,16 +1,19 @@
-"""The training objective and the pure, jitted train / eval steps (SPEC §11, §14).
+"""The training objective and the pure, jitted train / eval steps, as the original's trainer computes them.
 
-Loss (the release: the_well MAE on normalized deltas × loss_multiplier):
+Loss of one micro-batch (the original's trainer: the_well MAE on normalized deltas × loss_multiplier):
   x       = [input_fields | constant_fields repeated over time]            (B, T, *spatial, C)
   x_n     = x / sample_rms(x)                                               (the model input)
   target  = normalized_delta_targets(x, next frame)                         (B, T, *spatial, C)
   y       = model(x_n, field_indices, bcs, jitter, train=True, key=k)       (B, T, *spatial, C)
-  mae     = mean over space |y − target|, variable channels only            (B, T, C_var)
-  loss    = loss_multiplier · mean over (batch, time) of the mean over the sample's real
-            (not padded) variable fields.
-Constant channels are not scored: the formatter's output map drops them (SPEC §0, §12) and their
-targets are identically zero. Only the first output frame is used (causal training, T_out = 1 in
-the release).
+  pred, target restricted to the variable channels (constants never enter the loss); a padded
+            channel (a component added by 2D→3D inflation) has its prediction set to 0 (its target is
+            0: a zero delta over the floored RMS) and still counts in the mean over channels; where a
+            constant field named "mask" is non-zero (an object inside the domain) prediction and
+            target are set to 0, and those points still count in the spatial mean.
+  mae     = mean over space |pred − target|                                 (B, T, C_var)
+  loss    = loss_multiplier · mean of mae over (batch, steps minimum_context.., channels)
+The first `minimum_context` (1) causal predictions are not scored: prediction t is made from frames
+0..t, and the one made from a single frame is left out (T = 6 → 5 scored steps).
 
 The state is a plain dict of arrays (params as a pure dict, optimizer state, counters, RNG key
 data) so that it shards, donates and checkpoints without NNX objects in the way.
@@ -24,14 +27,15 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-from walrus_jax import normalization, xla_options
+from walrus_jax import normalization, optim, xla_options
 from walrus_jax.models.jitter import Jitter, normalize_bcs, sample_jitter
 
+OBJECT_MASK_FIELD = "mask"  # a constant field of this name marks an object excluded from the loss
+
 # Batch entries that are arrays with a leading batch axis (sharded over the mesh).
-BATCH_KEYS = ("input_fields", "output_fields", "constant_fields")
+BATCH_KEYS = ("input_fields", "output_fields", "constant_fields", "object_mask")
 # Batch entries shared by the whole batch (replicated).
 SHARED_KEYS = ("field_indices", "padded_field_mask")
 
@@ -43,11 +47,13 @@ class StepOptions:
     loss_multiplier: float = 100.0
     eps: float = normalization.DEFAULT_EPS
     jitter: bool = True  # apply patch/token jitter in training (the release: jitter_patches=True)
+    minimum_context: int = 1  # leading causal predictions not scored
+    grad_accum: int = 1  # each micro-batch's loss is divided by this before differentiation
 
 
 # ---------------------------------------------------------------------------------- formatting
 def format_window(input_fields: jax.Array, constant_fields: jax.Array | None) -> jax.Array:
-    """(B, T, *sp, C_var) and (B, *sp, C_con) -> (B, T, *sp, C_var + C_con) (the formatter, SPEC §0)."""
+    """(B, T, *sp, C_var) and (B, *sp, C_con) -> (B, T, *sp, C_var + C_con) (constants repeated over T)."""
     if constant_fields is None or constant_fields.shape[-1] == 0:
         return input_fields.astype(jnp.float32)
     c = jnp.broadcast_to(constant_fields[:, None].astype(jnp.float32),
@@ -55,8 +61,8 @@ def format_window(input_fields: jax.Array, constant_fields: jax.Array | None) ->
     return jnp.concatenate([input_fields.astype(jnp.float32), c], axis=-1)
 
 
-def field_weights(padded_field_mask: jax.Array | None, batch: int, c_var: int) -> jax.Array:
-    """(B, C_var) float weights: 1 for real fields, 0 for padded ones (mask (C_var,) or (B, C_var))."""
+def real_channels(padded_field_mask: jax.Array | None, batch: int, c_var: int) -> jax.Array:
+    """(B, C_var) float: 1 for real fields, 0 for padded ones (mask (C_var,) or (B, C_var); None: all real)."""
     if padded_field_mask is None:
         return jnp.ones((batch, c_var), jnp.float32)
     m = jnp.asarray(padded_field_mask).astype(jnp.float32)
@@ -65,50 +71,75 @@ def field_weights(padded_field_mask: jax.Array | None, batch: int, c_var: int) -
     return jnp.broadcast_to(m, (batch, c_var))
 
 
-def per_field_l1(pred: jax.Array, target: jax.Array, weights: jax.Array) -> jax.Array:
-    """pred, target (B, T, *sp, C_var); weights (B, C_var) -> scalar.
-
-    the_well MAE (mean over space, keeping batch, time and field), then the mean over real fields
-    per sample, then the mean over time and batch.
-    """
-    sp_axes = tuple(range(2, pred.ndim - 1))
-    mae = jnp.mean(jnp.abs(pred.astype(jnp.float32) - target.astype(jnp.float32)), axis=sp_axes)  # (B, T, C)
-    per_sample = jnp.sum(mae * weights[:, None, :], axis=-1) / jnp.maximum(jnp.sum(weights, -1), 1.0)[:, None]
-    return jnp.mean(per_sample)
+def scored_mae(pred: jax.Array, target: jax.Array, real: jax.Array, object_mask: jax.Array | None,
+               minimum_context: int) -> jax.Array:
+    """the_well MAE of the scored steps: pred, target (B, T, *sp, C_var); real (B, C_var);
+    object_mask (B, *sp) or None -> (B, T − minimum_context, C_var) (module docstring)."""
+    pred = pred.astype(jnp.float32)[:, minimum_context:]
+    target = target.astype(jnp.float32)[:, minimum_context:]
+    n_sp = pred.ndim - 3
+    pred = pred * real.reshape(real.shape[:1] + (1,) * (n_sp + 1) + real.shape[1:])
+    if object_mask is not None:
+        keep = (object_mask == 0).astype(jnp.float32)[:, None, ..., None]
+        pred, target = pred * keep, target * keep
+    return jnp.mean(jnp.abs(pred - target), axis=tuple(range(2, 2 + n_sp)))
 
 
 def compute_loss(model, batch: Mapping[str, jax.Array], key: jax.Array | None, *, bcs, opts: StepOptions,
                  train: bool) -> tuple[jax.Array, dict]:
-    """Loss of `model` on one batch (see the module docstring). bcs: static (n_dims, 2) tuple."""
+    """Loss of `model` on one micro-batch (module docstring). bcs: static (n_dims, 2) tuple.
+
+    Returns (loss, aux) with aux {"mae": (B, T − minimum_context, C_var), "pred": normalized
+    prediction of the variable channels (B, T, *sp, C_var) as scored (padded channels zeroed)}.
+    """
     inp = batch["input_fields"]
-    c_var = inp.shape[-1]
+    c_var, n_t = inp.shape[-1], inp.shape[1]
+    if n_t <= opts.minimum_context:
+        raise ValueError(f"input_fields has {n_t} time steps: none is scored with minimum_context="
+                         f"{opts.minimum_context} (data.n_steps_input must exceed it)")
     const = batch.get("constant_fields")
     x = format_window(inp, const)
     x_n = x / normalization.sample_rms(x, opts.eps)
     nxt = format_window(batch["output_fields"][:, :1], const)
     target = normalization.normalized_delta_targets(x, nxt, opts.eps)
     cfg = model.cfg
-    k_jit = k_model = None
+    k_jitter = k_model = None
     if key is not None:
-        k_jit, k_model = jax.random.split(key)
+        k_jitter, k_model = jax.random.split(key)
     jitter = None
     if opts.jitter and cfg.jitter_patches:
         if "jitter" in batch and batch["jitter"] is not None:
             jitter = batch["jitter"]
-        elif k_jit is not None:
-            jitter = sample_jitter(k_jit, cfg, inp.shape[2:-1], bcs)
+        elif k_jitter is not None:
+            jitter = sample_jitter(k_jitter, cfg, inp.shape[2:-1], bcs)
     y = model(x_n, batch["field_indices"], bcs, jitter, train=train, key=k_model if train else None)
-    w = field_weights(batch.get("padded_field_mask"), inp.shape[0], c_var)
-    loss = per_field_l1(y[..., :c_var], target[..., :c_var], w) * opts.loss_multiplier
-    return loss, {}
+    real = real_channels(batch.get("padded_field_mask"), inp.shape[0], c_var)
+    mae = scored_mae(y[..., :c_var], target[..., :c_var], real, batch.get("object_mask"), opts.minimum_context)
+    loss = jnp.mean(mae) * opts.loss_multiplier
+    return loss, {"mae": mae}
+
+
+def object_mask(constant_fields, field_names) -> np.ndarray | None:
+    """(B, *sp) float32 from the constant field named "mask" (non-zero = object), or None.
+
+    constant_fields (B, *sp, C_con); field_names: the C_var + C_con flattened names, constants last.
+    """
+    if constant_fields is None or field_names is None:
+        return None
+    names = [str(n) for n in np.asarray(field_names).reshape(-1)]
+    c_con = np.shape(constant_fields)[-1]
+    con_names = names[len(names) - c_con:] if c_con else []
+    if OBJECT_MASK_FIELD not in con_names:
+        return None
+    return np.asarray(np.asarray(constant_fields)[..., con_names.index(OBJECT_MASK_FIELD)], np.float32)
 
 
 # ------------------------------------------------------------------------------------ state
-def init_state(params: Mapping[str, Any], tx: optax.GradientTransformation, seed_key: jax.Array) -> dict:
-    """The train state bundle: params (pure dict), opt_state, micro-step counter, RNG key data."""
+def init_state(params: Mapping[str, Any], opt: optim.AdamWConfig, seed_key: jax.Array, trainable_mask=None) -> dict:
+    """The train state bundle: params (pure dict), opt_state (`optim.init`), micro-step counter, RNG key data."""
     return {
         "params": params,
-        "opt_state": tx.init(params),
+        "opt_state": optim.init(params, opt, trainable_mask),
         "step": jnp.zeros((), jnp.int32),  # micro-batches done
         # A copy: the state is donated to the step, the caller's key must survive.
         "rng": jnp.array(jax.random.key_data(seed_key) if jnp.issubdtype(seed_key.dtype, jax.dtypes.prng_key)
@@ -122,25 +153,55 @@ def _split_rng(rng_data):
     return jax.random.key_data(key), sub
 
 
+def present_mask(params, n_spatial_axes: int):
+    """Which parameters take part in a micro-batch whose input has `n_spatial_axes` non-singleton
+    spatial axes: everything except the encoders / decoders of the other dimensionalities (the model
+    picks `embed/d{n}` and `debed/d{n}`). Same structure as params, Python bools."""
+    def used(path, _):
+        keys = [str(getattr(k, "key", k)) for k in path]
+        if len(keys) >= 2 and keys[0] in ("embed", "debed") and keys[1].startswith("d"):
+            return keys[1] == f"d{n_spatial_axes}"
+        return True
+
+    return jax.tree_util.tree_map_with_path(used, params)
+
+
+def active_spatial_axes(input_fields_shape) -> int:
+    """Non-singleton spatial axes of (B, T, *spatial, C): the encoder the model uses."""
+    return sum(1 for n in input_fields_shape[2:-1] if n > 1)
+
+
 # ------------------------------------------------------------------------------------ steps
-def train_step(state: dict, batch: Mapping[str, Any], rest, *, graphdef, tx, bcs, opts: StepOptions):
-    """One micro-batch: loss, gradients, optimizer (accumulation is inside `tx`). Pure.
+def loss_and_grads(params, batch: Mapping[str, Any], rest, key, *, graphdef, bcs, opts: StepOptions):
+    """(loss of the micro-batch in train mode, gradients of loss / grad_accum) w.r.t. params."""
+    def loss_fn(p):
+        model = nnx.merge(graphdef, p, rest)
+        loss, _ = compute_loss(model, batch, key, bcs=bcs, opts=opts, train=True)
+        return loss / opts.grad_accum, loss
+
+    (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, grads
+
+
+def train_step(state: dict, batch: Mapping[str, Any], rest, *, graphdef, opt: optim.AdamWConfig, schedule,
+               bcs, opts: StepOptions, trainable_mask=None):
+    """One micro-batch: loss, gradients of loss / grad_accum, accumulation, and on the update's last
+    micro-batch clipping and AdamW (`walrus_jax.optim.step`). Pure.
 
     state: see `init_state`; batch: arrays (BATCH_KEYS with a leading batch axis, SHARED_KEYS,
     optionally `jitter`); rest: the model's non-parameter variables (pure dict).
-    Returns (new_state, metrics{loss, grad_norm}).
+    Returns (new_state, metrics{loss (this micro-batch, unscaled), grad_norm, clip_coef, lr (of the
+    latest update; set when `applied`), applied (True on an update's last micro-batch)}).
     """
     rng, key = _split_rng(state["rng"])
-
-    def loss_fn(params):
-        model = nnx.merge(graphdef, params, rest)
-        return compute_loss(model, batch, key, bcs=bcs, opts=opts, train=True)
-
-    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+    loss, grads = loss_and_grads(state["params"], batch, rest, key, graphdef=graphdef, bcs=bcs, opts=opts)
+    present = present_mask(state["params"], active_spatial_axes(batch["input_fields"].shape))
+    params, opt_state = optim.step(state["params"], grads, present, state["opt_state"], opt, schedule,
+                                   trainable_mask)
     new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": rng}
-    return new, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    last = opt_state["last"]
+    return new, {"loss": loss, "grad_norm": last["grad_norm"], "clip_coef": last["clip_coef"], "lr": last["lr"],
+                 "applied": opt_state["micro"] == 0}
 
 
 def eval_loss(params, batch, rest, *, graphdef, bcs, opts: StepOptions):
@@ -150,14 +211,16 @@ def eval_loss(params, batch, rest, *, graphdef, bcs, opts: StepOptions):
     return loss
 
 
-def build_train_step(graphdef, tx, opts: StepOptions, state_shardings=None, rest_shardings=None):
+def build_train_step(graphdef, opt: optim.AdamWConfig, schedule, opts: StepOptions, state_shardings=None,
+                     rest_shardings=None, trainable_mask=None):
     """jit(train_step) with donated state, static bcs (one compile per bcs / shape / field count).
 
     With shardings, the state keeps its layout across steps (out_shardings = in_shardings).
     Usage: step(state, batch, rest, bcs) with bcs a normalized (static, hashable) tuple.
     """
     def fn(state, batch, rest, bcs):
-        return train_step(state, batch, rest, graphdef=graphdef, tx=tx, bcs=bcs, opts=opts)
+        return train_step(state, batch, rest, graphdef=graphdef, opt=opt, schedule=schedule, bcs=bcs, opts=opts,
+                          trainable_mask=trainable_mask)
 
     kw = {}
     if state_shardings is not None:
@@ -173,7 +236,8 @@ def device_batch(batch: Mapping[str, Any]) -> tuple[dict, tuple]:
     """Splits a pipeline batch into (arrays for the step, static bcs tuple).
 
     Drops non-array entries (dataset_name, ...), reads `boundary_conditions` ((n_dims, 2), or
-    (B, n_dims, 2) identical across the batch) into a static tuple.
+    (B, n_dims, 2) identical across the batch) into a static tuple, and derives `object_mask`
+    (B, *sp) from a constant field named "mask" when `field_names` lists one.
     """
     if "boundary_conditions" not in batch:
         raise KeyError(f"batch has no 'boundary_conditions' entry (keys: {sorted(batch)})")
@@ -185,6 +249,10 @@ def device_batch(batch: Mapping[str, Any]) -> tuple[dict, tuple]:
     for k in ("input_fields", "output_fields", "field_indices"):
         if k not in out:
             raise KeyError(f"batch has no '{k}' entry (keys: {sorted(batch)})")
+    if "object_mask" not in out:
+        m = object_mask(batch.get("constant_fields"), batch.get("field_names"))
+        if m is not None:
+            out["object_mask"] = m
     if batch.get("jitter") is not None:
         j = batch["jitter"]
         if not isinstance(j, Jitter):

@@ -102,6 +102,7 @@ class BatchSource:
             "boundary_conditions": s0["boundary_conditions"],
             "field_indices": self.field_indices[d].copy(),
             "padded_field_mask": s0["padded_field_mask"],
+            "field_names": s0["field_names"],  # (C_var + C_con,): the loss masks a constant field "mask"
             "dataset_name": ds.dataset_name,
             "time_stride": p["strides"],
             "batch_index": int(k),
@@ -243,14 +244,27 @@ def make_train_pipeline(
     num_batches: global batches in the stream (None: endless).
     process_index / process_count: host split (default jax.process_index() / jax.process_count()).
     """
-    import grain
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     dss, weights, bfactors, vocab = build_datasets(
         datasets, n_steps_input=n_steps_input, n_steps_output=n_steps_output, min_dt_stride=min_dt_stride,
         max_dt_stride=max_dt_stride, inflate_to_3d=inflate_to_3d, split=split, vocab=vocab,
         allow_new_fields=allow_new_fields, use_released_options=use_released_options, seed=seed)
+    return assemble_pipeline(dss, weights, bfactors, vocab, batch_size=batch_size, seed=seed, cfg=cfg,
+                             worker_count=worker_count, worker_buffer_size=worker_buffer_size,
+                             read_threads=read_threads, rotate=rotate, num_batches=num_batches,
+                             process_index=process_index, process_count=process_count)
+
+
+def assemble_pipeline(dss, weights, bfactors, vocab: FieldVocabulary, *, batch_size: int, seed: int = 0, cfg=None,
+                      worker_count: int = 0, worker_buffer_size: int = 2, read_threads: int = 1,
+                      rotate: bool = True, num_batches: int | None = None, process_index: int | None = None,
+                      process_count: int | None = None) -> TrainPipeline:
+    """The second half of `make_train_pipeline`, from `build_datasets`' output: a caller that must
+    know the data's vocabulary before choosing the model (fine-tuning on new fields) builds the
+    datasets first, grows the model, then assembles the pipeline with that model's config."""
+    import grain
+
     if cfg is not None and vocab.n_states > cfg.n_states:
         raise ValueError(f"the datasets need a field vocabulary of {vocab.n_states} rows but cfg.n_states = "
                          f"{cfg.n_states}; extend the model's vocabulary (new rows for {vocab.n_states - cfg.n_states} "
