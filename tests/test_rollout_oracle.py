@@ -90,7 +90,11 @@ def test_step1_intermediates(oracle, preds_f32):
     nxt = np.asarray(normalization.next_state(jnp.asarray(x[:, -1]), jnp.asarray(y[:, -1]), d_rms))[..., :3]
     nxt = nxt * case["padded_field_mask"]
     assert rel_err(nxt[:, None], case["step1_next_state"]) <= TOL
-    np.testing.assert_allclose(preds_f32[:, 0], nxt, rtol=0, atol=1e-6 * np.abs(nxt).max())
+    # The scanned rollout and this separately compiled step are two float32 evaluations of the same
+    # network: XLA may fuse and order their sums differently, so they agree to the network's float32
+    # rounding, the same bound (TOL) that float32 here and float32 in the original meet, not bitwise
+    # and not to a CPU-specific 1e-6 (an AVX-512 CPU differs by 2.5e-6 of the max on 2 of 12288 values).
+    assert rel_err(preds_f32[:, 0], nxt) <= TOL
 
 
 def test_bf16_inference_error_vs_float32(oracle, preds_f32):
