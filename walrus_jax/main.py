@@ -29,19 +29,28 @@ from ml_collections import config_flags
 
 from walrus_jax.errors import ConfigError, PathError, run_command, verbose_requested
 
-FLAGS = flags.FLAGS
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path.py[:variant]).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Working directory (checkpoints, logs, summary.json).")
-flags.DEFINE_enum("mode", None, ["train", "eval", "rollout"],
-                  "What to run; default: the config's `mode` entry (configs/rollout.py sets rollout), else train.")
-flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
-                  "jax.distributed.initialize: auto = when --coordinator_address is set; on = always "
-                  "(cluster auto-detection); off = never.")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
-flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
-flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
-flags.DEFINE_string("cpu_collectives", "gloo", "CPU cross-process collectives implementation (gloo or mpi).")
-flags.DEFINE_bool("verbose", False, "Print the traceback of an error (also: env WALRUS_JAX_VERBOSE=1).")
+
+
+def define_flags(fv: flags.FlagValues, argv) -> None:
+    """The command line's flags on `fv`. The config flag learns its `--config.*` overrides from
+    `argv`, so every command line gets its own FlagValues (cli() can run in-process, e.g. in tests)."""
+    config_flags.DEFINE_config_file("config", None, "Config file (path.py[:variant]).", flag_values=fv,
+                                    lock_config=True, sys_argv=list(argv))
+    flags.DEFINE_string("workdir", None, "Working directory (checkpoints, logs, summary.json).", flag_values=fv)
+    flags.DEFINE_enum("mode", None, ["train", "eval", "rollout"],
+                      "What to run; default: the config's `mode` entry (configs/rollout.py sets rollout), else train.",
+                      flag_values=fv)
+    flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                      "jax.distributed.initialize: auto = when --coordinator_address is set; on = always "
+                      "(cluster auto-detection); off = never.", flag_values=fv)
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).", flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).", flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).", flag_values=fv)
+    flags.DEFINE_string("cpu_collectives", "gloo", "CPU cross-process collectives implementation (gloo or mpi).",
+                        flag_values=fv)
+    flags.DEFINE_bool("verbose", False, "Print the traceback of an error (also: env WALRUS_JAX_VERBOSE=1).",
+                      flag_values=fv)
+
 
 log = logging.getLogger("walrus_jax")
 
@@ -162,22 +171,21 @@ def run(config, workdir: str, mode: str = "train") -> dict | None:
     raise ConfigError(f"unknown mode {mode!r}: expected train, eval or rollout")
 
 
-def main(argv):
-    """The command after flag parsing (argv: what the flags left)."""
+def main(fv: flags.FlagValues, argv) -> None:
+    """The command after flag parsing (fv: the parsed flags; argv: what the flags left)."""
     if len(argv) > 1:
         raise ConfigError(f"unexpected arguments: {argv[1:]}")
-    if FLAGS.config is None:
+    if fv.config is None:
         raise ConfigError("--config is required, e.g. --config configs/demo.py")
-    if not FLAGS.workdir:
+    if not fv.workdir:
         raise ConfigError("--workdir is required")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     for noisy in ("absl", "orbax", "jax._src", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    init_distributed(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                     FLAGS.cpu_collectives)
-    mode = FLAGS.mode or FLAGS.config.get("mode", "train")
-    out = run(FLAGS.config, FLAGS.workdir, mode)
+    init_distributed(fv.distributed, fv.coordinator_address, fv.num_processes, fv.process_id, fv.cpu_collectives)
+    mode = fv.mode or fv.config.get("mode", "train")
+    out = run(fv.config, fv.workdir, mode)
     import jax
 
     if jax.process_index() == 0 and isinstance(out, dict):
@@ -194,11 +202,13 @@ def cli(argv=None) -> int:
     """Parses the flags and runs main; returns the exit status (2 and one `error:` line for a user's
     mistake, see the module docstring)."""
     argv = list(sys.argv if argv is None else argv)
+    fv = flags.FlagValues()
+    define_flags(fv, argv)
     if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
         print(__doc__)
-        print(FLAGS.main_module_help())
+        print(fv.get_help())
         return 0
-    return run_command(lambda: main(parse_flags(FLAGS, argv)), verbose_requested(argv))
+    return run_command(lambda: main(fv, parse_flags(fv, argv)), verbose_requested(argv))
 
 
 if __name__ == "__main__":
