@@ -7,11 +7,15 @@ exception it refines, so `except ValueError` keeps working for library users.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import os
+import re
 import sys
+import threading
 import traceback
-from typing import Callable
+from typing import Callable, Iterator
 
 
 class UserError(Exception):
@@ -44,20 +48,61 @@ def verbose_requested(argv=()) -> bool:
     return env or any(a in ("--verbose", "--verbose=true", "--verbose=1") for a in argv)
 
 
+def _os_error_in_text(exc: BaseException) -> OSError | None:
+    """TensorStore (under Orbax) reports a failed write as ValueError("... Failed writing: "path"
+    ... [os_error_code='28']"): the OS error it stands for, if it is one of the environment's."""
+    m = re.search(r"os_error_code='(\d+)'", str(exc))
+    if not m or int(m.group(1)) not in _ENVIRONMENT_ERRNOS:
+        return None
+    code = int(m.group(1))
+    path = re.search(r'(?:Failed writing|local file|Error writing file|file): "([^"]+)"', str(exc))
+    return OSError(code, os.strerror(code), path.group(1) if path else None)
+
+
 def user_facing(exc: BaseException) -> BaseException | None:
     """The exception to print as one line: `exc` itself when it is a UserError or an OSError, else
     an OS error of the environment (full disk, read-only directory, ...) found in its chain of
-    causes; None when `exc` is a bug (keep the traceback)."""
+    causes or in a storage library's message; None when `exc` is a bug (keep the traceback)."""
     if isinstance(exc, (UserError, OSError)):
         return exc
     seen = set()
-    e = exc.__cause__ or exc.__context__
+    e = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno in _ENVIRONMENT_ERRNOS:
             return e
+        found = _os_error_in_text(e)
+        if found is not None:
+            return found
         e = e.__cause__ or e.__context__
     return None
+
+
+class _DropBackgroundEcho(logging.Filter):
+    """Orbax logs every failure of its writer threads ("_SignalingThread.run() raised an
+    exception: ...") before re-raising it in the caller, which reports it once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "raised an exception" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _held_background_errors(held: list) -> Iterator[None]:
+    """While a command runs without --verbose, exceptions printed from library threads and
+    callbacks (asyncio "Event loop is closed" after a failed write, ...) are held in `held`
+    instead of going to stderr: the caller prints them unless the command ends in a user-facing
+    error, which they only echo (a full disk would otherwise print hundreds of lines)."""
+    old_hook, old_thread_hook = sys.excepthook, threading.excepthook
+    sys.excepthook = lambda t, v, tb: held.append((t, v, tb))
+    threading.excepthook = lambda a: held.append((a.exc_type, a.exc_value, a.exc_traceback))
+    echo = _DropBackgroundEcho()
+    absl_log = logging.getLogger("absl")
+    absl_log.addFilter(echo)
+    try:
+        yield
+    finally:
+        sys.excepthook, threading.excepthook = old_hook, old_thread_hook
+        absl_log.removeFilter(echo)
 
 
 def describe(exc: BaseException) -> str:
@@ -76,18 +121,28 @@ def run_command(fn: Callable[[], int | None], verbose: bool = False) -> int:
     """Runs a command-line body: 0 (or its return value) on success; for a user's mistake or an
     environment error prints `error: <message>` to stderr (the traceback too when `verbose`) and
     returns 2. Any other exception propagates with its traceback (a bug)."""
+    held: list = []
     try:
-        rc = fn()
+        with contextlib.nullcontext() if verbose else _held_background_errors(held):
+            rc = fn()
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr, flush=True)
         return 130
     except BaseException as e:  # noqa: BLE001 - sorted below: user-facing or re-raised
         shown = user_facing(e) if not isinstance(e, SystemExit) else None
         if shown is None:
+            _print_held(held)
             raise
         if verbose:
             traceback.print_exception(e)
         sys.stdout.flush()
         print(f"error: {describe(shown)}", file=sys.stderr, flush=True)
         return 2
+    _print_held(held)
     return 0 if rc is None else int(rc)
+
+
+def _print_held(held: list) -> None:
+    for t, v, tb in held:
+        print("error in a background thread or callback:", file=sys.stderr)
+        traceback.print_exception(t, v, tb, file=sys.stderr)
