@@ -234,6 +234,11 @@ def prepare_fields(fields: Mapping, constant_fields: Mapping | None = None, dim_
     return groups, n_traj, n_time, tuple(spatial), dim_names
 
 
+def _check_dataset_name(name) -> None:
+    if not isinstance(name, str) or not name.strip() or "/" in name or os.sep in name or name.startswith("."):
+        raise DataError(f"dataset_name {name!r}: expected a non-empty folder name (no '/', not starting with '.')")
+
+
 # ----------------------------------------------------------------------------------- writing
 def write_arrays(path, fields: Mapping, *, dataset_name: str, boundary_conditions: Mapping,
                     dt: float | None = None, time=None, t0: float = 0.0,
@@ -263,8 +268,7 @@ def write_arrays(path, fields: Mapping, *, dataset_name: str, boundary_condition
         raise UserError(f"{path}: already exists (pass overwrite=True to replace it)")
     if not path.endswith((".hdf5", ".h5")):
         raise DataError(f"{path}: a Well file name ends in .hdf5 or .h5 (the reader looks for those)")
-    if not isinstance(dataset_name, str) or not dataset_name or "/" in dataset_name:
-        raise DataError(f"dataset_name {dataset_name!r}: expected a non-empty name without '/'")
+    _check_dataset_name(dataset_name)
     groups, n_traj, n_time, spatial, dims = prepare_fields(fields, constant_fields, dim_names)
     params = {}
     for k, v in (parameters or {}).items():
@@ -334,7 +338,7 @@ def write_dataset(root, dataset_name: str, fields: Mapping, *, splits=None,
 
     Args:
       fields, constant_fields: as `write_arrays`, with all trajectories; `splits` divides them.
-      splits: {split: fraction} or {split: trajectory indices}, splits among train / valid / test
+      splits: {split: fraction (or weight)} or {split: list of trajectory indices}, among train / valid / test
         (default train 0.8, valid 0.1, test 0.1 of the trajectories, in order).
       overwrite: replace an existing dataset folder (otherwise it is an error).
       file_kwargs: the other `write_arrays` arguments (boundary_conditions, dt, spacing, ...).
@@ -343,6 +347,7 @@ def write_dataset(root, dataset_name: str, fields: Mapping, *, splits=None,
     """
     from walrus_jax.data.stats import compute_stats
 
+    _check_dataset_name(dataset_name)
     final = dataset_dir(root, dataset_name)
     if os.path.exists(final) and not overwrite:
         raise UserError(f"{final}: already exists (pass overwrite=True to replace it)")
@@ -357,7 +362,7 @@ def write_dataset(root, dataset_name: str, fields: Mapping, *, splits=None,
             # A constant field is per trajectory when it has one axis more than grid + components.
             sub_c = {n: (a[idx] if a.ndim == 1 + len(spatial) + r else a, r) for n, a, r in _items(constant_fields or {})}
             write_arrays(os.path.join(tmp, "data", split, f"{dataset_name}.hdf5"), sub,
-                            dataset_name=dataset_name, constant_fields=sub_c, **file_kwargs)
+                         dataset_name=dataset_name, constant_fields=sub_c, **file_kwargs)
         compute_stats(tmp, split="train")
         if os.path.exists(final):
             old = f"{tmp}-old"
