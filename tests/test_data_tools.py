@@ -284,3 +284,25 @@ def test_stats_refuses_nan_and_bad_files(tmp_path):
     open(tmp_path / "d" / "data" / "train" / "b.hdf5", "w").write("not hdf5")
     with pytest.raises(DataError, match="b.hdf5: not an HDF5 file"):
         st.compute_stats(tmp_path / "d")
+
+
+def test_cli_single_file_with_time_coords_and_dim_names(tmp_path, capsys):
+    fields, consts = _arrays()
+    np.save(tmp_path / "u.npy", fields["velocity"][0])
+    np.save(tmp_path / "wind.npy", consts["wind"][0])
+    np.save(tmp_path / "t.npy", np.array([0, 1, 2, 4, 8, 16.0]))
+    np.savez(tmp_path / "grid.npz", r=np.linspace(1, 2, 8), z=np.linspace(0, 1, 6))
+    code, err = _in_process("walrus_jax.data.from_arrays", [
+        "--file", tmp_path / "one.hdf5", "--name", "cyl", "--vector", f"velocity={tmp_path}/u.npy",
+        "--constant-vector", f"wind={tmp_path}/wind.npy", "--time", f"{tmp_path}/t.npy", "--coords",
+        tmp_path / "grid.npz", "--dims", "r,z", "--bc", "r=wall,open", "--bc", "1=periodic", "--param", "nu=0.5"], capsys)
+    assert code == 0, err
+    ds = WellDataset(tmp_path / "one.hdf5", n_steps_input=2, allow_new_fields=True)
+    assert ds.field_names == ["velocity_r", "velocity_z", "wind_r", "wind_z"]
+    s = ds.read(3)
+    np.testing.assert_array_equal(s["input_fields"], fields["velocity"][0][0, 3:5])
+    np.testing.assert_allclose(s["input_time_grid"], [0.0, 4.0])  # relative to the window's first frame
+    np.testing.assert_allclose(s["space_grid"][-1, -1], [2.0, 1.0])
+    assert s["boundary_conditions"].tolist() == [[WALL, OPEN], [PERIODIC, PERIODIC]]
+    with h5py.File(tmp_path / "one.hdf5") as f:
+        assert float(f.attrs["nu"]) == 0.5
