@@ -32,7 +32,7 @@ import numpy as np
 from walrus_jax.data.fields import RESERVED_FIELD_NAMES, flattened_names
 from walrus_jax.data.writer import WellField, axis_boundaries
 from walrus_jax.data.writer import write_well_file as _write_raw
-from walrus_jax.errors import DataError, PathError, UserError
+from walrus_jax.errors import DataError, PathError, UserError, run_command, verbose_requested
 
 BC_NAMES = ("periodic", "wall", "open")
 DEFAULT_DIM_NAMES = ("x", "y", "z")
@@ -454,71 +454,72 @@ def _parse_args(argv):
     ap.add_argument("--splits", default="train=0.8,valid=0.1,test=0.1",
                     help="with --root: fractions of the trajectories per split (default train=0.8,valid=0.1,test=0.1)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing file or dataset folder")
+    ap.add_argument("--verbose", action="store_true", help="print the traceback of an error")
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> int:
+    """The command line: 0, or 2 and one `error:` line for any mistake in the inputs (or a full disk)."""
     args = _parse_args(argv)
-    try:
-        fields, constants = {}, {}
-        for target, flags in ((fields, (("--field", 0), ("--vector", 1), ("--tensor", 2))),
-                              (constants, (("--constant", 0), ("--constant-vector", 1), ("--constant-tensor", 2)))):
-            for flag, rank in flags:
-                for spec in getattr(args, flag[2:].replace("-", "_")):
-                    name, a = _load_array(spec, flag)
-                    if name in fields or name in constants:
-                        raise DataError(f"{flag} {spec!r}: field {name!r} given twice")
-                    target[name] = (a, rank)
-        if not fields:
-            raise DataError("no fields: give at least one --field, --vector or --tensor NAME=FILE")
-        bcs = {}
-        for spec in args.bc:
-            if "=" not in spec:
-                raise DataError(f"--bc {spec!r}: expected AXIS=TYPE or AXIS=LOW,HIGH (e.g. x=periodic, y=wall,open)")
-            axis, kinds = spec.split("=", 1)
-            kinds = kinds.split(",")
-            bcs[int(axis) if axis.isdigit() else axis] = kinds[0] if len(kinds) == 1 else tuple(kinds)
-        kw = dict(dataset_name=args.name, boundary_conditions=bcs, constant_fields=constants,
-                  dim_names=args.dims.split(",") if args.dims else None, overwrite=args.overwrite,
-                  origin=_floats(args.origin, "--origin"))
-        if args.dt is not None:
-            kw["dt"] = _floats(args.dt, "--dt")[0]
-        else:
-            kw["time"] = _load_array(f"time={args.time}", "--time")[1]
-        if args.spacing is not None:
-            kw["spacing"] = _floats(args.spacing, "--spacing")
-        else:
-            if not os.path.isfile(args.coords):
-                raise PathError(f"--coords {args.coords}: no such file")
-            with np.load(args.coords, allow_pickle=False) as z:
-                kw["coords"] = {k: np.asarray(z[k]) for k in z.keys()}
-        if len(kw["origin"]) == 1:
-            kw["origin"] = kw["origin"][0]
-        if "spacing" in kw and len(kw["spacing"]) == 1:
-            kw["spacing"] = kw["spacing"][0]
-        kw["parameters"] = {}
-        for p in args.param:
-            if "=" not in p:
-                raise DataError(f"--param {p!r}: expected NAME=VALUE")
-            k, v = p.split("=", 1)
-            kw["parameters"][k] = _floats(v, f"--param {k}")[0]
-        if args.file:
-            path = write_arrays(args.file, fields, **kw)
-            print(f"wrote {path}")
-        else:
-            splits = {}
-            for part in args.splits.split(","):
-                if "=" not in part:
-                    raise DataError(f"--splits {args.splits!r}: expected SPLIT=FRACTION,... (e.g. train=0.8,valid=0.2)")
-                s, v = part.split("=", 1)
-                splits[s] = _floats(v, f"--splits {s}")[0]
-            name = kw.pop("dataset_name")
-            path = write_dataset(args.root, name, fields, splits=splits, **kw)
-            print(f"wrote {path} (data/{{{','.join(splits)}}}/{name}.hdf5, stats.yaml)")
-    except (UserError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: _run(args), args.verbose or verbose_requested())
+
+
+def _run(args) -> None:
+    fields, constants = {}, {}
+    for target, flags in ((fields, (("--field", 0), ("--vector", 1), ("--tensor", 2))),
+                          (constants, (("--constant", 0), ("--constant-vector", 1), ("--constant-tensor", 2)))):
+        for flag, rank in flags:
+            for spec in getattr(args, flag[2:].replace("-", "_")):
+                name, a = _load_array(spec, flag)
+                if name in fields or name in constants:
+                    raise DataError(f"{flag} {spec!r}: field {name!r} given twice")
+                target[name] = (a, rank)
+    if not fields:
+        raise DataError("no fields: give at least one --field, --vector or --tensor NAME=FILE")
+    bcs = {}
+    for spec in args.bc:
+        if "=" not in spec:
+            raise DataError(f"--bc {spec!r}: expected AXIS=TYPE or AXIS=LOW,HIGH (e.g. x=periodic, y=wall,open)")
+        axis, kinds = spec.split("=", 1)
+        kinds = kinds.split(",")
+        bcs[int(axis) if axis.isdigit() else axis] = kinds[0] if len(kinds) == 1 else tuple(kinds)
+    kw = dict(dataset_name=args.name, boundary_conditions=bcs, constant_fields=constants,
+              dim_names=args.dims.split(",") if args.dims else None, overwrite=args.overwrite,
+              origin=_floats(args.origin, "--origin"))
+    if args.dt is not None:
+        kw["dt"] = _floats(args.dt, "--dt")[0]
+    else:
+        kw["time"] = _load_array(f"time={args.time}", "--time")[1]
+    if args.spacing is not None:
+        kw["spacing"] = _floats(args.spacing, "--spacing")
+    else:
+        if not os.path.isfile(args.coords):
+            raise PathError(f"--coords {args.coords}: no such file")
+        with np.load(args.coords, allow_pickle=False) as z:
+            kw["coords"] = {k: np.asarray(z[k]) for k in z.keys()}
+    if len(kw["origin"]) == 1:
+        kw["origin"] = kw["origin"][0]
+    if "spacing" in kw and len(kw["spacing"]) == 1:
+        kw["spacing"] = kw["spacing"][0]
+    kw["parameters"] = {}
+    for p in args.param:
+        if "=" not in p:
+            raise DataError(f"--param {p!r}: expected NAME=VALUE")
+        k, v = p.split("=", 1)
+        kw["parameters"][k] = _floats(v, f"--param {k}")[0]
+    if args.file:
+        path = write_arrays(args.file, fields, **kw)
+        print(f"wrote {path}")
+    else:
+        splits = {}
+        for part in args.splits.split(","):
+            if "=" not in part:
+                raise DataError(f"--splits {args.splits!r}: expected SPLIT=FRACTION,... (e.g. train=0.8,valid=0.2)")
+            s, v = part.split("=", 1)
+            splits[s] = _floats(v, f"--splits {s}")[0]
+        name = kw.pop("dataset_name")
+        path = write_dataset(args.root, name, fields, splits=splits, **kw)
+        print(f"wrote {path} (data/{{{','.join(splits)}}}/{name}.hdf5, stats.yaml)")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import yaml
 
 from walrus_jax.data.fields import flattened_names
 from walrus_jax.data.well import FIELD_GROUPS, WellFormatError, inspect_file
-from walrus_jax.errors import DataError, PathError, UserError
+from walrus_jax.errors import DataError, PathError, UserError, run_command, verbose_requested
 
 STAT_KEYS = ("mean", "std", "rms", "mean_delta", "std_delta", "rms_delta")
 SLAB_ELEMENTS = 1 << 24  # values read per slab (128 MiB in float64)
@@ -296,15 +296,16 @@ def main(argv=None) -> int:
     ap.add_argument("--split", default="train", help="split to compute over (default train, as the_well)")
     ap.add_argument("--out", help="output file (default DATASET_DIR/stats.yaml)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing stats file")
+    ap.add_argument("--verbose", action="store_true", help="print the traceback of an error")
     args = ap.parse_args(argv)
     out = args.out or os.path.join(args.dataset_dir, "stats.yaml")
-    try:
+
+    def job():
         stats = compute_stats(args.dataset_dir, split=args.split, out=out, overwrite=args.overwrite)
-    except (UserError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}: {len(stats['mean'])} fields ({', '.join(stats['mean'])}) over data/{args.split}")
-    return 0
+        print(f"wrote {out}: {len(stats['mean'])} fields ({', '.join(stats['mean'])}) over data/{args.split}")
+
+    # A mistake (missing folder, bad file, NaN) or a full disk: one `error:` line, exit status 2.
+    return run_command(job, args.verbose or verbose_requested())
 
 
 if __name__ == "__main__":
