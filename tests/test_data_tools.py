@@ -120,8 +120,12 @@ def test_load_stats_per_channel(tmp_path):
     np.testing.assert_allclose(same["mean"], [stats["mean"]["velocity"][1]], rtol=1e-7)
     with pytest.raises(DataError, match=r"rms has no entry for channel 'pressure'"):
         st.load_stats(d, ["my_tracer", "pressure"])
-    with pytest.raises(DataError, match="velocity_z"):  # a padded component must be marked as padded
-        st.load_stats(d, ["velocity_z"])
+    # 2D data inflated to 3D: the added components are recognized by name (constant fields too).
+    inflated = st.load_stats(d, ["velocity_z", "stress_xz", "stress_zz", "wind_z", "wind_x"])
+    np.testing.assert_array_equal(inflated["rms"], [0, 0, 0, 0, np.float32(stats["rms"]["wind"][0])])
+    np.testing.assert_array_equal(inflated["rms_delta"], [0, 0, 0, 0, 0])
+    with pytest.raises(DataError, match="no entry for channel 'velocity_w'"):
+        st.load_stats(d, ["velocity_w"])
     with pytest.raises(PathError, match="stats.yaml: no such file"):
         st.load_stats(tmp_path, ["my_tracer"])
     with open(tmp_path / "partial.yaml", "w") as f:

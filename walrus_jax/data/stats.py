@@ -202,8 +202,10 @@ def load_stats(path, field_names: Sequence[str], *, keys: Sequence[str] = ("rms"
         `velocity_x`, `D_xy`, ...); a vector/tensor entry of stats.yaml gives its components in
         the files' axis order (`dim_names`: read from the dataset's files, else x, y, z).
       keys: which statistics to return (any of mean, std, rms and the *_delta ones).
-      padded_field_mask: (C,) bool; False marks components added by 2D -> 3D inflation (e.g.
-        velocity_z of 2D data): their statistics are 0, so a normalization floors them at its eps.
+      padded_field_mask: (C,) or (C_var,) bool, False on components added by 2D -> 3D inflation.
+        Without it, such components are recognized by name (velocity_z, D_xz, ... of a field that
+        stats.yaml holds with 2 components on axes x, y). Their statistics are 0, so a
+        normalization floors them at its eps (as the original does for padded fields).
     Returns:
       {key: float32 (C,)}. A channel named `zeros_like_<field>` (the release's zeroed density) is 0;
       a `*_delta` key is 0 for a field without deltas in stats.yaml (a constant field: it never
@@ -239,15 +241,17 @@ def load_stats(path, field_names: Sequence[str], *, keys: Sequence[str] = ("rms"
         if not isinstance(table, Mapping):
             raise DataError(f"{stats_file}: missing top-level key {key!r} (found {sorted(stats)})")
         channels = _channel_table(table, dims, f"{stats_file}: {key}")
-        core_of = {fl: core for core, comps in _component_names(stats.get(key[:-6] if key.endswith("_delta") else key)
-                                                                  or {}, dims) for fl in comps}
+        # Every field is in the value statistics; the *_delta ones lack the constant fields.
+        every = _component_names(stats.get(key[:-6] if key.endswith("_delta") else key) or {}, dims)
+        known = {fl for _, comps in every for fl in comps}
+        inflated = _inflated_names(every, dims)
         vals = []
         for name, pad in zip(field_names, padded):
-            if pad or name.startswith("zeros_like_"):
+            if pad or name.startswith("zeros_like_") or name in inflated:
                 vals.append(0.0)
             elif name in channels:
                 vals.append(channels[name])
-            elif key.endswith("_delta") and name in core_of:
+            elif key.endswith("_delta") and name in known:
                 vals.append(0.0)  # a field of stats.yaml without deltas: a constant field
             else:
                 raise DataError(f"{stats_file}: {key} has no entry for channel {name!r} (its fields: "
@@ -266,6 +270,19 @@ def _component_names(table: Mapping, dims) -> list[tuple[str, list[str]]]:
         n = a.shape[0] if a.ndim else 0
         names = dims if dims is not None and len(dims) == n else ("x", "y", "z")[:n]
         out.append((str(core), flattened_names(str(core), a.ndim, names)))
+    return out
+
+
+def _inflated_names(components: list[tuple[str, list[str]]], dims) -> set[str]:
+    """Channel names that 2D -> 3D inflation adds to the fields of a dataset on axes x, y."""
+    xyz = ("x", "y", "z")
+    out = set()
+    if dims is not None and tuple(dims) != xyz[:len(dims)]:
+        return out  # not cartesian x, y: never inflated
+    for core, comps in components:
+        order = 0 if comps == [core] else len(comps[0]) - len(core) - 1
+        if order and len(comps) < 3 ** order:
+            out.update(set(flattened_names(core, order, xyz)) - set(comps))
     return out
 
 
