@@ -337,7 +337,7 @@ def run_rollout_job(config, workdir: str) -> dict:
                               eps=float(config.eps), chunk_size=int(config.chunk_size), min_input_steps=t_in,
                               on_nonfinite="raise")
         except R.NonFiniteRolloutError as e:  # stopped after the chunk holding the first NaN/Inf
-            where = {"trajectory": int(ids[e.sample]), "step": int(e.step) + 1, "field": var_names[e.channel]}
+            where = {"trajectory": int(ids[e.sample]), "step": int(e.step) + 1, "field": str(var_names[e.channel])}
             text = (f"the rollout of {config.checkpoint} on {config.data} diverged: trajectory {where['trajectory']}, "
                     f"field {where['field']!r} is NaN/Inf at prediction step {where['step']} of {n_steps}")
             if on_nonfinite == "error" or e.step == 0:

@@ -1,0 +1,393 @@
+"""What a user can get wrong (or what the machine can do to them) ends in one clear line.
+
+Each case asserts the message (naming the file, key or flag given), a non-zero exit where there is
+a command line, and that nothing already there was lost. Command lines run in-process through
+their main functions; two cases run a real subprocess (no traceback, exit status 2, --verbose).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import subprocess
+import sys
+import warnings
+
+import h5py
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from walrus_jax import errors, main, workdir_lock
+from walrus_jax import rollouts as R
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIX = os.path.join(ROOT, "tests", "fixtures")
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+SMALL_PT = os.path.join(FIX, "small_ckpt.pt")
+
+
+def _one_error_line(err: str, *parts: str) -> str:
+    """stderr holds exactly one non-empty line, `error: ...`, containing every part; no traceback."""
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for p in parts:
+        assert p in lines[0], (p, lines[0])
+    return lines[0]
+
+
+def _cli(argv, capsys) -> tuple[int, str]:
+    rc = main.cli(["walrus_jax.main"] + argv)
+    return rc, capsys.readouterr().err
+
+
+def _tree(path) -> dict:
+    """{relative path: bytes} of every file under path."""
+    out = {}
+    for d, _, files in os.walk(path):
+        for f in files:
+            p = os.path.join(d, f)
+            out[os.path.relpath(p, path)] = open(p, "rb").read()
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_yaml(tmp_path_factory):
+    meta = json.loads(str(np.load(os.path.join(FIX, "small_ckpt_expected.npz"))["config_json"]))
+    path = tmp_path_factory.mktemp("yaml") / "small.yaml"
+    path.write_text(yaml.safe_dump({"model": meta["config"]}))
+    return str(path)
+
+
+# ------------------------------------------------------------------------------ walrus_jax.main
+def test_main_config_mistakes_are_one_line(tmp_path, capsys):
+    work = str(tmp_path / "w")
+    rc, err = _cli(["--config", TINY, "--config.train.stpes=5", "--workdir", work], capsys)
+    assert rc == 2
+    _one_error_line(err, "--config.train.stpes", "'stpes'", "did you mean 'steps'")
+    rc, err = _cli(["--config", TINY, "--config.trian.steps=5", "--workdir", work], capsys)
+    assert rc == 2 and "did you mean 'train'" in _one_error_line(err, "--config.trian.steps")
+    rc, err = _cli(["--config", TINY, "--config.train.steps=abc", "--workdir", work], capsys)
+    assert rc == 2 and "train.steps=abc" in _one_error_line(err)
+    binary = tmp_path / "binary.py"
+    binary.write_bytes(bytes(range(256)) * 4)
+    rc, err = _cli(["--config", str(binary), "--workdir", work], capsys)
+    assert rc == 2 and "binary file" in _one_error_line(err, str(binary))
+    rc, err = _cli(["--config", str(tmp_path / "nope.py"), "--workdir", work], capsys)
+    assert rc == 2 and "no such file" in _one_error_line(err, str(tmp_path / "nope.py"))
+    rc, err = _cli(["--config", TINY + ":nope", "--workdir", work], capsys)
+    assert rc == 2 and "unknown variant 'nope'" in _one_error_line(err)
+    rc, err = _cli(["--config.train.steps=5", "--workdir", work], capsys)
+    assert rc == 2 and "--config is required" in _one_error_line(err)
+    rc, err = _cli(["--config", TINY, "--nosuchflag=1", "--workdir", work], capsys)
+    assert rc == 2 and "nosuchflag" in _one_error_line(err)
+    assert not os.path.exists(work)  # nothing was created for a bad command line
+
+
+def test_main_workdir_naming_a_file(tmp_path, capsys):
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    rc, err = _cli(["--config", TINY, "--workdir", str(f)], capsys)
+    assert rc == 2 and "is a file, not a directory" in _one_error_line(err, str(f))
+    assert f.read_text() == "mine"
+
+
+def test_main_subprocess_exit_status_and_verbose(tmp_path):
+    cmd = [sys.executable, "-m", "walrus_jax.main", "--config", TINY, "--config.train.stpes=5",
+           "--workdir", str(tmp_path / "w")]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop(errors.VERBOSE_ENV, None)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert out.returncode == 2
+    _one_error_line(out.stderr, "--config.train.stpes")
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**env, errors.VERBOSE_ENV: "1"},
+                         timeout=300)
+    assert out.returncode == 2 and "Traceback" in out.stderr and "error: --config.train.stpes" in out.stderr
+
+
+# ------------------------------------------------------------------------------ errors.run_command
+def test_environment_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
+    def full_disk():
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/data/ckpt/3/state")
+        except OSError as e:
+            raise RuntimeError("checkpoint save failed") from e
+
+    assert errors.run_command(full_disk) == 2
+    _one_error_line(capsys.readouterr().err, "No space left on device", "disk is full", "/data/ckpt/3/state")
+
+    def tensorstore_style():  # how Orbax/TensorStore words a failed write: text, no OSError
+        raise ValueError('OUT_OF_RANGE: Error writing "x/0": Failed writing: "/ro/ckpt/d/ab": Failed to write '
+                         "10 bytes [os_error_code='30']")
+
+    assert errors.run_command(tensorstore_style) == 2
+    _one_error_line(capsys.readouterr().err, "Read-only file system", "/ro/ckpt/d/ab")
+
+    def bug():
+        raise ValueError("an internal mistake")
+
+    with pytest.raises(ValueError, match="an internal mistake"):
+        errors.run_command(bug)
+    assert errors.run_command(lambda: (_ for _ in ()).throw(errors.ConfigError("config x: bad")), verbose=True) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.rstrip().endswith("error: config x: bad")
+
+
+# ------------------------------------------------------------------------------ the converter
+def _convert(argv, capsys):
+    from tools.convert_torch_ckpt import cli
+
+    rc = cli.main(argv)
+    return rc, capsys.readouterr().err
+
+
+def test_overwrite_never_deletes_user_files_or_inputs(tmp_path, small_yaml, capsys):
+    mine = tmp_path / "my_results"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    before = _tree(mine)
+    rc, err = _convert(["--checkpoint", SMALL_PT, "--config", small_yaml, "--output", str(mine), "--overwrite"],
+                       capsys)
+    assert rc == 2 and "not an earlier converted checkpoint" in _one_error_line(err, str(mine), "thesis.tex")
+    assert _tree(mine) == before
+    # The directory holding the inputs themselves.
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    pt, yml = inputs / "walrus.pt", inputs / "extended_config.yaml"
+    pt.write_bytes(open(SMALL_PT, "rb").read())
+    yml.write_text(open(small_yaml).read())
+    before = _tree(inputs)
+    rc, err = _convert(["--checkpoint", str(pt), "--config", str(yml), "--output", str(inputs), "--overwrite"],
+                       capsys)
+    assert rc == 2 and "contains the input --checkpoint" in _one_error_line(err, str(inputs))
+    assert _tree(inputs) == before
+
+
+def test_nonfinite_weights_are_refused_naming_the_tensor(tmp_path, small_yaml, capsys):
+    ckpt = torch.load(SMALL_PT, map_location="cpu", weights_only=True)
+    sd = ckpt["app"]["model"]
+    key = sorted(k for k in sd if k.startswith("blocks.0.") and sd[k].ndim >= 2)[0]
+    sd[key] = sd[key].clone()
+    sd[key].view(-1)[3] = float("nan")
+    sd[key].view(-1)[5] = float("inf")
+    bad = tmp_path / "nan.pt"
+    torch.save(ckpt, str(bad))
+    out = tmp_path / "out"
+    rc, err = _convert(["--checkpoint", str(bad), "--config", small_yaml, "--output", str(out)], capsys)
+    assert rc == 2
+    _one_error_line(err, str(bad), f"'{key}'", "1 NaN and 1 Inf", "--allow-nonfinite")
+    assert not out.exists() and not [e for e in os.listdir(tmp_path) if e.startswith(".out")]
+    rc, err = _convert(["--checkpoint", str(bad), "--config", small_yaml, "--output", str(out), "--allow-nonfinite"],
+                       capsys)
+    assert rc == 0 and (out / "walrus_jax_pretrained.json").is_file()
+
+
+def test_converter_unreadable_inputs(tmp_path, small_yaml, capsys):
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    rc, err = _convert(["--checkpoint", str(empty), "--config", small_yaml, "--output", str(tmp_path / "o")], capsys)
+    assert rc == 2 and "the file is empty" in _one_error_line(err, str(empty))
+    binary = tmp_path / "config.yaml"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    rc, err = _convert(["--checkpoint", SMALL_PT, "--config", str(binary), "--output", str(tmp_path / "o")], capsys)
+    assert rc == 2 and "not a YAML text file" in _one_error_line(err, str(binary))
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------ miniwell
+def test_miniwell_out_naming_a_file(tmp_path, capsys):
+    from walrus_jax.data import miniwell
+
+    f = tmp_path / "data"
+    f.write_text("mine")
+    assert miniwell.main(["--out", str(f), "--quick", "--systems", "gray_scott"]) == 2
+    _one_error_line(capsys.readouterr().err, f"--out {f}", "is a file")
+    assert f.read_text() == "mine"
+
+
+# ------------------------------------------------------------------------------ workdir lock
+def test_workdir_lock_names_the_holder_and_takes_over_stale_locks(tmp_path, caplog):
+    work = str(tmp_path / "w")
+    with workdir_lock.hold(work) as info:
+        with pytest.raises(workdir_lock.WorkdirLockedError) as e:
+            workdir_lock.acquire(work)
+        msg = str(e.value)
+        assert f"pid {os.getpid()}" in msg and f"host {socket.gethostname()}" in msg and "started 20" in msg
+        assert info["pid"] == os.getpid()
+    assert not os.path.exists(os.path.join(work, workdir_lock.LOCK_NAME))  # released
+    # A lock left by a process that is gone (same host): taken over with a warning.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with open(os.path.join(work, workdir_lock.LOCK_NAME), "w") as f:
+        json.dump({"pid": dead.pid, "host": socket.gethostname(), "started": 0.0, "token": "old"}, f)
+    with caplog.at_level("WARNING"), workdir_lock.hold(work) as info:
+        assert info["pid"] == os.getpid()
+    assert any("stale lock" in r.message and f"pid {dead.pid}" in r.message for r in caplog.records)
+    # Another host's lock cannot be checked from here: refused, naming the file to delete.
+    with open(os.path.join(work, workdir_lock.LOCK_NAME), "w") as f:
+        json.dump({"pid": 1, "host": "some-other-host", "started": 0.0, "token": "x"}, f)
+    with pytest.raises(workdir_lock.WorkdirLockedError, match="host some-other-host.*delete .*walrus_jax.lock"):
+        workdir_lock.acquire(work)
+
+
+def test_second_trainer_fails_at_once(tmp_path, capsys):
+    work = tmp_path / "w"
+    with workdir_lock.hold(str(work)):
+        rc, err = _cli(["--config", TINY, "--workdir", str(work), "--config.data.root=/nonexistent"], capsys)
+    assert rc == 2
+    _one_error_line(err, "is in use by another training job", f"pid {os.getpid()}")
+    assert sorted(os.listdir(work)) == []  # the holder's workdir is untouched (its lock released above)
+
+
+# ------------------------------------------------------------------------------ corrupt checkpoints
+def test_corrupt_checkpoint_is_moved_aside_and_its_step_saved_again(tmp_path):
+    from walrus_jax.checkpointing import Checkpointer
+
+    d = str(tmp_path / "ck")
+    state = {"w": jnp.arange(6.0)}
+    ck = Checkpointer(d, keep=5, async_save=False)
+    for s in (1, 2):
+        ck.save(s, jax.tree.map(lambda x: x * s, state), {"note": s})
+    ck.close()
+    for root, _, files in os.walk(os.path.join(d, "2", "state")):
+        for f in files:
+            open(os.path.join(root, f), "wb").close()  # every file of checkpoint 2 emptied
+    sh = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), state)
+    ck = Checkpointer(d, keep=5, async_save=False)
+    step, restored, meta, _ = ck.restore_latest(abstract)
+    assert step == 1 and meta["note"] == 1
+    assert [m["step"] for m in ck.moved_aside] == [2] and os.path.isdir(ck.moved_aside[0]["moved_to"])
+    assert os.path.basename(ck.moved_aside[0]["moved_to"]).startswith("2.corrupt-")
+    assert ck.steps() == [1]
+    ck.save(2, restored, {"note": "again"})  # no StepAlreadyExistsError, not skipped
+    ck.close()
+    assert Checkpointer(d, keep=5, async_save=False).steps() == [1, 2]
+
+
+# ------------------------------------------------------------------------------ non-finite rollouts
+def _diverging(x, fi, bcs, jitter=None):
+    return 1e6 * x  # normalized deltas a million times too large: values grow ~1e6x per step
+
+
+def test_rollout_api_reports_the_first_nonfinite_step():
+    x = np.random.default_rng(0).normal(size=(2, 2, 32, 32, 3)).astype(np.float32)
+    kw = dict(field_indices=np.array([0, 1, 2]), bcs=((2, 2), (2, 2)), n_steps=8)
+    p, finite = R.rollout(_diverging, x, on_nonfinite="ignore", return_finite=True, **kw)
+    p = np.asarray(p)
+    first = R.first_nonfinite(finite)
+    assert finite.shape == (2, 8, 3) and first is not None
+    t = first[0]
+    assert 0 < t < 8 and finite[:, :t].all() and np.isfinite(p[:, :t]).all()
+    assert not np.isfinite(p[first[1][0], t, ..., first[2]]).all()
+    np.testing.assert_array_equal(finite, np.isfinite(p).all(axis=(2, 3)))  # the in-scan flags are exact
+    with pytest.warns(RuntimeWarning, match=f"prediction step {t + 1} of 8 holds NaN/Inf"):
+        R.rollout(_diverging, x, **kw)
+    with pytest.raises(R.NonFiniteRolloutError, match=f"step {t + 1} of 8") as e:
+        R.rollout(_diverging, x, on_nonfinite="raise", chunk_size=1, **kw)
+    assert e.value.step == t and e.value.predictions.shape == p.shape
+    assert not e.value.finite[:, -1].any()  # stopped: the last steps never ran
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a finite rollout says nothing
+        R.rollout(lambda x, fi, bcs, jitter=None: 0.1 * x, x, **kw)
+
+
+def _toy_data(path, scale=1.0, n_frames=16):
+    from walrus_jax.data.writer import WellField, axis_boundaries, write_well_file
+
+    rng = np.random.default_rng(0)
+    n = 32
+    g = np.linspace(0, 2 * np.pi, n, endpoint=False, dtype=np.float32)
+    t = np.arange(n_frames, dtype=np.float32) * 0.1
+    p = np.sin(g[None, None, :, None] + t[None, :, None, None] + rng.uniform(0, 6, (2, 1, 1, 1))) * np.cos(g)
+    p = (scale * (p + 0.1 * rng.normal(size=p.shape))).astype(np.float32)
+    write_well_file(path, dataset_name="toy", n_trajectories=2, time=t, coords={"x": g, "y": g},
+                    t0_fields={"pressure": WellField(p), "density": WellField(1.0 + 0.0 * p + 0.01 * p ** 2)},
+                    boundaries={**axis_boundaries("x", n, "PERIODIC", "PERIODIC"),
+                                **axis_boundaries("y", n, "PERIODIC", "PERIODIC")})
+    return path
+
+
+@pytest.fixture(scope="module")
+def exploding_checkpoint(tmp_path_factory):
+    """A tiny model whose decoder bias is 1000: each step adds 1000 x the frame-to-frame RMS, so
+    values grow ~500x per step and the RMS statistics overflow float32 near step 8."""
+    from test_inference import save_checkpoint
+
+    from walrus_jax import inference as I
+    from walrus_jax.data.fields import FieldVocabulary
+    from walrus_jax.models.config import ModelConfig
+
+    vocab = FieldVocabulary.released()
+    cfg = ModelConfig.tiny(n_states=len(vocab))
+    params = I.random_params(cfg, seed=1, scale=0.5)
+    params["debed"]["d2"]["proj2_bias"][:] = 1e3
+    d = tmp_path_factory.mktemp("exploding")
+    return save_checkpoint(str(d / "ckpt"), I.model_from_params(cfg, params), vocab), str(d)
+
+
+def _rollout_config(ckpt, data, *overrides):
+    return main.load_config(os.path.join(ROOT, "configs", "rollout.py") + ":tiny",
+                            [f"checkpoint={ckpt}", f"data={data}", "plot=False", "max_rollout_steps=10",
+                             *overrides])
+
+
+def test_rollout_job_divergence_fails_naming_trajectory_step_field(exploding_checkpoint, capsys):
+    ckpt, d = exploding_checkpoint
+    data = _toy_data(os.path.join(d, "data", "toy.hdf5"))
+    out = os.path.join(d, "out_error")
+    rc, err = _cli(["--config", os.path.join(ROOT, "configs", "rollout.py") + ":tiny", f"--config.checkpoint={ckpt}",
+                    f"--config.data={data}", "--config.plot=False", "--config.max_rollout_steps=10",
+                    "--workdir", out], capsys)
+    assert rc == 2
+    line = _one_error_line(err, "diverged", "trajectory 0", "field 'pressure'", "on_nonfinite=truncate")
+    step = int(line.split("prediction step ")[1].split()[0])
+    assert 2 <= step <= 10
+    assert not os.path.exists(os.path.join(out, "metrics.json"))
+    assert not os.path.exists(os.path.join(out, "predictions"))
+
+
+def test_rollout_job_truncate_writes_only_finite_steps_and_strict_json(exploding_checkpoint):
+    from walrus_jax.data.well import WellDataset
+
+    ckpt, d = exploding_checkpoint
+    data = _toy_data(os.path.join(d, "data2", "toy.hdf5"))
+    out = os.path.join(d, "out_truncate")
+    report = main.run(_rollout_config(ckpt, data, "on_nonfinite=truncate"), out, mode="rollout")
+    n = report["n_steps"]
+    assert report["n_steps_requested"] == 10 and 1 <= n < 10
+    assert report["nonfinite"] == {"trajectory": 0, "step": n + 1, "field": "pressure"}
+
+    def no_constants(token):
+        raise AssertionError(f"metrics.json is not strict JSON: {token}")
+
+    with open(os.path.join(out, "metrics.json")) as f:
+        saved = json.load(f, parse_constant=no_constants)
+    assert saved["nonfinite"]["step"] == n + 1 and saved["n_steps"] == n
+    assert set(saved["windows_skipped"]) == {"1-20", "21-60"} and "1" in saved["metrics"]["vrmse"]["windows"]
+    assert "needs 20 steps, the rollout has" in saved["windows_skipped"]["1-20"]
+    ds = WellDataset(os.path.join(out, "predictions", "toy"))  # the project's reader accepts them
+    for j in range(2):
+        fields = ds.trajectory(j)["fields"]
+        assert fields.shape[0] == 4 + n and np.isfinite(fields).all()
+    with h5py.File(os.path.join(out, "predictions", "toy", "traj_0.hdf5")) as f:
+        assert int(f.attrs["walrus_n_input_steps"]) == 4
+
+
+def test_rollout_job_checkpoint_errors_name_config_checkpoint(tmp_path, capsys):
+    data = _toy_data(str(tmp_path / "toy.hdf5"), n_frames=8)
+    for ckpt, why in ((tmp_path / "nope", "does not exist"), (tmp_path / "toy.hdf5", "is a file")):
+        rc, err = _cli(["--config", os.path.join(ROOT, "configs", "rollout.py"), f"--config.checkpoint={ckpt}",
+                        f"--config.data={data}", "--workdir", str(tmp_path / "out")], capsys)
+        assert rc == 2
+        line = _one_error_line(err, f"config.checkpoint='{ckpt}'", why)
+        assert "init_from" not in line
+    (tmp_path / "empty").mkdir()
+    rc, err = _cli(["--config", os.path.join(ROOT, "configs", "rollout.py"), f"--config.checkpoint={tmp_path / 'empty'}",
+                    f"--config.data={data}", "--workdir", str(tmp_path / "out")], capsys)
+    assert rc == 2 and "init_from" not in _one_error_line(err, "config.checkpoint=")
