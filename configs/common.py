@@ -79,17 +79,24 @@ def base_config() -> config_dict.ConfigDict:
 
     c.train = config_dict.ConfigDict()
     c.train.steps = 1000  # optimizer updates (each = grad_accum micro-batches)
-    c.train.grad_accum = 1
-    c.train.lr = 2e-4
+    c.train.grad_accum = 1  # micro-batches per update; each micro-batch's loss is divided by it
+    c.train.lr = 2e-4  # base learning rate (the schedule's peak)
     c.train.weight_decay = 1e-4
     c.train.eps = 1e-10
     c.train.b1 = 0.9
     c.train.b2 = 0.999
-    c.train.clip_norm = 10.0
-    c.train.warmup_steps = 50
-    c.train.cooldown_steps = 50
+    c.train.clip_norm = 10.0  # gradients scaled by min(1, clip_norm / (total norm + 1e-6)); 0 = off
+    # The lr schedule (InverseSqrtLinearWarmupSqrtCooldown, walrus_jax/optim.py) counts pseudo-epochs
+    # of steps_per_epoch updates: the lr is constant within one (a staircase), as the release steps it
+    # (500 updates = 2000 micro-batches). lr_per_update: the same curve stepped every update.
+    c.train.steps_per_epoch = 1
+    c.train.lr_per_update = False
+    c.train.warmup_epochs = -1  # linear warmup from warmup_factor × lr; -1: 5% of the run (the release's 10/200)
+    c.train.cooldown_epochs = -1  # sqrt cooldown to 0 at the end; -1: 5% of the run
     c.train.warmup_factor = 0.1
-    c.train.cooldown_factor = 1e-3
+    c.train.lr_offset = 128.0  # decay lr / (1 + (epoch − warmup + offset)^exponent − offset^exponent)
+    c.train.lr_exponent = 0.5
+    c.train.minimum_context = 1  # the first causal prediction (from one frame) is not scored
     c.train.loss_multiplier = 100.0
     c.train.normalization_eps = 1e-5
     c.train.jitter = True
@@ -118,10 +125,8 @@ def base_config() -> config_dict.ConfigDict:
     c.eval.batch_size = 4
 
     c.finetune = config_dict.ConfigDict()
-    c.finetune.enabled = False
-    c.finetune.lr_factor = 0.5  # the paper: half the base learning rate
     c.finetune.freeze = ()  # parameter path prefixes to freeze, e.g. ('encoder', 'blocks')
-    c.finetune.new_field_init = "mean"  # new vocabulary rows: 'mean' of the existing rows, or 'zeros'
+    c.finetune.new_field_init = "fresh"  # new vocabulary rows: 'fresh' initialization (as released), 'mean', 'zeros'
     c.finetune.learned_rope = "none"  # none | shared | per_axis
     c.finetune.ape = False  # absolute position embedding (anisotropic domains)
     return c

@@ -40,8 +40,8 @@ def get_config(variant: str = ""):
     c.train.steps = 400
     c.train.lr = 2e-3  # stable for this size (the ModelConfig.small run diverged at 1e-3)
     c.train.weight_decay = 1e-4
-    c.train.warmup_steps = 20
-    c.train.cooldown_steps = 80
+    # The lr schedule is stepped every update here (steps_per_epoch 1); warmup and cooldown follow
+    # the run length (5% each), so `--config.train.steps=N` alone works for any N.
     c.train.log_every = 10
     # Safety net for slow or loaded machines: stop (checkpoint, evaluate, summarise) after 11
     # minutes so the whole job stays within 15; summary.json then says stopped_early.
@@ -55,8 +55,6 @@ def get_config(variant: str = ""):
     c.eval.every = 0
     if variant == "quick":
         c.train.steps = 60
-        c.train.warmup_steps = 5
-        c.train.cooldown_steps = 10
         c.checkpoint.every = 30
     elif variant:
         raise ValueError(f"configs/demo.py: unknown variant {variant!r} (known: 'quick')")

@@ -1,13 +1,16 @@
-"""Fine-tuning from a pretrained checkpoint, the paper's recipe: half the base learning rate,
-a fixed time stride, optional learnable RoPE frequencies and absolute position embedding, new
-fields added to the vocabulary (walrus_jax/finetune.py).
+"""Fine-tuning from a pretrained checkpoint as the original's released fine-tuning example does:
+lr 1e-4 without accumulation, drop path 0, a schedule of 51 pseudo-epochs (warmup 20 from 0.01×
+lr, cooldown 10), a fixed time stride of 1, per-axis learnable RoPE frequencies, 2D data inflated to
+3D, and new fields added to the vocabulary (walrus_jax/finetune.py).
 
     python -m walrus_jax.main --config configs/finetune.py --workdir runs/ft \
         --config.init_from=ckpt/ --config.data.root=/path/to/my_datasets
 
 `init_from` is a converted release (tools.convert_torch_ckpt) or a walrus_jax workdir. The
-architecture comes from the checkpoint. Variants: `:rope` (learnable per-axis RoPE),
-`:ape` (absolute position embedding; set model.ape_grid to the data's token grid).
+architecture comes from the checkpoint. A pseudo-epoch is train.steps_per_epoch updates (500, the
+release's; lower it with train.steps for small data: the schedule follows). Variants: `:ape` (absolute
+position embedding; set model.ape_grid to the data's token grid), `:fixed_rope` (the base model's
+fixed RoPE frequencies).
 """
 import importlib.util
 import os
@@ -20,27 +23,30 @@ _spec.loader.exec_module(common)
 def get_config(variant: str = ""):
     c = common.base_config()
     c.name = "finetune"
-    c.finetune.enabled = True
-    c.finetune.lr_factor = 0.5
+    c.finetune.learned_rope = "per_axis"
+    c.model.drop_path = 0.0
     c.data.generate = ""
     c.data.min_dt_stride = 1
     c.data.max_dt_stride = 1  # fixed time stride
     c.data.n_steps_input = 6
     c.data.batch_size = 8
+    c.data.inflate_to_3d = True
     c.data.allow_new_fields = True
-    c.train.steps = 20_000
-    c.train.lr = 2e-4  # the base lr; finetune.lr_factor halves it
+    c.train.lr = 1e-4
     c.train.grad_accum = 1
-    c.train.warmup_steps = 500
-    c.train.cooldown_steps = 2_000
+    c.train.steps_per_epoch = 500
+    c.train.steps = 51 * 500
+    c.train.warmup_epochs = 20
+    c.train.cooldown_epochs = 10
+    c.train.warmup_factor = 0.01
     c.checkpoint.every = 1_000
     c.eval.every = 2_000
     c.eval.windows = ((1, 10), (11, 30))
     for v in filter(None, variant.split(",")):
-        if v == "rope":
-            c.finetune.learned_rope = "per_axis"
+        if v == "fixed_rope":
+            c.finetune.learned_rope = "none"
         elif v == "ape":
             c.finetune.ape = True
         else:
-            raise ValueError(f"configs/finetune.py: unknown variant {v!r} (known: 'rope', 'ape', comma-separated)")
+            raise ValueError(f"configs/finetune.py: unknown variant {v!r} (known: 'ape', 'fixed_rope', comma-separated)")
     return c

@@ -38,10 +38,10 @@ def get_config(variant: str = ""):
     c.train.weight_decay = 1e-4
     c.train.eps = 1e-10
     c.train.clip_norm = 10.0
-    c.train.warmup_steps = 5_000
-    c.train.cooldown_steps = 5_000
+    c.train.steps_per_epoch = 500  # a pseudo-epoch: 2000 micro-batches = 500 updates; the lr is stepped per epoch
+    c.train.warmup_epochs = 10
+    c.train.cooldown_epochs = 10
     c.train.warmup_factor = 0.1
-    c.train.cooldown_factor = 1e-3
     c.train.loss_multiplier = 100.0
     c.train.log_every = 50
     c.mesh.data = -1

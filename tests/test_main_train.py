@@ -18,12 +18,18 @@ def test_every_config_loads_and_has_the_public_keys():
             node = c
             for part in key.split("."):
                 node = node[part]
-        optim.warmup_invsqrt_cooldown(c.train.lr, c.train.steps, c.train.warmup_steps, c.train.cooldown_steps)
+        optim.make_schedule(c.train)  # every shipped schedule fits its run
     c = main.load_config(os.path.join(REPO, "configs", "walrus_1p3b.py"))
     assert (c.model.hidden_dim, c.model.n_blocks, c.train.lr, c.train.eps, c.train.grad_accum) == (1408, 40, 2e-4,
                                                                                                     1e-10, 4)
     assert main.load_config(os.path.join(REPO, "configs", "walrus_1p3b.py:medium")).model.hidden_dim == 768
-    assert main.load_config(os.path.join(REPO, "configs", "finetune.py:rope")).finetune.learned_rope == "per_axis"
+    ft = main.load_config(os.path.join(REPO, "configs", "finetune.py"))
+    assert (ft.finetune.learned_rope, ft.train.lr, ft.train.warmup_factor, ft.model.drop_path) == ("per_axis", 1e-4,
+                                                                                                     0.01, 0.0)
+    assert main.load_config(os.path.join(REPO, "configs", "finetune.py:fixed_rope")).finetune.learned_rope == "none"
+    demo = os.path.join(REPO, "configs", "demo.py")
+    for n in (1, 12, 37, 400, 5000):  # warmup / cooldown follow the run length unless set
+        optim.make_schedule(main.load_config(demo, [f"train.steps={n}"]).train)
 
 
 def test_overrides_apply_and_unknown_keys_fail():
@@ -46,8 +52,10 @@ def test_bad_mesh_and_init_from_fail_early(tmp_path):
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="not a walrus_jax workdir"):
         train.validate_config(main.load_config(TINY, [f"init_from={empty}"]))
-    with pytest.raises(ValueError, match="warmup_steps \\+ train.cooldown_steps"):
+    with pytest.raises(ValueError, match="train.warmup_epochs \\+ train.cooldown_epochs = 2 pseudo-epochs exceeds"):
         train.validate_config(main.load_config(TINY, ["train.steps=1"]))
+    with pytest.raises(ValueError, match="data.n_steps_input=1 must exceed train.minimum_context=1"):
+        train.validate_config(main.load_config(TINY, ["data.n_steps_input=1"]))
     with pytest.raises(FileNotFoundError, match="data.root='/nonexistent/data' does not exist"):
         train.resolve_data(main.load_config(TINY, ["data.root=/nonexistent/data"]))
 

@@ -35,8 +35,8 @@ MESH_SCRIPT = textwrap.dedent(r"""
     common = importlib.util.module_from_spec(spec); spec.loader.exec_module(common)
     rules = common.DEFAULT_RULES
     cfg = ModelConfig.tiny(drop_path=0.1)  # hidden 32: divisible by fsdp = 4
-    tc = config_dict.ConfigDict(dict(lr=1e-3, steps=10, warmup_steps=0, cooldown_steps=0, warmup_factor=0.1,
-        cooldown_factor=1e-3, grad_accum=1, clip_norm=10.0, b1=0.9, b2=0.999, eps=1e-4, weight_decay=1e-4))
+    opt = optim.AdamWConfig(eps=1e-4)
+    sched = optim.Schedule(base_lr=1e-3, max_epochs=10, warmup_epochs=0, cooldown_epochs=0)
     rng = np.random.default_rng(0)
     batches = [{"input_fields": rng.normal(size=(8, 2, 32, 32, 2)).astype(np.float32),
                 "output_fields": rng.normal(size=(8, 1, 32, 32, 2)).astype(np.float32),
@@ -48,10 +48,9 @@ MESH_SCRIPT = textwrap.dedent(r"""
         mesh = sharding.make_mesh(mesh_cfg, devices)
         parts = train.abstract_model(cfg, mesh, rules)
         params, rest = train.init_model(parts, 0)
-        tx = optim.make_optimizer(tc)
-        _, state_sh = train.state_shardings(parts, tx, mesh)
-        state = jax.jit(lambda p: steps.init_state(p, tx, jax.random.key(0)), out_shardings=state_sh)(params)
-        fn = steps.build_train_step(parts.graphdef, tx, steps.StepOptions(), state_sh, parts.rest_shardings)
+        _, state_sh = train.state_shardings(parts, opt, None, mesh)
+        state = jax.jit(lambda p: steps.init_state(p, opt, jax.random.key(0)), out_shardings=state_sh)(params)
+        fn = steps.build_train_step(parts.graphdef, opt, sched, steps.StepOptions(), state_sh, parts.rest_shardings)
         losses = []
         for b in batches:
             gb, bcs = train.load_batch(mesh, b)

@@ -1,56 +1,115 @@
-"""The training objective, the optimizer / schedule and the jitted train step."""
+"""The training objective, the optimizer / schedule and the jitted train step, against the
+original trainer's numbers (tests/fixtures/train_oracle_*.npz, recorded from its own code)."""
+import json
+import os
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
-from ml_collections import config_dict
 
 from walrus_jax import optim, steps
 from walrus_jax.models import ModelConfig, Walrus
+from tools import check_train_oracle
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+ORACLE_2D = os.path.join(FIXTURES, "train_oracle_2d.npz")
+ORACLE_MASK = os.path.join(FIXTURES, "train_oracle_2d_mask.npz")
 
 
-def train_cfg(**kw):
-    base = dict(lr=1e-3, steps=100, warmup_steps=2, cooldown_steps=2, warmup_factor=0.1, cooldown_factor=1e-3,
-                grad_accum=1, clip_norm=10.0, b1=0.9, b2=0.999, eps=1e-10, weight_decay=1e-4)
-    base.update(kw)
-    return config_dict.ConfigDict(base)
+def sched(base_lr=1e-3, max_epochs=100, warmup=0, cooldown=0, **kw):
+    return optim.Schedule(base_lr=base_lr, max_epochs=max_epochs, warmup_epochs=warmup, cooldown_epochs=cooldown, **kw)
 
 
 # ------------------------------------------------------------------------------ schedule
-def test_schedule_hand_values():
-    f = optim.warmup_invsqrt_cooldown(1.0, total_steps=20, warmup_steps=4, cooldown_steps=4,
-                                      warmup_factor=0.1, cooldown_factor=0.001)
-    hand = {0: 0.1, 2: 0.1 + 0.9 * 0.5, 4: 1.0, 9: np.sqrt(4 / 9), 15: np.sqrt(4 / 15),
-            16: 0.5,  # cooldown starts at the decay's value sqrt(4/16)
-            18: 0.001 + (0.5 - 0.001) * (1 - np.sqrt(0.5)), 19: 0.001 + (0.5 - 0.001) * (1 - np.sqrt(0.75))}
-    for s, v in hand.items():
-        assert float(f(s)) == pytest.approx(v, rel=1e-6), s
-        assert optim.schedule_reference(s, 1.0, 20, 4, 4, 0.1, 0.001) == pytest.approx(v, rel=1e-12)
-    # traced steps give the same values (the schedule runs inside the optimizer)
-    np.testing.assert_allclose(jax.jit(jax.vmap(f))(jnp.arange(20)),
-                               [optim.schedule_reference(s, 1.0, 20, 4, 4, 0.1, 0.001) for s in range(20)], rtol=1e-6)
+def test_schedule_matches_the_original_sequences():
+    f = np.load(ORACLE_2D)
+    release = sched(2e-4, 200, 10, 10, steps_per_epoch=500)
+    per_epoch = np.asarray(f["lr_released/per_epoch"])
+    np.testing.assert_allclose([release.lr_at(L) for L in range(200)], per_epoch, rtol=1e-12)
+    np.testing.assert_allclose([release(u) for u in range(300)], f["lr_released/per_update_first300"], rtol=1e-12)
+    assert release(499) == release(0) and release(500) == pytest.approx(per_epoch[1], rel=1e-12)  # a staircase
+    per_update = sched(2e-4, 200, 10, 10, steps_per_epoch=500, per_update=True)
+    idx = f["lr_released_perstep_variant/index_sample"]
+    np.testing.assert_allclose([per_update(int(u)) for u in idx], f["lr_released_perstep_variant/per_update_sample"],
+                               rtol=1e-9)
+    small = np.asarray(f["lr_small_w10_c10_max100/per_update"])
+    s = sched(2e-4, 100, 10, 10)
+    ours = np.array([s(u) for u in range(300)])
+    np.testing.assert_allclose(ours[:102], small[:102], rtol=1e-12, atol=1e-20)
+    assert (small[102:] < 0).all() and (ours[102:] == 0).all()  # past the end: clamped, never negative
+    # traced (inside the optimizer) in float32
+    np.testing.assert_allclose(jax.jit(jax.vmap(release))(jnp.arange(0, 100000, 97)),
+                               [release(u) for u in range(0, 100000, 97)], rtol=2e-6)
 
 
-def test_schedule_rejects_bad_lengths():
-    with pytest.raises(ValueError, match="warmup_steps \\+ train.cooldown_steps = 12 exceeds train.steps = 10"):
-        optim.warmup_invsqrt_cooldown(1.0, 10, 6, 6)
+def test_schedule_lengths_are_checked_and_follow_the_run():
+    with pytest.raises(ValueError, match="warmup_epochs \\+ train.cooldown_epochs = 12 pseudo-epochs exceeds the run's 10"):
+        sched(max_epochs=10, warmup=6, cooldown=6)
+    from ml_collections import config_dict
+    t = config_dict.ConfigDict(dict(steps=12, steps_per_epoch=1, lr_per_update=False, warmup_epochs=-1,
+                                    cooldown_epochs=-1, lr=1.0, warmup_factor=0.1, lr_offset=128.0, lr_exponent=0.5))
+    assert optim.resolve_epochs(t) == (12, 1, 1)
+    t.steps, t.steps_per_epoch = 100_000, 500
+    assert optim.resolve_epochs(t) == (200, 10, 10)  # the release's proportions
 
 
-def test_adamw_matches_torch_formula():
-    """One AdamW update from the release's settings, by hand: p - lr*(m̂/(sqrt(v̂)+eps) + wd*p)."""
-    tc = train_cfg(lr=0.5, warmup_steps=0, cooldown_steps=0, clip_norm=None, weight_decay=0.1)
-    tx = optim.make_optimizer(tc)
-    p = {"w": jnp.array([1.0, -2.0])}
-    g = {"w": jnp.array([0.3, 0.4])}
-    upd, _ = tx.update(g, tx.init(p), p)
-    new = optax.apply_updates(p, upd)
-    m_hat, v_hat = np.array([0.3, 0.4]), np.array([0.3, 0.4]) ** 2  # bias-corrected first step
-    hand = np.array([1.0, -2.0]) - 0.5 * (m_hat / (np.sqrt(v_hat) + 1e-10) + 0.1 * np.array([1.0, -2.0]))
-    # optax forms the bias correction 1 - 0.999**t in float32 (torch: in Python float64), which
-    # moves the first update by ~7e-6 relative; anything larger would be a formula difference.
-    np.testing.assert_allclose(new["w"], hand, rtol=1e-5)
+# ------------------------------------------------------------------------------ optimizer
+def _adamw_by_hand(p, grads_per_update, lrs, b1=0.9, b2=0.999, eps=1e-10, wd=0.0, clip=None):
+    """torch AdamW on one tensor in float64; a None gradient skips the update (no step count)."""
+    p = np.asarray(p, np.float64).copy()
+    m = np.zeros_like(p)
+    v = np.zeros_like(p)
+    t = 0
+    for g, lr in zip(grads_per_update, lrs):
+        if g is None:
+            continue
+        g = np.asarray(g, np.float64)
+        t += 1
+        p *= 1 - lr * wd
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        p -= lr / (1 - b1 ** t) * m / (np.sqrt(v) / np.sqrt(1 - b2 ** t) + eps)
+    return p
+
+
+def test_adamw_matches_torch_and_skips_absent_gradients():
+    opt = optim.AdamWConfig(clip_norm=None, weight_decay=0.1)
+    s = sched(0.5, max_epochs=10)
+    params = {"a": jnp.array([1.0, -2.0]), "b": jnp.array([0.5, 0.25, -1.0])}
+    ga = [np.array([0.3, 0.4]), np.array([-0.1, 0.2]), np.array([0.05, -0.3])]
+    gb = [np.array([1.0, -1.0, 0.5]), np.array([0.2, 0.1, 0.3]), np.array([-0.4, 0.0, 0.1])]
+    present_b = [False, True, True]  # "b" has no gradient in the first update: skipped entirely
+    state = optim.init(params, opt)
+    p = params
+    for i in range(3):
+        g = {"a": jnp.asarray(ga[i]), "b": jnp.asarray(gb[i] if present_b[i] else np.zeros(3))}
+        p, state = optim.step(p, g, {"a": True, "b": present_b[i]}, state, opt, s)
+    lrs = [s(u) for u in range(3)]  # the update index drives the schedule, whichever parameter skipped
+    # float32 against float64: a few roundings of O(1) parameters, so an absolute bound of a few
+    # float32 eps times the largest parameter (2), on top of a relative one
+    tol = dict(rtol=2e-6, atol=4 * np.finfo(np.float32).eps * 2.0)
+    np.testing.assert_allclose(p["a"], _adamw_by_hand([1.0, -2.0], ga, lrs, wd=0.1), **tol)
+    hand_b = _adamw_by_hand([0.5, 0.25, -1.0], [None, gb[1], gb[2]], lrs, wd=0.1)
+    np.testing.assert_allclose(p["b"], hand_b, **tol)
+    assert int(state["adam"]["step"]["a"]) == 3 and int(state["adam"]["step"]["b"]) == 2
+
+
+def test_clipping_coefficient_and_accumulation():
+    opt = optim.AdamWConfig(clip_norm=1.0, grad_accum=2, weight_decay=0.0)
+    s = sched(1e-2, max_epochs=10)
+    params = {"w": jnp.array([1.0, 2.0])}
+    state = optim.init(params, opt)
+    p, state = optim.step(params, {"w": jnp.array([3.0, 0.0])}, {"w": True}, state, opt, s)
+    np.testing.assert_array_equal(p["w"], params["w"])  # first of two micro-batches: nothing applied
+    p, state = optim.step(p, {"w": jnp.array([0.0, 4.0])}, {"w": True}, state, opt, s)
+    assert float(state["last"]["grad_norm"]) == pytest.approx(5.0, rel=1e-6)
+    assert float(state["last"]["clip_coef"]) == pytest.approx(1.0 / (5.0 + 1e-6), rel=1e-6)
+    # Adam's first step is ±lr whatever the scale
+    np.testing.assert_allclose(p["w"], [1.0 - 1e-2, 2.0 - 1e-2], rtol=1e-6)
+    assert int(state["count"]) == 1 and int(state["micro"]) == 0
 
 
 # ------------------------------------------------------------------------------ loss
@@ -73,38 +132,59 @@ def _batch(rng, b=2, t=3, h=4, w=4, cv=3, cc=1, mask=(True, False, True)):
             "padded_field_mask": np.array(mask)}
 
 
-def test_loss_matches_hand_computation():
-    rng = np.random.default_rng(0)
-    batch = _batch(rng)
-    model = Scale(4)
-    loss, _ = steps.compute_loss(model, {k: jnp.asarray(v) for k, v in batch.items()}, None, bcs=((2, 2), (2, 2)),
-                                 opts=steps.StepOptions(loss_multiplier=100.0, jitter=False), train=False)
-    # by hand, in float64 numpy
+def _loss(batch, **kw):
+    opts = steps.StepOptions(loss_multiplier=100.0, jitter=False, **kw)
+    return float(steps.compute_loss(Scale(4), {k: jnp.asarray(v) for k, v in batch.items()}, None,
+                                    bcs=((2, 2), (2, 2)), opts=opts, train=False)[0])
+
+
+def _loss_by_hand(batch, minimum_context=1, object_mask=None):
     inp, out, con = (batch[k].astype(np.float64) for k in ("input_fields", "output_fields", "constant_fields"))
-    x = np.concatenate([inp, np.repeat(con[:, None], 3, axis=1)], -1)  # (B, T, H, W, 4)
+    t = inp.shape[1]
+    x = np.concatenate([inp, np.repeat(con[:, None], t, axis=1)], -1)  # (B, T, H, W, 4)
     s_rms = np.maximum(np.sqrt((x ** 2).mean(axis=(1, 2, 3), keepdims=True)), 1e-5)
-    d = np.diff(x, axis=1)
-    d_rms = np.maximum(np.sqrt((d ** 2).mean(axis=(1, 2, 3), keepdims=True)), 1e-5)
+    d_rms = np.maximum(np.sqrt((np.diff(x, axis=1) ** 2).mean(axis=(1, 2, 3), keepdims=True)), 1e-5)
     nxt = np.concatenate([out[:, :1], con[:, None]], -1)
-    target = np.diff(np.concatenate([x, nxt], 1), axis=1) / d_rms
-    y = (x / s_rms) * np.linspace(0.5, 1.5, 4)
-    mae = np.abs(y - target)[..., :3].mean(axis=(2, 3))  # (B, T, 3): the_well MAE over space
-    per_sample = mae[..., [0, 2]].mean(-1)  # padded field 1 excluded
-    assert float(loss) == pytest.approx(100.0 * per_sample.mean(), rel=1e-5)
+    target = (np.diff(np.concatenate([x, nxt], 1), axis=1) / d_rms)[..., :3]
+    y = ((x / s_rms) * np.linspace(0.5, 1.5, 4))[..., :3]
+    real = np.asarray(batch["padded_field_mask"], np.float64)
+    y, target = y * real, target * real  # padded channel: prediction and target 0
+    if object_mask is not None:
+        keep = (object_mask == 0)[:, None, :, :, None]
+        y, target = y * keep, target * keep
+    mae = np.abs(y - target).mean(axis=(2, 3))  # (B, T, 3): the_well MAE over space
+    return 100.0 * mae[:, minimum_context:].mean()  # every channel (the padded one too) in the mean
+
+
+def test_loss_matches_hand_computation():
+    batch = _batch(np.random.default_rng(0))
+    assert _loss(batch) == pytest.approx(_loss_by_hand(batch), rel=1e-5)
+    assert _loss(batch, minimum_context=0) == pytest.approx(_loss_by_hand(batch, 0), rel=1e-5)
+    assert _loss(batch, minimum_context=2) == pytest.approx(_loss_by_hand(batch, 2), rel=1e-5)
+
+
+def test_object_mask_from_a_constant_field_named_mask():
+    rng = np.random.default_rng(5)
+    batch = _batch(rng)
+    disc = (rng.uniform(size=(2, 4, 4)) > 0.6).astype(np.float32)
+    batch["constant_fields"] = disc[..., None]
+    names = np.array(["pressure", "velocity_x", "velocity_y", "mask"])
+    db, _ = steps.device_batch(dict(batch, field_names=names, boundary_conditions=np.array([[2, 2], [2, 2]])))
+    np.testing.assert_array_equal(db["object_mask"], disc)
+    assert _loss(dict(batch, object_mask=disc)) == pytest.approx(_loss_by_hand(batch, object_mask=disc), rel=1e-5)
+    db, _ = steps.device_batch(dict(batch, field_names=np.array(["p", "u", "v", "c"]),
+                                    boundary_conditions=np.array([[2, 2], [2, 2]])))
+    assert "object_mask" not in db  # no field named "mask": nothing masked
 
 
 def test_loss_ignores_padded_fields_and_constants():
-    rng = np.random.default_rng(1)
-    batch = _batch(rng)
-    opts = steps.StepOptions(jitter=False)
-    f = lambda b: float(steps.compute_loss(Scale(4), {k: jnp.asarray(v) for k, v in b.items()}, None,
-                                           bcs=((2, 2), (2, 2)), opts=opts, train=False)[0])
-    base = f(batch)
+    batch = _batch(np.random.default_rng(1))
+    base = _loss(batch)
     changed = dict(batch, output_fields=batch["output_fields"].copy())
     changed["output_fields"][..., 1] += 5.0  # the padded field's next frame
-    assert f(changed) == pytest.approx(base, rel=1e-6)
+    assert _loss(changed) == pytest.approx(base, rel=1e-6)
     changed["output_fields"][..., 0] += 5.0  # a real field's next frame
-    assert f(changed) > base + 1.0
+    assert _loss(changed) > base + 1.0
 
 
 # ------------------------------------------------------------------------------ accumulation
@@ -120,8 +200,9 @@ class Lin(nnx.Module):
         return x @ self.w[...] + self.b[...]
 
 
-def _run(tx, state, batches, graphdef, rest):
-    fn = steps.build_train_step(graphdef, tx, steps.StepOptions(jitter=False))
+def _run(opt, state, batches, graphdef, rest, mask=None, lr=1e-2):
+    fn = steps.build_train_step(graphdef, opt, sched(lr), steps.StepOptions(jitter=False, grad_accum=opt.grad_accum),
+                                trainable_mask=mask)
     losses = []
     for b in batches:
         state, m = fn(state, {k: jnp.asarray(v) for k, v in b.items()}, rest, ((2, 2), (2, 2)))
@@ -136,14 +217,14 @@ def test_grad_accumulation_equals_one_big_batch():
     g, p, r = nnx.split(Lin(4), nnx.Param, ...)
     params, rest = jax.tree.map(np.array, nnx.to_pure_dict(p)), nnx.to_pure_dict(r)  # host copies: states are donated
     key = jax.random.key(0)
-    tx_acc = optim.make_optimizer(train_cfg(grad_accum=2, lr=1e-2))
-    tx_one = optim.make_optimizer(train_cfg(grad_accum=1, lr=1e-2))
-    s_acc, _ = _run(tx_acc, steps.init_state(jax.tree.map(jnp.asarray, params), tx_acc, key), [b1], g, rest)
-    # after one micro-batch of two, nothing is applied yet
-    np.testing.assert_array_equal(s_acc["params"]["w"], params["w"])
-    s_acc, _ = _run(tx_acc, s_acc, [b2], g, rest)
-    s_one, _ = _run(tx_one, steps.init_state(jax.tree.map(jnp.asarray, params), tx_one, key), [big], g, rest)
+    acc, one = optim.AdamWConfig(grad_accum=2), optim.AdamWConfig(grad_accum=1)
+    s_acc, _ = _run(acc, steps.init_state(jax.tree.map(jnp.asarray, params), acc, key), [b1], g, rest)
+    np.testing.assert_array_equal(s_acc["params"]["w"], params["w"])  # one micro-batch of two: nothing applied
+    s_acc, _ = _run(acc, s_acc, [b2], g, rest)
+    s_one, _ = _run(one, steps.init_state(jax.tree.map(jnp.asarray, params), one, key), [big], g, rest)
     assert not np.allclose(s_one["params"]["w"], params["w"])
+    np.testing.assert_allclose(s_acc["opt_state"]["last"]["grad_norm"], s_one["opt_state"]["last"]["grad_norm"],
+                               rtol=1e-5)
     for a, b in zip(jax.tree.leaves(s_acc["params"]), jax.tree.leaves(s_one["params"])):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
@@ -152,11 +233,20 @@ def test_frozen_parameters_do_not_move():
     rng = np.random.default_rng(3)
     g, p, r = nnx.split(Lin(4), nnx.Param, ...)
     params, rest = jax.tree.map(np.array, nnx.to_pure_dict(p)), nnx.to_pure_dict(r)
-    tx = optim.make_optimizer(train_cfg(lr=1e-2), trainable_mask={"w": False, "b": True})
-    s, _ = _run(tx, steps.init_state(jax.tree.map(jnp.asarray, params), tx, jax.random.key(0)),
-                [_batch(rng), _batch(rng)], g, rest)
+    opt, mask = optim.AdamWConfig(), {"w": False, "b": True}
+    state = steps.init_state(jax.tree.map(jnp.asarray, params), opt, jax.random.key(0), mask)
+    assert set(state["opt_state"]["adam"]["mu"]) == {"b"}  # no moments for frozen parameters
+    s, _ = _run(opt, state, [_batch(rng), _batch(rng)], g, rest, mask)
     np.testing.assert_array_equal(s["params"]["w"], params["w"])
     assert np.abs(np.asarray(s["params"]["b"])).max() > 1e-4
+
+
+def test_present_mask_follows_the_encoder_the_model_uses():
+    params = {"embed": {"d2": {"w": 0}, "d3": {"w": 0}}, "debed": {"d2": {"w": 0}, "d3": {"w": 0}},
+              "processor": {"w": 0}}
+    assert steps.present_mask(params, steps.active_spatial_axes((2, 4, 32, 32, 1, 4))) == {
+        "embed": {"d2": {"w": True}, "d3": {"w": False}}, "debed": {"d2": {"w": True}, "d3": {"w": False}},
+        "processor": {"w": True}}
 
 
 # ------------------------------------------------------------------------------ the real model
@@ -172,20 +262,19 @@ def test_train_step_lowers_loss_on_a_fixed_batch(tiny_walrus):
     rng = np.random.default_rng(4)
     t = np.linspace(0, 1, 32, dtype=np.float32)
     wave = np.sin(2 * np.pi * (t[:, None] + t[None, :]))[None, None, :, :, None]
-    frames = np.stack([np.roll(wave, k, axis=2) for k in range(3)], axis=1)[:, :, 0]  # (1, 3, 32, 32, 1)
-    inp = np.concatenate([frames, 0.5 * frames], -1).repeat(2, 0) + 0.01 * rng.normal(size=(2, 3, 32, 32, 2))
-    batch = {"input_fields": inp[:, :2].astype(np.float32), "output_fields": inp[:, 2:].astype(np.float32),
+    frames = np.stack([np.roll(wave, k, axis=2) for k in range(4)], axis=1)[:, :, 0]  # (1, 4, 32, 32, 1)
+    inp = np.concatenate([frames, 0.5 * frames], -1).repeat(2, 0) + 0.01 * rng.normal(size=(2, 4, 32, 32, 2))
+    batch = {"input_fields": inp[:, :3].astype(np.float32), "output_fields": inp[:, 3:].astype(np.float32),
              "constant_fields": np.zeros((2, 32, 32, 0), np.float32), "field_indices": np.array([4, 5]),
              "padded_field_mask": np.array([True, True]), "boundary_conditions": np.array([[2, 2], [2, 2]])}
     db, bcs = steps.device_batch(batch)
     assert bcs == ((2, 2), (2, 2))
     db = {k: jnp.asarray(v) for k, v in db.items()}
-    tx = optim.make_optimizer(train_cfg(lr=3e-3, warmup_steps=0, cooldown_steps=0))
-    opts = steps.StepOptions()
-    state = steps.init_state(params, tx, jax.random.key(0))
+    opt, opts = optim.AdamWConfig(), steps.StepOptions()
+    state = steps.init_state(params, opt, jax.random.key(0))
     ev = steps.build_eval_loss(g, opts)
     before = float(ev(state["params"], db, rest, bcs=bcs))
-    fn = steps.build_train_step(g, tx, opts)
+    fn = steps.build_train_step(g, opt, sched(3e-3), opts)
     losses = []
     for _ in range(6):
         state, m = fn(state, db, rest, bcs)
@@ -202,3 +291,27 @@ def test_device_batch_errors():
     with pytest.raises(ValueError, match="differ across the batch"):
         steps.device_batch({"boundary_conditions": np.array([[[2, 2]], [[0, 1]]]), "input_fields": 0,
                             "output_fields": 0, "field_indices": 0})
+
+
+# ------------------------------------------------------------------------------ the original's trainer
+@pytest.mark.parametrize("path", [ORACLE_2D, ORACLE_MASK], ids=["2d_padded_velocity_z", "2d_object_mask"])
+def test_train_step_matches_the_original_trainer(path):
+    """Loss per micro-batch, gradient norm, clip coefficient, lr (1e-5), every gradient (1e-4) and
+    every parameter update w1 − w0, w3 − w0 (1e-3 of the update) through the real train step."""
+    ok, rows = check_train_oracle.run(path)
+    bad = [r for r in rows if not r[3]]
+    assert ok and not bad, bad[:10]
+    kinds = {r[0].split(" ")[0].split("[")[0] for r in rows}
+    assert {"micro_loss", "grad_norm_preclip", "clip_coef", "lr_used", "grad", "update"} <= kinds
+
+
+def test_oracle_check_fails_on_a_perturbed_weight_or_lr(tmp_path):
+    f = dict(np.load(ORACLE_MASK))
+    name = "w0/blocks.0.space_mixing.fused_ff_qkv.weight"
+    f[name] = f[name] * np.float32(1.001)  # a wrong weight: gradients and updates move
+    f["lr_used"] = f["lr_used"] * 1.01  # as if the original had used another lr
+    path = tmp_path / "perturbed.npz"
+    np.savez(path, **f)
+    ok, rows = check_train_oracle.run(str(path))
+    failed = {r[0].split(" ")[0].split("[")[0] for r in rows if not r[3]}
+    assert not ok and {"grad", "update", "lr_used"} <= failed, failed

@@ -1,4 +1,4 @@
-"""Fine-tuning from a pretrained checkpoint (`config.init_from`), the paper's recipe (SPEC §14).
+"""Fine-tuning from a pretrained checkpoint (`config.init_from`), as the original's fine-tuning does.
 
 `init_from` is either
   * a walrus_jax training workdir (or its `checkpoints/` folder): the newest restorable
@@ -6,19 +6,18 @@
   * a converted release (`tools.convert_torch_ckpt` output), read with
     `walrus_jax.load_pretrained(path)`.
 
-What changes on top of the base model:
+What changes on top of the base model (the original's choices unless said otherwise):
   * New field names in the fine-tuning data extend the vocabulary (`FieldVocabulary.extend`): the
-    encoder's input rows and the decoder's output columns / bias for the new indices are
-    initialised with the mean of the base model's field rows (`finetune.new_field_init='mean'`,
-    rows 0-2 — the boundary flags — excluded) or zeros. Existing rows are copied unchanged, so
-    on the old fields the fine-tuned model starts out computing exactly what the base model does.
-  * Optional learnable RoPE frequencies (`finetune.learned_rope`: 'shared' or 'per_axis'),
-    initialised from the base frequencies, and an absolute position embedding
-    (`finetune.ape` with `model.ape_grid`), initialised to zero (again: no change at step 0).
-  * Optional frozen parts (`finetune.freeze`: parameter-path prefixes such as 'embed' or
-    'processor/blocks/time'): zero updates and no optimizer moments.
-  * Half the base learning rate (`finetune.lr_factor`) and, in configs/finetune.py, a fixed time
-    stride (data.min_dt_stride == data.max_dt_stride).
+    enlarged encoder input and decoder output keep the fresh model's initialization for the new
+    rows (`finetune.new_field_init='fresh'`; 'mean' of the base rows or 'zeros' are walrus_jax
+    options), and every copied encoder input column (the boundary-flag columns included) is
+    multiplied by √(n_old / n_new): the encoder scales its input by √((n_states − 3) / C), so the
+    copied columns keep computing what they did before the vocabulary grew.
+  * Learnable RoPE frequencies (`finetune.learned_rope`: 'per_axis' as released, or 'shared'),
+    starting from the base model's fixed frequencies, and an absolute position embedding
+    (`finetune.ape` with `model.ape_grid`) starting at 5e-3 · N(0, 1).
+  * Frozen parts (`finetune.freeze`: parameter-path prefixes such as 'embed' or
+    'processor/blocks/time'; a walrus_jax addition): never updated, no optimizer moments.
 The architecture comes from the checkpoint; `config.model` contributes only what fine-tuning may
 change (dropout rates, remat, dtype, the RoPE / APE options).
 """
@@ -33,11 +32,13 @@ import jax
 import numpy as np
 from ml_collections import config_dict
 
+from walrus_jax.errors import ConfigError
 from walrus_jax.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
 FLAG_ROWS = 3  # vocabulary rows 0-2 are the boundary flags (closed, open, bias)
+APE_INIT_STD = 5e-3  # the original starts a new absolute position embedding at 5e-3 · N(0, 1)
 # Options that config.model may set on top of the checkpoint's architecture.
 TUNABLE = ("drop_path", "input_field_drop", "remat", "dtype", "param_dtype", "jitter_patches", "scan_layers")
 
@@ -134,7 +135,7 @@ class Plan:
         over["learned_rope"] = ft.learned_rope
         if ft.ape:
             if m.ape_grid is None:
-                raise ValueError("config finetune.ape=True needs config model.ape_grid = (h, w, d), the token grid "
+                raise ConfigError("config finetune.ape=True needs config model.ape_grid = (h, w, d), the token grid "
                                  "of the fine-tuning data")
             over["ape_grid"] = tuple(int(v) for v in m.ape_grid)
         else:
@@ -150,11 +151,6 @@ class Plan:
         self.model_cfg = self.model_cfg.replace(n_states=n)
         return self.model_cfg
 
-    def train_config(self, train):
-        t = config_dict.ConfigDict(train.to_dict())
-        t.lr = float(train.lr) * float(self.config.finetune.lr_factor)
-        return t
-
     def trainable_mask(self, params_abstract) -> Any:
         prefixes = [p.strip("/") for p in self.config.finetune.freeze]
         flat = _flat(params_abstract)
@@ -168,36 +164,41 @@ class Plan:
             lambda path, _: not any(_match("/".join(str(getattr(k, "key", k)) for k in path), p) for p in prefixes),
             params_abstract)
 
-    def initial_params(self, parts, fresh: dict) -> dict:
+    def initial_params(self, parts, fresh: dict, seed: int = 0) -> dict:
         """Base parameters mapped onto the fine-tuning model (whose random init is `fresh`),
-        placed with the model's shardings."""
+        placed with the model's shardings (module docstring)."""
         base = _flat(self.base.params)
         n_old = self.base.cfg.n_states
         how = self.config.finetune.new_field_init
-        if how not in ("mean", "zeros"):
-            raise ValueError(f"config finetune.new_field_init={how!r}; expected 'mean' or 'zeros'")
+        if how not in ("fresh", "mean", "zeros"):
+            raise ConfigError(f"config finetune.new_field_init={how!r}; expected 'fresh', 'mean' or 'zeros'")
+        rng = np.random.default_rng(seed)
 
         def one(path, new):
             key = "/".join(str(getattr(k, "key", k)) for k in path)
             if key not in base:
                 if key == "ape" or key.endswith("/ape"):
-                    return np.zeros(new.shape, new.dtype)  # no change at step 0
-                return np.asarray(new)  # e.g. learnable RoPE: initialised from the default frequencies
+                    return (APE_INIT_STD * rng.standard_normal(new.shape)).astype(new.dtype)
+                return np.asarray(new)  # e.g. learnable RoPE: the fresh model starts from the fixed frequencies
             old = np.asarray(base[key])
             if old.shape == tuple(new.shape):
                 return old.astype(new.dtype)
             diff = [a for a, (o, n) in enumerate(zip(old.shape, new.shape)) if o != n]
             if old.ndim != new.ndim or len(diff) != 1 or old.shape[diff[0]] != n_old:
-                raise ValueError(f"init_from {self.base.source}: parameter {key} has shape {old.shape}, the "
-                                 f"fine-tuning model expects {tuple(new.shape)}; only the vocabulary axis may grow")
+                raise ConfigError(f"init_from {self.base.source}: parameter {key} has shape {old.shape}, the "
+                                  f"fine-tuning model expects {tuple(new.shape)}; only the vocabulary axis may grow")
             ax = diff[0]
-            extra = new.shape[ax] - n_old
-            if how == "mean" and n_old > FLAG_ROWS:
+            n_new = new.shape[ax]
+            if how == "fresh":
+                add = np.take(np.asarray(new), np.arange(n_old, n_new), axis=ax)
+            elif how == "mean" and n_old > FLAG_ROWS:
                 rows = np.take(old, np.arange(FLAG_ROWS, n_old), axis=ax).mean(axis=ax, keepdims=True)
-                add = np.repeat(rows, extra, axis=ax)
+                add = np.repeat(rows, n_new - n_old, axis=ax)
             else:
-                add = np.zeros(old.shape[:ax] + (extra,) + old.shape[ax + 1:], old.dtype)
-            return np.concatenate([old, add], axis=ax).astype(new.dtype)
+                add = np.zeros(old.shape[:ax] + (n_new - n_old,) + old.shape[ax + 1:], old.dtype)
+            if key.startswith("embed/"):
+                old = old * np.sqrt(n_old / n_new)
+            return np.concatenate([old, add.astype(old.dtype)], axis=ax).astype(new.dtype)
 
         host = jax.tree_util.tree_map_with_path(one, fresh)
         return jax.device_put(host, parts.param_shardings)
@@ -207,6 +208,6 @@ def _match(key: str, prefix: str) -> bool:
     return key == prefix or key.startswith(prefix + "/")
 
 
-def prepare(config, base_cfg: ModelConfig | None = None) -> Plan:
+def prepare(config) -> Plan:
     """Loads `config.init_from` and returns the fine-tuning plan (errors before any training)."""
     return Plan(config, load_base(config.init_from))

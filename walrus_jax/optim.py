@@ -38,6 +38,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from walrus_jax.errors import ConfigError
 
@@ -150,30 +151,38 @@ def adamw_config(train_cfg) -> AdamWConfig:
                        grad_accum=int(train_cfg.grad_accum))
 
 
-def _select(tree, mask):
-    """The leaves of `tree` where `mask` (same structure, Python bools) is True, as a flat dict."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    flags = jax.tree.leaves(mask)
-    return {jax.tree_util.keystr(p): v for (p, v), t in zip(leaves, flags) if t}
+def _select(tree, mask) -> dict[tuple, Any]:
+    """The leaves of the nested dict `tree` where `mask` (same structure, bools) is True, as
+    {path tuple: leaf}."""
+    flat = traverse_util.flatten_dict(tree)
+    if mask is None:
+        return flat
+    keep = traverse_util.flatten_dict(mask)
+    return {k: v for k, v in flat.items() if keep[k]}
+
+
+def _nest(flat: dict[tuple, Any]) -> dict:
+    # Moments mirror the parameters' nesting, so sharding rules that match a parameter's path
+    # (walrus_jax.sharding.like_params) place its moments like the parameter itself.
+    return traverse_util.unflatten_dict(flat) if flat else {}
 
 
 def init(params, opt: AdamWConfig, trainable_mask=None) -> dict:
-    """Optimizer state for `params` (a pytree of arrays or ShapeDtypeStructs).
+    """Optimizer state for `params` (a nested dict of arrays or ShapeDtypeStructs).
 
     {"count": updates applied, "micro": micro-batches accumulated in the current update,
-     "grad_sum": {path: array} (only with grad_accum > 1), "seen": {path: bool} got a gradient in the
-     current update, "adam": {"step": {path: int32}, "mu": {path: array}, "nu": {path: array}},
-     "last": {"grad_norm", "clip_coef", "lr"} of the latest update}; paths are trainable leaves only
-    (`jax.tree_util.keystr` of the parameter path).
+     "grad_sum": accumulated gradients (only with grad_accum > 1), "seen": bool per parameter, got a
+     gradient in the current update, "adam": {"step": int32 per parameter, "mu", "nu"},
+     "last": {"grad_norm", "clip_coef", "lr"} of the latest update}. Every per-parameter entry is a
+    nested dict with the parameters' paths, holding the trainable parameters only.
     """
-    mask = jax.tree.map(lambda _: True, params) if trainable_mask is None else trainable_mask
-    sel = _select(params, mask)
-    zeros = lambda: {k: jnp.zeros(v.shape, v.dtype) for k, v in sel.items()}
+    sel = _select(params, trainable_mask)
+    zeros = lambda: _nest({k: jnp.zeros(v.shape, v.dtype) for k, v in sel.items()})
     state = {
         "count": jnp.zeros((), jnp.int32),
         "micro": jnp.zeros((), jnp.int32),
-        "seen": {k: jnp.zeros((), jnp.bool_) for k in sel},
-        "adam": {"step": {k: jnp.zeros((), jnp.int32) for k in sel}, "mu": zeros(), "nu": zeros()},
+        "seen": _nest({k: jnp.zeros((), jnp.bool_) for k in sel}),
+        "adam": {"step": _nest({k: jnp.zeros((), jnp.int32) for k in sel}), "mu": zeros(), "nu": zeros()},
         "last": {"grad_norm": jnp.zeros((), jnp.float32), "clip_coef": jnp.ones((), jnp.float32),
                  "lr": jnp.zeros((), jnp.float32)},
     }
@@ -201,52 +210,54 @@ def step(params, grads, present, state: dict, opt: AdamWConfig, schedule: Callab
     params, grads: pytrees of the same structure; present: same structure, Python/array bools
     (the parameter took part in this micro-batch's loss). state: from `init`.
     """
-    mask = jax.tree.map(lambda _: True, params) if trainable_mask is None else trainable_mask
-    g = _select(grads, mask)
-    seen = {k: state["seen"][k] | jnp.asarray(v) for k, v in _select(present, mask).items()}
+    flat = traverse_util.flatten_dict
+    g = _select(grads, trainable_mask)
+    seen_old = flat(state["seen"])
+    seen = {k: seen_old[k] | jnp.asarray(v) for k, v in _select(present, trainable_mask).items()}
     micro = state["micro"] + 1
     if opt.grad_accum > 1:
-        g = {k: state["grad_sum"][k] + v.astype(state["grad_sum"][k].dtype) for k, v in g.items()}
+        acc = flat(state["grad_sum"])
+        g = {k: acc[k] + v.astype(acc[k].dtype) for k, v in g.items()}
+    p = _select(params, trainable_mask)
+    a_step, a_mu, a_nu = flat(state["adam"]["step"]), flat(state["adam"]["mu"]), flat(state["adam"]["nu"])
 
     def apply(_):
-        p = _select(params, mask)
         sq = sum(jnp.sum(jnp.square(v.astype(jnp.float32))) for v in g.values()) if g else jnp.zeros(())
         norm = jnp.sqrt(sq)
         coef = clip_coefficient(norm, opt.clip_norm)
         lr = jnp.asarray(schedule(state["count"]), jnp.float32)
-        adam = state["adam"]
         new_p, steps_, mu, nu = {}, {}, {}, {}
         decay = (1.0 - lr * np.float32(opt.weight_decay)).astype(jnp.float32)
         for k in g:
             gk = g[k].astype(jnp.float32) * coef
-            t = adam["step"][k] + 1
-            m = adam["mu"][k] + (gk - adam["mu"][k]) * np.float32(1.0 - opt.b1)  # torch: lerp
-            v = adam["nu"][k] * np.float32(opt.b2) + np.float32(1.0 - opt.b2) * gk * gk
+            t = a_step[k] + 1
+            m = a_mu[k] + (gk - a_mu[k]) * np.float32(1.0 - opt.b1)  # torch: lerp
+            v = a_nu[k] * np.float32(opt.b2) + np.float32(1.0 - opt.b2) * gk * gk
             denom = jnp.sqrt(v) / jnp.sqrt(_bias_correction(opt.b2, t)) + np.float32(opt.eps)
             pk = p[k].astype(jnp.float32) * decay - (lr / _bias_correction(opt.b1, t)) * (m / denom)
             on = seen[k]
             new_p[k] = jnp.where(on, pk, p[k]).astype(p[k].dtype)
-            steps_[k] = jnp.where(on, t, adam["step"][k])
-            mu[k] = jnp.where(on, m, adam["mu"][k]).astype(adam["mu"][k].dtype)
-            nu[k] = jnp.where(on, v, adam["nu"][k]).astype(adam["nu"][k].dtype)
+            steps_[k] = jnp.where(on, t, a_step[k])
+            mu[k] = jnp.where(on, m, a_mu[k]).astype(a_mu[k].dtype)
+            nu[k] = jnp.where(on, v, a_nu[k]).astype(a_nu[k].dtype)
         new_state = {"count": state["count"] + 1, "micro": jnp.zeros((), jnp.int32),
-                     "seen": {k: jnp.zeros((), jnp.bool_) for k in seen},
-                     "adam": {"step": steps_, "mu": mu, "nu": nu},
+                     "seen": _nest({k: jnp.zeros((), jnp.bool_) for k in seen}),
+                     "adam": {"step": _nest(steps_), "mu": _nest(mu), "nu": _nest(nu)},
                      "last": {"grad_norm": norm, "clip_coef": coef, "lr": lr}}
         if opt.grad_accum > 1:
-            new_state["grad_sum"] = {k: jnp.zeros_like(v) for k, v in state["grad_sum"].items()}
+            new_state["grad_sum"] = jax.tree.map(jnp.zeros_like, state["grad_sum"])
         return new_p, new_state
 
     def hold(_):
-        new_state = dict(state, micro=micro, seen=seen)
+        new_state = dict(state, micro=micro, seen=_nest(seen))
         if opt.grad_accum > 1:
-            new_state["grad_sum"] = {k: v.astype(state["grad_sum"][k].dtype) for k, v in g.items()}
-        return _select(params, mask), new_state
+            new_state["grad_sum"] = _nest(g)
+        return dict(p), new_state
 
     if opt.grad_accum == 1:
         new_sel, new_state = apply(None)
     else:
         new_sel, new_state = jax.lax.cond(micro >= opt.grad_accum, apply, hold, None)
-    leaves = jax.tree_util.tree_flatten_with_path(params)
-    out = [new_sel.get(jax.tree_util.keystr(p), v) for p, v in leaves[0]]
-    return jax.tree.unflatten(leaves[1], out), new_state
+    out = traverse_util.flatten_dict(params)
+    out.update(new_sel)
+    return traverse_util.unflatten_dict(out), new_state

@@ -6,8 +6,8 @@ Loss of one micro-batch (the original's trainer: the_well MAE on normalized delt
   target  = normalized_delta_targets(x, next frame)                         (B, T, *spatial, C)
   y       = model(x_n, field_indices, bcs, jitter, train=True, key=k)       (B, T, *spatial, C)
   pred, target restricted to the variable channels (constants never enter the loss); a padded
-            channel (a component added by 2D→3D inflation) has its prediction set to 0 (its target is
-            0: a zero delta over the floored RMS) and still counts in the mean over channels; where a
+            channel (a component added by 2D→3D inflation) has prediction and target set to 0 (its
+            target is 0 anyway: a zero delta over the floored RMS) and still counts in the mean over channels; where a
             constant field named "mask" is non-zero (an object inside the domain) prediction and
             target are set to 0, and those points still count in the spatial mean.
   mae     = mean over space |pred − target|                                 (B, T, C_var)
@@ -78,7 +78,8 @@ def scored_mae(pred: jax.Array, target: jax.Array, real: jax.Array, object_mask:
     pred = pred.astype(jnp.float32)[:, minimum_context:]
     target = target.astype(jnp.float32)[:, minimum_context:]
     n_sp = pred.ndim - 3
-    pred = pred * real.reshape(real.shape[:1] + (1,) * (n_sp + 1) + real.shape[1:])
+    real = real.reshape(real.shape[:1] + (1,) * (n_sp + 1) + real.shape[1:])
+    pred, target = pred * real, target * real  # a padded channel's target is 0 already (zero data)
     if object_mask is not None:
         keep = (object_mask == 0).astype(jnp.float32)[:, None, ..., None]
         pred, target = pred * keep, target * keep

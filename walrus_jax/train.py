@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from walrus_jax import checkpointing, evaluation, optim, sharding, steps, workdir_lock
+from walrus_jax.errors import ConfigError
 from walrus_jax.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -49,11 +50,11 @@ def model_config(config) -> ModelConfig:
 def validate_config(config) -> None:
     """Errors that need no data and no compute (raised before anything is built)."""
     t = config.train
-    if t.steps <= 0:
-        raise ValueError(f"config train.steps must be > 0, got {t.steps}")
-    optim.warmup_invsqrt_cooldown(t.lr, t.steps, t.warmup_steps, t.cooldown_steps)  # raises on bad lengths
-    if t.grad_accum < 1:
-        raise ValueError(f"config train.grad_accum must be >= 1, got {t.grad_accum}")
+    optim.make_schedule(t)  # raises on bad lengths (warmup + cooldown longer than the run, ...)
+    optim.adamw_config(t)  # raises on grad_accum < 1, clip_norm <= 0
+    if t.minimum_context < 0 or config.data.n_steps_input <= t.minimum_context:
+        raise ConfigError(f"config data.n_steps_input={config.data.n_steps_input} must exceed train.minimum_context="
+                          f"{t.minimum_context} (>= 0): the first minimum_context predictions are not scored")
     if config.checkpoint.every < 0:
         raise ValueError(f"config checkpoint.every must be >= 0 (0 = only at the end), got {config.checkpoint.every}")
     mesh_shape = sharding.mesh_shape(config.mesh, jax.device_count())
@@ -139,20 +140,37 @@ def _generate_miniwell(root: str, quick: bool, systems: str) -> None:
         os.replace(tmp, root)
 
 
-def make_pipeline(config, paths, model_cfg: ModelConfig, vocab=None):
-    """The data iterator. Every process reads the same *global* batches (process_count=1 for the
-    pipeline) and keeps its own rows (`load_batch`): a global batch must hold one dataset (one
-    shape) on every host, which a per-host batch stream cannot guarantee. The cost is that each
-    host reads the whole global micro-batch."""
-    from walrus_jax import data as data_lib
+def build_datasets(config, paths, vocab=None):
+    """(datasets, weights, batch factors, vocabulary) of the training split (`data.build_datasets`)."""
+    from walrus_jax.data import pipeline
 
     d = config.data
-    return data_lib.make_train_pipeline(
-        paths, batch_size=d.batch_size, n_steps_input=d.n_steps_input, n_steps_output=d.n_steps_output,
-        min_dt_stride=d.min_dt_stride, max_dt_stride=d.max_dt_stride, seed=config.seed,
+    return pipeline.build_datasets(
+        paths, n_steps_input=d.n_steps_input, n_steps_output=d.n_steps_output, min_dt_stride=d.min_dt_stride,
+        max_dt_stride=d.max_dt_stride, inflate_to_3d=d.inflate_to_3d, split="train", vocab=vocab,
+        allow_new_fields=d.allow_new_fields, seed=config.seed)
+
+
+def make_pipeline(config, datasets, model_cfg: ModelConfig):
+    """The data iterator over `build_datasets`' output. Every process reads the same *global* batches
+    (process_count=1 for the pipeline) and keeps its own rows (`load_batch`): a global batch must
+    hold one dataset (one shape) on every host, which a per-host batch stream cannot guarantee. The
+    cost is that each host reads the whole global micro-batch."""
+    from walrus_jax.data import pipeline
+
+    d = config.data
+    dss, weights, bfactors, vocab = datasets
+    return pipeline.assemble_pipeline(
+        dss, weights, bfactors, vocab, batch_size=d.batch_size, seed=config.seed,
         cfg=model_cfg if config.train.jitter else None, worker_count=d.worker_count, rotate=d.rotate,
-        inflate_to_3d=d.inflate_to_3d, split="train", vocab=vocab, allow_new_fields=d.allow_new_fields,
         process_index=0, process_count=1)
+
+
+def step_options(config) -> steps.StepOptions:
+    t = config.train
+    return steps.StepOptions(loss_multiplier=float(t.loss_multiplier), eps=float(t.normalization_eps),
+                             jitter=bool(t.jitter), minimum_context=int(t.minimum_context),
+                             grad_accum=int(t.grad_accum))
 
 
 def load_batch(mesh, batch) -> tuple[dict, tuple]:
@@ -227,9 +245,9 @@ def init_model(parts: ModelParts, seed: int) -> tuple[dict, dict]:
     return jax.jit(make, out_shardings=(parts.param_shardings, parts.rest_shardings))()
 
 
-def state_shardings(parts: ModelParts, tx, mesh) -> tuple[dict, dict]:
+def state_shardings(parts: ModelParts, opt: optim.AdamWConfig, mask, mesh) -> tuple[dict, dict]:
     """(abstract state, its shardings) for `steps.init_state`."""
-    state_abs = jax.eval_shape(lambda p: steps.init_state(p, tx, jax.random.key(0)), parts.params_abstract)
+    state_abs = jax.eval_shape(lambda p: steps.init_state(p, opt, jax.random.key(0), mask), parts.params_abstract)
     rep = sharding.replicated(mesh)
     sh = {"params": parts.param_shardings,
           "opt_state": sharding.like_params(state_abs["opt_state"], parts.params_abstract, parts.param_shardings,
@@ -347,10 +365,12 @@ def _train(config, workdir: str) -> dict:
     if config.init_from:
         from walrus_jax import finetune
 
-        ft = finetune.prepare(config, base_cfg)
+        ft = finetune.prepare(config)
         base_cfg, vocab = ft.model_cfg, ft.vocab
-    it = make_pipeline(config, paths, base_cfg, vocab)
-    vocab = it.vocab
+    # The data's vocabulary decides the model's (new fields add rows), and the pipeline's jitter
+    # draws need the final model config: datasets first, then the model, then the pipeline.
+    datasets = build_datasets(config, paths, vocab)
+    vocab = datasets[3]
     if ft is not None:
         model_cfg = ft.finalize_config(vocab.n_states)
     else:
@@ -359,14 +379,12 @@ def _train(config, workdir: str) -> dict:
             log.warning("the data's field vocabulary has %d entries: model.n_states %d -> %d", vocab.n_states,
                         base_cfg.n_states, model_cfg.n_states)
 
+    it = make_pipeline(config, datasets, model_cfg)
     parts = abstract_model(model_cfg, mesh, config.sharding.rules)
-    train_cfg = config.train
-    mask = None
-    if ft is not None:
-        train_cfg = ft.train_config(config.train)
-        mask = ft.trainable_mask(parts.params_abstract)
-    tx = optim.make_optimizer(train_cfg, mask)
-    state_abs, state_sh = state_shardings(parts, tx, mesh)
+    mask = ft.trainable_mask(parts.params_abstract) if ft is not None else None
+    opt = optim.adamw_config(config.train)
+    schedule = optim.make_schedule(config.train)
+    state_abs, state_sh = state_shardings(parts, opt, mask, mesh)
 
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                                       async_save=config.checkpoint.async_save)
@@ -386,14 +404,14 @@ def _train(config, workdir: str) -> dict:
         resumed_from = int(meta["opt_step"])
         log.warning("resuming from %s/%d (optimizer step %d)", ckpt.directory, ck_step, resumed_from)
     else:
-        params = ft.initial_params(parts, fresh_params) if ft is not None else fresh_params
+        params = ft.initial_params(parts, fresh_params, config.seed) if ft is not None else fresh_params
         key = jax.random.key(config.seed)
-        state = jax.jit(lambda p: steps.init_state(p, tx, key), out_shardings=state_sh, donate_argnums=0)(params)
+        state = jax.jit(lambda p: steps.init_state(p, opt, key, mask), out_shardings=state_sh,
+                        donate_argnums=0)(params)
     start = resumed_from or 0
 
-    opts = steps.StepOptions(loss_multiplier=float(config.train.loss_multiplier),
-                             eps=float(config.train.normalization_eps), jitter=bool(config.train.jitter))
-    step_fn = steps.build_train_step(parts.graphdef, tx, opts, state_sh, parts.rest_shardings)
+    opts = step_options(config)
+    step_fn = steps.build_train_step(parts.graphdef, opt, schedule, opts, state_sh, parts.rest_shardings, mask)
     meta_base = {"model_config": model_cfg.to_dict(), "fingerprint": fp, "vocab": vocab.to_dict(),
                  "config": json.loads(config.to_json_best_effort())}
 
@@ -408,7 +426,6 @@ def _train(config, workdir: str) -> dict:
     progress = Progress(config.train.steps, start, is_main)
     pending: list[tuple[int, list, list]] = []  # (step, device losses, grad norms) not yet fetched
     last_loss = losses[-1] if losses else None
-    schedule = optim.make_schedule(train_cfg)
 
     def flush():
         nonlocal last_loss
@@ -443,7 +460,7 @@ def _train(config, workdir: str) -> dict:
     try:
         while step < config.train.steps:
             micro_losses, norms = [], []
-            for _ in range(train_cfg.grad_accum):
+            for _ in range(config.train.grad_accum):
                 batch, bcs = load_batch(mesh, next(it))
                 state, met = step_fn(state, batch, rest, bcs)
                 if first_step:  # compile + one execution (blocks once, to time it)
