@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from ml_collections import config_dict
 
 from walrus_jax import optim, steps
 from walrus_jax.models import ModelConfig, Walrus
@@ -85,15 +84,13 @@ def peak_memory_bytes() -> int:
 
 
 def bench_one(name: str, cfg: ModelConfig, batch: int, t_in: int, size: int, n_fields: int, n_steps: int) -> dict:
-    tc = config_dict.ConfigDict(dict(lr=1e-4, steps=1000, warmup_steps=10, cooldown_steps=10, warmup_factor=0.1,
-                                     cooldown_factor=1e-3, grad_accum=1, clip_norm=10.0, b1=0.9, b2=0.999,
-                                     eps=1e-10, weight_decay=1e-4))
-    tx = optim.make_optimizer(tc)
+    opt = optim.AdamWConfig()  # the release: betas (0.9, 0.999), eps 1e-10, wd 1e-4, clip 10
+    schedule = optim.Schedule(base_lr=1e-4, max_epochs=1000, warmup_epochs=10, cooldown_epochs=10)
     model = Walrus(cfg, rngs=nnx.Rngs(0))
     graphdef, p, r = nnx.split(model, nnx.Param, ...)
     params, rest = nnx.to_pure_dict(p), nnx.to_pure_dict(r)
     n_params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
-    state = steps.init_state(params, tx, jax.random.key(0))
+    state = steps.init_state(params, opt, jax.random.key(0))
     rng = np.random.default_rng(0)
     b = {"input_fields": jnp.asarray(rng.normal(size=(batch, t_in, size, size, n_fields)), jnp.float32),
          "output_fields": jnp.asarray(rng.normal(size=(batch, 1, size, size, n_fields)), jnp.float32),
@@ -101,7 +98,7 @@ def bench_one(name: str, cfg: ModelConfig, batch: int, t_in: int, size: int, n_f
          "field_indices": jnp.arange(3, 3 + n_fields, dtype=jnp.int32),
          "padded_field_mask": jnp.ones((n_fields,), bool)}
     bcs = ((2, 2), (2, 2))
-    fn = steps.build_train_step(graphdef, tx, steps.StepOptions())
+    fn = steps.build_train_step(graphdef, opt, schedule, steps.StepOptions())
     t = time.perf_counter()
     lowered = fn.lower(state, b, rest, bcs)
     compiled = lowered.compile()
