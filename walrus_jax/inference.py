@@ -153,7 +153,7 @@ def load_model(checkpoint: str, dtype: str = "float32"):
     cfg = base.cfg.replace(dtype=dtype, param_dtype=dtype)
     if len(base.vocab) > cfg.n_states:
         raise DataError(f"checkpoint {checkpoint}: its field vocabulary has {len(base.vocab)} names but the model "
-                         f"embeds only n_states={cfg.n_states}")
+                        f"embeds only n_states={cfg.n_states}")
     return model_from_params(cfg, base.params, base.source), base.vocab, base.source
 
 
@@ -213,7 +213,7 @@ def _parse_transforms(spec: str) -> dict[str, str]:
     for item in filter(None, (s.strip() for s in str(spec).split(","))):
         if ":" not in item:
             raise ConfigError(f"config field_transforms entry {item!r}: expected 'field:transform' "
-                             "(e.g. 'density:log10')")
+                              "(e.g. 'density:log10')")
         k, v = item.split(":", 1)
         out[k.strip()] = v.strip()
     return out
@@ -228,7 +228,7 @@ def _open_dataset(config, vocab):
     except KeyError as e:
         msg = e.args[0] if e.args else str(e)
         raise DataError(f"the data and the checkpoint {config.checkpoint} have different field vocabularies: {msg}. "
-                         "A checkpoint predicts only fields it was trained on (fine-tune it to add fields)") from None
+                        "A checkpoint predicts only fields it was trained on (fine-tune it to add fields)") from None
 
 
 def _persistence(inputs: np.ndarray, n: int) -> np.ndarray:
@@ -304,7 +304,7 @@ def run_rollout_job(config, workdir: str) -> dict:
     available = n_total - start - t_in
     if available < 1:
         raise DataError(f"{config.data}: trajectories have {n_total} frames; a rollout from frame {start} with a "
-                         f"history of n_input_steps={t_in} needs at least {start + t_in + 1}")
+                        f"history of n_input_steps={t_in} needs at least {start + t_in + 1}")
     n_steps = int(min(available, int(config.max_rollout_steps)))
     field_names = list(first["field_names"])
     n_var = first["fields"].shape[-1]

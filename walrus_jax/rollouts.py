@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 
 from walrus_jax import normalization, xla_options
-from walrus_jax.errors import UserError
+from walrus_jax.errors import DataError, UserError
 from walrus_jax.models.jitter import Jitter, choose_strides, normalize_bcs, sample_jitter
 
 DEFAULT_EPS = normalization.DEFAULT_EPS
@@ -97,8 +97,8 @@ def mask_from_constants(constant_fields, constant_field_names: Sequence[str]):
     if "mask" not in names:
         return None
     if constant_fields is None or np.shape(constant_fields)[-1] != len(names):
-        raise ValueError(f"constant_field_names {names} name {len(names)} channels but constant_fields has shape "
-                         f"{None if constant_fields is None else np.shape(constant_fields)}")
+        raise DataError(f"constant_field_names {names} name {len(names)} channels but constant_fields has shape "
+                        f"{None if constant_fields is None else np.shape(constant_fields)}")
     return np.asarray(constant_fields)[..., names.index("mask")] != 0
 
 
@@ -216,55 +216,58 @@ def _check_finite(name: str, arr) -> None:
     bad = ~np.isfinite(a)
     if bad.any():
         first = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(f"{name} contains {int(bad.sum())} non-finite values (NaN/Inf); first at index {first} "
-                         f"of shape {a.shape} (layout (B, T, *spatial, C) / (B, *spatial, C))")
+        raise DataError(f"{name} contains {int(bad.sum())} non-finite values (NaN/Inf); first at index {first} "
+                        f"of shape {a.shape} (layout (B, T, *spatial, C) / (B, *spatial, C))")
 
 
 def _prepare(model, input_fields, field_indices, bcs, n_steps, constant_fields, padded_field_mask, mask,
              jitter, cfg, eps, min_input_steps, check_finite):
     if not hasattr(input_fields, "shape") or input_fields.ndim not in (5, 6):
-        raise ValueError(f"input_fields must be (B, T_in, H, W, C_var) or (B, T_in, H, W, D, C_var); got shape "
-                         f"{getattr(input_fields, 'shape', type(input_fields))}")
+        raise DataError(f"input_fields must be (B, T_in, H, W, C_var) or (B, T_in, H, W, D, C_var); got shape "
+                        f"{getattr(input_fields, 'shape', type(input_fields))}")
     b, t_in = input_fields.shape[:2]
     spatial = tuple(input_fields.shape[2:-1])
     n_var = input_fields.shape[-1]
     need = max(1, int(min_input_steps))
     if t_in < need:
-        raise ValueError(f"input_fields has a history of T_in={t_in} frames (axis 1 of shape {input_fields.shape}) "
-                         f"but the model needs at least {need}")
+        raise DataError(f"input_fields has a history of T_in={t_in} frames (axis 1 of shape {input_fields.shape}) "
+                        f"but the model needs at least {need}")
     if int(n_steps) < 1:
         raise ValueError(f"n_steps must be >= 1, got {n_steps}")
     fi = np.asarray(field_indices)
     if fi.ndim != 1 or not np.issubdtype(fi.dtype, np.integer):
-        raise ValueError(f"field_indices must be a 1-D integer array (C_var + C_con,), got {fi.dtype} {fi.shape}")
+        raise DataError(f"field_indices must be a 1-D integer array (C_var + C_con,), got {fi.dtype} {fi.shape}")
     n_con = 0 if constant_fields is None else constant_fields.shape[-1]
     if constant_fields is not None:
         want = (b,) + spatial
         if tuple(constant_fields.shape[:-1]) != want:
-            raise ValueError(f"constant_fields shape {tuple(constant_fields.shape)} does not match input_fields "
-                             f"{tuple(input_fields.shape)}: expected (B, *spatial, C_con) = {want + ('C_con',)}")
+            raise DataError(f"constant_fields shape {tuple(constant_fields.shape)} does not match input_fields "
+                            f"{tuple(input_fields.shape)}: expected (B, *spatial, C_con) = {want + ('C_con',)}")
     if fi.shape[0] != n_var + n_con:
-        raise ValueError(f"field_indices has {fi.shape[0]} entries but the data has {n_var} variable + {n_con} "
-                         f"constant channels = {n_var + n_con} (input_fields {tuple(input_fields.shape)}, "
-                         f"constant_fields {None if constant_fields is None else tuple(constant_fields.shape)})")
+        raise DataError(f"field_indices has {fi.shape[0]} entries but the data has {n_var} variable + {n_con} "
+                        f"constant channels = {n_var + n_con} (input_fields {tuple(input_fields.shape)}, "
+                        f"constant_fields {None if constant_fields is None else tuple(constant_fields.shape)})")
     mcfg = _model_config(model, cfg)
     if mcfg is not None:
         n_states = int(mcfg.n_states)
         if (fi < 0).any() or (fi >= n_states).any():
-            raise ValueError(f"field_indices {fi.tolist()} out of the model's vocabulary [0, {n_states})")
+            raise DataError(f"field_indices {fi.tolist()} out of the model's vocabulary [0, {n_states})")
     bcs_t = normalize_bcs(bcs, len(spatial))
-    choose_strides(spatial + (1,) * (3 - len(spatial)))  # clear error for unsupported grid sizes
+    try:
+        choose_strides(spatial + (1,) * (3 - len(spatial)))  # clear error for unsupported grid sizes
+    except ValueError as e:
+        raise DataError(f"input_fields of shape {tuple(input_fields.shape)}: {e}") from None
     if padded_field_mask is not None:
         pm = np.asarray(padded_field_mask)
         if pm.shape != (n_var,):
-            raise ValueError(f"padded_field_mask must have shape (C_var,) = ({n_var},), got {pm.shape}")
+            raise DataError(f"padded_field_mask must have shape (C_var,) = ({n_var},), got {pm.shape}")
         padded_field_mask = jnp.asarray(pm.astype(bool))
     if mask is not None:
         m = jnp.asarray(mask)
         if m.ndim == len(spatial) + 2 and m.shape[-1] == 1:
             m = m[..., 0]
         if tuple(m.shape) != (b,) + spatial:
-            raise ValueError(f"mask must be (B, *spatial) = {(b,) + spatial} (or with a trailing 1), got {tuple(jnp.shape(mask))}")
+            raise DataError(f"mask must be (B, *spatial) = {(b,) + spatial} (or with a trailing 1), got {tuple(jnp.shape(mask))}")
         mask = m.astype(bool)
     if check_finite:
         _check_finite("input_fields", input_fields)
