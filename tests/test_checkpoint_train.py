@@ -95,8 +95,7 @@ def _abstract_state(workdir):
     from walrus_jax.models import ModelConfig
 
     parts = train.abstract_model(ModelConfig.from_dict(meta_cfg), mesh, config.sharding.rules)
-    tx = optim.make_optimizer(config.train)
-    state_abs, sh = train.state_shardings(parts, tx, mesh)
+    state_abs, sh = train.state_shardings(parts, optim.adamw_config(config.train), None, mesh)
     return train.with_shardings(state_abs, sh)
 
 
@@ -141,48 +140,39 @@ def test_other_architecture_is_refused_before_compute(runs, data):
 
 
 def test_finetune_from_a_workdir_extends_the_vocabulary(runs):
-    """init_from a training workdir: new field rows = mean of the base field rows, APE = 0,
-    learnable per-axis RoPE from the base frequencies, so on the old fields the fine-tuning model
-    starts out computing exactly what the base model computes."""
-    import jax.numpy as jnp
-    from flax import nnx
-
+    """init_from a training workdir, as the original fine-tunes: the new field's rows keep the fresh
+    model's initialization, every copied encoder input column is scaled by sqrt(n_old / n_new), the
+    decoder's copied rows are unchanged, the APE starts at 5e-3 N(0, 1), learnable per-axis RoPE
+    starts from the base frequencies, and frozen parts get no updates."""
     from walrus_jax import finetune, main, sharding, train
-    from walrus_jax.models import Walrus
 
     config = main.load_config(os.path.join(REPO, "configs", "tiny.py"), OVERRIDES + [
         f"init_from={runs / 'full'}", "finetune.learned_rope=per_axis", "finetune.ape=True",
         "model.ape_grid=(32,32,1)", "finetune.freeze=('embed',)"])
     plan = finetune.prepare(config)
     assert plan.model_cfg.hidden_dim == 32 and plan.model_cfg.learned_rope == "per_axis"
-    assert plan.train_config(config.train).lr == pytest.approx(0.5 * config.train.lr)
     vocab = plan.vocab.extend(["my_new_field"])
     cfg = plan.finalize_config(vocab.n_states)
-    assert cfg.n_states == plan.base.cfg.n_states + 1 == vocab.index("my_new_field") + 1
+    n = plan.base.cfg.n_states
+    assert cfg.n_states == n + 1 == vocab.index("my_new_field") + 1
     mesh = sharding.make_mesh(config.mesh)
     parts = train.abstract_model(cfg, mesh, config.sharding.rules)
     fresh, rest = train.init_model(parts, 1)
-    params = plan.initial_params(parts, fresh)
+    fresh = jax.tree.map(np.asarray, fresh)
+    params = plan.initial_params(parts, fresh, seed=0)
     base = plan.base.params
-    n = plan.base.cfg.n_states
     p1, b1 = np.asarray(params["embed"]["d2"]["proj1"]), np.asarray(base["embed"]["d2"]["proj1"])
-    np.testing.assert_array_equal(p1[..., :n, :], b1)
-    np.testing.assert_allclose(p1[..., n, :], b1[..., 3:, :].mean(axis=-2), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(np.asarray(params["debed"]["d2"]["proj2_bias"])[n],
-                               np.asarray(base["debed"]["d2"]["proj2_bias"])[3:].mean(), rtol=1e-6, atol=1e-7)
-    assert not np.asarray(params["ape"]).any()
+    np.testing.assert_allclose(p1[..., :n, :], b1 * np.sqrt(n / (n + 1)), rtol=1e-6)
+    np.testing.assert_array_equal(p1[..., n, :], fresh["embed"]["d2"]["proj1"][..., n, :])
+    np.testing.assert_array_equal(np.asarray(params["debed"]["d2"]["proj2_bias"])[:n],
+                                  np.asarray(base["debed"]["d2"]["proj2_bias"]))
+    ape = np.asarray(params["ape"])
+    assert ape.shape == (32, 32, 1, 32) and 4e-3 < ape.std() < 6e-3 and abs(ape.mean()) < 5e-4
+    rope = np.asarray(params["processor"]["blocks"]["space"]["rope_freqs"])  # (layers, 3 axes, n_f)
+    np.testing.assert_array_equal(rope, fresh["processor"]["blocks"]["space"]["rope_freqs"])
+    assert (rope[:, 0] == rope[:, 1]).all() and (rope[:, 1] == rope[:, 2]).all()
     mask = plan.trainable_mask(parts.params_abstract)
     assert not any(jax.tree.leaves(mask["embed"])) and all(jax.tree.leaves(mask["processor"]))
-    # Same outputs on the old fields (gray_scott's A, B), jitter off.
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(1, 2, 32, 32, 2)), jnp.float32)
-    fi = jnp.asarray([vocab.index("A"), vocab.index("B")])
-    bcs = ((2, 2), (2, 2))
-    new_model = nnx.merge(parts.graphdef, params, rest)
-    base_model = Walrus(plan.base.cfg, rngs=nnx.Rngs(0))
-    g, _, r = nnx.split(base_model, nnx.Param, ...)
-    base_model = nnx.merge(g, jax.tree.map(jnp.asarray, base), r)
-    np.testing.assert_allclose(new_model(x, fi, bcs), base_model(x, fi, bcs), rtol=1e-5, atol=1e-5)
     with pytest.raises(KeyError, match="finetune.freeze entry 'encoderz' matches no parameter"):
         finetune.Plan(main.load_config(os.path.join(REPO, "configs", "tiny.py"), [
             f"init_from={runs / 'full'}", "finetune.freeze=('encoderz',)"]), plan.base).trainable_mask(
