@@ -4,7 +4,8 @@
     python -m tools.bench.train --models small --batch 8 --size 32 --steps 5
 
 For each model it times one jitted train step (the real `walrus_jax.steps.train_step` with AdamW,
-clipping, donation) on a synthetic 2D batch (B, T, S, S, C) with periodic boundaries:
+clipping, donation) on a synthetic 2D batch (B, T, S, S, C) with periodic boundaries, jitter off
+(as the original's step in ../shared/reference/train_step_orig.py; `--jitter` turns it on):
   compile_s      lower + compile of the step
   step_ms        median wall time of `--steps` steps after one warm-up step
   tokens/s       B · T · (space tokens per frame) / step time (the processor's token count)
@@ -83,7 +84,8 @@ def peak_memory_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
 
-def bench_one(name: str, cfg: ModelConfig, batch: int, t_in: int, size: int, n_fields: int, n_steps: int) -> dict:
+def bench_one(name: str, cfg: ModelConfig, batch: int, t_in: int, size: int, n_fields: int, n_steps: int,
+              jitter: bool = False) -> dict:
     opt = optim.AdamWConfig()  # the release: betas (0.9, 0.999), eps 1e-10, wd 1e-4, clip 10
     schedule = optim.Schedule(base_lr=1e-4, max_epochs=1000, warmup_epochs=10, cooldown_epochs=10)
     model = Walrus(cfg, rngs=nnx.Rngs(0))
@@ -98,7 +100,7 @@ def bench_one(name: str, cfg: ModelConfig, batch: int, t_in: int, size: int, n_f
          "field_indices": jnp.arange(3, 3 + n_fields, dtype=jnp.int32),
          "padded_field_mask": jnp.ones((n_fields,), bool)}
     bcs = ((2, 2), (2, 2))
-    fn = steps.build_train_step(graphdef, opt, schedule, steps.StepOptions())
+    fn = steps.build_train_step(graphdef, opt, schedule, steps.StepOptions(jitter=jitter))
     t = time.perf_counter()
     lowered = fn.lower(state, b, rest, bcs)
     compiled = lowered.compile()
@@ -136,6 +138,7 @@ def main(argv=None):
     ap.add_argument("--fields", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--remat", default="none")
+    ap.add_argument("--jitter", action="store_true", help="patch/token jitter on (the reference step has it off)")
     ap.add_argument("--json", default="")
     a = ap.parse_args(argv)
     peak = matmul_rate()
@@ -144,7 +147,7 @@ def main(argv=None):
     rows = []
     for name in a.models.split(","):
         cfg = MODELS[name](drop_path=0.0, remat=a.remat)
-        row = bench_one(name, cfg, a.batch, a.t_in, a.size, a.fields, a.steps)
+        row = bench_one(name, cfg, a.batch, a.t_in, a.size, a.fields, a.steps, a.jitter)
         row["MFU"] = row["achieved_TFLOPs"] * 1e12 / peak
         rows.append(row)
         print(json.dumps(row), flush=True)
