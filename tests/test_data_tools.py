@@ -310,3 +310,24 @@ def test_cli_single_file_with_time_coords_and_dim_names(tmp_path, capsys):
     assert s["boundary_conditions"].tolist() == [[WALL, OPEN], [PERIODIC, PERIODIC]]
     with h5py.File(tmp_path / "one.hdf5") as f:
         assert float(f.attrs["nu"]) == 0.5
+
+
+def test_stats_of_fields_stored_without_trajectory_axis(tmp_path):
+    """A time-varying field shared by all trajectories (T, nx, ny): deltas along time (the_well's
+    script would difference along x there), counted once per file as stored."""
+    from walrus_jax.data.writer import WellField, axis_boundaries, write_well_file
+
+    rng = np.random.default_rng(3)
+    shared = rng.normal(size=(5, 4, 3))
+    own = rng.normal(size=(2, 5, 4, 3))
+    bcs = {**axis_boundaries("x", 4, "PERIODIC", "PERIODIC"), **axis_boundaries("y", 3, "WALL", "WALL")}
+    write_well_file(tmp_path / "d" / "data" / "train" / "a.hdf5", dataset_name="s", n_trajectories=2,
+                    time=np.arange(5.0), coords={"x": np.arange(4.0), "y": np.arange(3.0)}, boundaries=bcs,
+                    t0_fields={"forcing": WellField(shared.astype(np.float32), sample_varying=False),
+                               "u": WellField(own.astype(np.float32))})
+    stats = st.compute_stats(tmp_path / "d", out="")
+    f32 = shared.astype(np.float32).astype(np.float64)
+    np.testing.assert_allclose(stats["std"]["forcing"], f32.std(), rtol=1e-12)
+    np.testing.assert_allclose(stats["rms_delta"]["forcing"], np.sqrt((np.diff(f32, axis=0) ** 2).mean()), rtol=1e-12)
+    np.testing.assert_allclose(stats["mean_delta"]["u"], np.diff(own.astype(np.float32).astype(np.float64), axis=1).mean(),
+                               rtol=1e-10, atol=1e-15)
