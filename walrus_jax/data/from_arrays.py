@@ -495,7 +495,13 @@ def _run(args) -> None:
     else:
         if not os.path.isfile(args.coords):
             raise PathError(f"--coords {args.coords}: no such file")
-        with np.load(args.coords, allow_pickle=False) as z:
+        try:
+            z = np.load(args.coords, allow_pickle=False)
+        except Exception as e:  # a corrupt or non-numpy file
+            raise DataError(f"--coords {args.coords}: cannot be read as .npz ({e})") from None
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise DataError(f"--coords {args.coords}: expected an .npz holding one 1-D array per axis (x, y, ...)")
+        with z:
             kw["coords"] = {k: np.asarray(z[k]) for k in z.keys()}
     if len(kw["origin"]) == 1:
         kw["origin"] = kw["origin"][0]
