@@ -155,3 +155,28 @@ def test_load_state_dict_round_trip_and_strictness():
     assert back.keys() == sd.keys()
     for k in sd:
         np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_frame_attention_equals_materialised(causal):
+    """The CPU form of time attention (broadcast products over T frames) equals softmax attention
+    written with einsums, bias and causal mask included; values and gradients."""
+    from walrus_jax.models.attention import frame_attention
+
+    N, T, H, D = 5, 6, 3, 8
+    kq, kk, kv, kb = jax.random.split(jax.random.key(1), 4)
+    q, k, v = (2.0 * jax.random.normal(kk_, (N, T, H, D)) for kk_ in (kq, kk, kv))
+    bias = jax.random.normal(kb, (H, T, T))
+
+    def reference(q, k, v, bias):
+        logits = jnp.einsum("nqhd,nkhd->nhqk", q, k) / np.sqrt(D) + bias[None]
+        if causal:
+            logits = jnp.where(np.tril(np.ones((T, T), bool)), logits, -jnp.inf)
+        return jnp.einsum("nhqk,nkhd->nqhd", jax.nn.softmax(logits, axis=-1), v)
+
+    f = lambda q, k, v, b: frame_attention(q, k, v, b, causal)
+    assert rel_err(f(q, k, v, bias), reference(q, k, v, bias)) <= 1e-6
+    loss = lambda fn: (lambda *a: jnp.sum(jnp.cos(fn(*a)) * jnp.arange(D)))
+    for a, b in zip(jax.grad(loss(f), argnums=(0, 1, 2, 3))(q, k, v, bias),
+                    jax.grad(loss(reference), argnums=(0, 1, 2, 3))(q, k, v, bias)):
+        assert rel_err(a, b) <= 1e-5

@@ -97,15 +97,44 @@ class TimeAttention(nnx.Module):
         """x (B, T, h, w, d, hid) -> same."""
         cfg = self.cfg
         B, T, h, w, d, hid = x.shape
-        nh, hd = cfg.num_heads, cfg.head_dim
-        qkv = self.qkv(self.norm(x, SPATIAL)).reshape(B, T, h, w, d, nh, 3, hd)
-        qkv = jnp.transpose(qkv, (6, 0, 2, 3, 4, 1, 5, 7)).reshape(3, B * h * w * d, T, nh, hd)
-        q, k, v = self.q_norm(qkv[0]), self.k_norm(qkv[1]), qkv[2]
+        nh, hd, L = cfg.num_heads, cfg.head_dim, h * w * d
         bias = positional.time_bias(self.rel_bias[...], T, cfg.causal_in_time, cfg.rel_pos_buckets,
-                                    cfg.rel_pos_max_distance)[None]
-        o = _attention(q, k, v, bias=bias, is_causal=cfg.causal_in_time)
-        o = jnp.transpose(o.reshape(B, h, w, d, T, hid), (0, 4, 1, 2, 3, 5))
-        return x + drop_path(self.out(o).astype(x.dtype), rate, key, draw_axes=(1,))
+                                    cfg.rel_pos_max_distance)  # (heads, T, T)
+        xn = self.norm(x, SPATIAL)
+        if jax.default_backend() == "cpu":
+            # Token-major: one transpose of the normalised input and one of the output, then every
+            # token's T x T attention is a contiguous block (see frame_attention).
+            xt = jnp.transpose(xn.reshape(B, T, L, hid), (0, 2, 1, 3))  # (B, L, T, hid)
+            qkv = self.qkv(xt).reshape(B * L, T, nh, 3, hd)
+            q, k, v = self.q_norm(qkv[..., 0, :]), self.k_norm(qkv[..., 1, :]), qkv[..., 2, :]
+            o = self.out(frame_attention(q, k, v, bias, cfg.causal_in_time).reshape(B, L, T, hid))
+            o = jnp.transpose(o, (0, 2, 1, 3)).reshape(x.shape)
+        else:
+            qkv = self.qkv(xn).reshape(B, T, h, w, d, nh, 3, hd)
+            qkv = jnp.transpose(qkv, (6, 0, 2, 3, 4, 1, 5, 7)).reshape(3, B * L, T, nh, hd)
+            q, k, v = self.q_norm(qkv[0]), self.k_norm(qkv[1]), qkv[2]
+            o = _attention(q, k, v, bias=bias[None], is_causal=cfg.causal_in_time)
+            o = self.out(jnp.transpose(o.reshape(B, h, w, d, T, hid), (0, 4, 1, 2, 3, 5)))
+        return x + drop_path(o.astype(x.dtype), rate, key, 2)
+
+
+def frame_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, causal: bool) -> jax.Array:
+    """Attention over a handful of frames per token, as broadcast products and sums (the CPU form of
+    time attention). q, k, v (N, T, heads, head_dim); bias (heads, T, T) [query, key] -> (N, T,
+    heads, head_dim); logits, softmax and the weighted sum in float32.
+
+    With T ~ 6 the two products are N * heads tiny T x T x head_dim matrix products: XLA:CPU runs
+    them as batched dots behind transposes to (N, heads, T, head_dim) and back, forward and
+    backward. Elementwise, every token's q, k, v block stays contiguous and fused; the time-attention
+    gradient is ~20% faster at the small configuration (hidden 192, 128^2)."""
+    T, hd = q.shape[1], q.shape[-1]
+    qf, kf, vf = (a.astype(jnp.float32) for a in (q, k, v))
+    logits = jnp.sum(qf[:, :, None] * kf[:, None], axis=-1) * np.float32(1.0 / np.sqrt(hd))  # (N, Tq, Tk, heads)
+    logits = logits + jnp.transpose(bias.astype(jnp.float32), (1, 2, 0))[None]
+    if causal:
+        logits = jnp.where(np.tril(np.ones((T, T), bool))[None, :, :, None], logits, -jnp.inf)
+    p = jax.nn.softmax(logits, axis=2)
+    return jnp.sum(p[..., None] * vf[:, None], axis=2).astype(v.dtype)
 
 
 class SpaceAttention(nnx.Module):
