@@ -171,6 +171,14 @@ class Checkpointer:
             for bad, msg, mismatch in errors:
                 if not mismatch:  # a readable checkpoint of another layout is not corrupt: leave it
                     self._move_aside(bad, msg)
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                # Every process passes here once per restore: process 0's renames are done
+                # before anyone lists the steps again.
+                multihost_utils.sync_global_devices("checkpointing.restore_latest")
+            if errors:
+                self.manager.reload()
             states = meta.get("data_states") or [None]
             idx = jax.process_index() if len(states) > jax.process_index() else 0
             return step, state, meta, unjsonable(states[idx])
@@ -185,11 +193,6 @@ class Checkpointer:
             os.rename(src, dst)
             log.warning("checkpoint %s could not be restored; moved aside to %s (kept for inspection)", src, dst)
         self.moved_aside.append({"step": int(step), "moved_to": dst, "error": error})
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
-        self.manager.reload()
 
 
 def _norm(v):
