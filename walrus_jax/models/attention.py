@@ -115,7 +115,7 @@ class TimeAttention(nnx.Module):
             q, k, v = self.q_norm(qkv[0]), self.k_norm(qkv[1]), qkv[2]
             o = _attention(q, k, v, bias=bias[None], is_causal=cfg.causal_in_time)
             o = self.out(jnp.transpose(o.reshape(B, h, w, d, T, hid), (0, 4, 1, 2, 3, 5)))
-        return x + drop_path(o.astype(x.dtype), rate, key, 2)
+        return x + drop_path(o.astype(x.dtype), rate, key, draw_axes=(1,))  # one draw per frame, shared by the batch
 
 
 def frame_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, causal: bool) -> jax.Array:
