@@ -219,3 +219,19 @@ def test_released_parameter_count_from_abstract_model():
     n_all = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(abstract)))
     assert n_all == 1_286_199_487  # the released state_dict, RoPE buffers included
     assert n_params == 1_286_199_487 - 40 * 11
+
+
+def test_drop_path_draws_like_the_original():
+    """Time branch: one draw per frame shared by the batch; space branch: one per (sample, frame)."""
+    from walrus_jax.models.attention import SpaceAttention, TimeAttention
+
+    cfg = wj.ModelConfig.tiny()
+    x = jnp.broadcast_to(jax.random.normal(jax.random.key(1), (1, 6, 4, 4, 1, cfg.hidden_dim)),
+                         (8, 6, 4, 4, 1, cfg.hidden_dim))  # 8 identical samples
+    t = TimeAttention(cfg, rngs=nnx.Rngs(0))
+    y = t(x, 0.5, jax.random.key(2))
+    kept = np.asarray(jnp.any(y != x, axis=(2, 3, 4, 5)))  # (B, T): branch kept
+    assert (kept == kept[:1]).all() and 0 < kept[0].sum() < 6  # same frames for every sample, not all
+    s = SpaceAttention(cfg, rngs=nnx.Rngs(0))
+    kept = np.asarray(jnp.any(s(x, 0.5, jax.random.key(3)) != x, axis=(2, 3, 4, 5)))
+    assert not (kept == kept[:1]).all()  # independent per sample
