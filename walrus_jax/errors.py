@@ -92,16 +92,18 @@ def _held_background_errors(held: list) -> Iterator[None]:
     callbacks (asyncio "Event loop is closed" after a failed write, ...) are held in `held`
     instead of going to stderr: the caller prints them unless the command ends in a user-facing
     error, which they only echo (a full disk would otherwise print hundreds of lines)."""
-    old_hook, old_thread_hook = sys.excepthook, threading.excepthook
+    old_hook, old_thread_hook, old_unraisable = sys.excepthook, threading.excepthook, sys.unraisablehook
     sys.excepthook = lambda t, v, tb: held.append((t, v, tb))
     threading.excepthook = lambda a: held.append((a.exc_type, a.exc_value, a.exc_traceback))
+    # TensorStore reports exceptions of its completion callbacks as "unraisable".
+    sys.unraisablehook = lambda u: held.append((u.exc_type, u.exc_value, u.exc_traceback))
     echo = _DropBackgroundEcho()
     absl_log = logging.getLogger("absl")
     absl_log.addFilter(echo)
     try:
         yield
     finally:
-        sys.excepthook, threading.excepthook = old_hook, old_thread_hook
+        sys.excepthook, threading.excepthook, sys.unraisablehook = old_hook, old_thread_hook, old_unraisable
         absl_log.removeFilter(echo)
 
 
