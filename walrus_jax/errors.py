@@ -89,9 +89,10 @@ class _DropBackgroundEcho(logging.Filter):
 @contextlib.contextmanager
 def _held_background_errors(held: list) -> Iterator[None]:
     """While a command runs without --verbose, exceptions printed from library threads and
-    callbacks (asyncio "Event loop is closed" after a failed write, ...) are held in `held`
-    instead of going to stderr: the caller prints them unless the command ends in a user-facing
-    error, which they only echo (a full disk would otherwise print hundreds of lines)."""
+    callbacks (asyncio "Event loop is closed" after a failed write or restore, ...) are held in
+    `held` instead of going to stderr (a full disk would otherwise print hundreds of lines): the
+    caller prints them in full when the command fails with a bug, counts them in one line when it
+    succeeds, and drops them when it ends in a user-facing error, which they only echo."""
     old_hook, old_thread_hook, old_unraisable = sys.excepthook, threading.excepthook, sys.unraisablehook
     sys.excepthook = lambda t, v, tb: held.append((t, v, tb))
     threading.excepthook = lambda a: held.append((a.exc_type, a.exc_value, a.exc_traceback))
@@ -133,18 +134,17 @@ def run_command(fn: Callable[[], int | None], verbose: bool = False) -> int:
     except BaseException as e:  # noqa: BLE001 - sorted below: user-facing or re-raised
         shown = user_facing(e) if not isinstance(e, SystemExit) else None
         if shown is None:
-            _print_held(held)
+            for t, v, tb in held:
+                print("error in a background thread or callback:", file=sys.stderr)
+                traceback.print_exception(t, v, tb, file=sys.stderr)
             raise
         if verbose:
             traceback.print_exception(e)
         sys.stdout.flush()
         print(f"error: {describe(shown)}", file=sys.stderr, flush=True)
         return 2
-    _print_held(held)
+    if held:
+        kinds = sorted({f"{t.__name__}: {str(v)[:80]}" for t, v, _ in held})
+        print(f"note: {len(held)} error(s) in library threads or callbacks did not stop the command "
+              f"({'; '.join(kinds[:3])}); --verbose shows them", file=sys.stderr, flush=True)
     return 0 if rc is None else int(rc)
-
-
-def _print_held(held: list) -> None:
-    for t, v, tb in held:
-        print("error in a background thread or callback:", file=sys.stderr)
-        traceback.print_exception(t, v, tb, file=sys.stderr)
