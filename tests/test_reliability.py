@@ -138,6 +138,25 @@ def test_environment_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
     assert "Traceback" in err and err.rstrip().endswith("error: config x: bad")
 
 
+def test_background_thread_errors_do_not_bury_the_message(capsys):
+    import threading
+
+    def thread_fails_then(exc):
+        def body():
+            t = threading.Thread(target=lambda: 1 / 0)
+            t.start()
+            t.join()
+            if exc is not None:
+                raise exc
+        return body
+
+    assert errors.run_command(thread_fails_then(OSError(errno.EROFS, "Read-only file system", "/ro/x"))) == 2
+    _one_error_line(capsys.readouterr().err, "Read-only file system", "/ro/x")
+    assert errors.run_command(thread_fails_then(None)) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "note: 1 error(s)" in err and "ZeroDivisionError" in err and "--verbose" in err
+
+
 # ------------------------------------------------------------------------------ the converter
 def _convert(argv, capsys):
     from tools.convert_torch_ckpt import cli
