@@ -76,6 +76,9 @@ def base_config() -> config_dict.ConfigDict:
     c.data.inflate_to_3d = False
     c.data.worker_count = 0
     c.data.allow_new_fields = True
+    # 'sample': divide by each sample's RMS (pretraining); 'global': by the dataset's rms / rms_delta
+    # from <dataset>/stats.yaml (`python -m walrus_jax.data.stats DIR`), as the original fine-tunes
+    c.data.normalization = "sample"
 
     c.train = config_dict.ConfigDict()
     c.train.steps = 1000  # optimizer updates (each = grad_accum micro-batches)
@@ -123,6 +126,7 @@ def base_config() -> config_dict.ConfigDict:
     c.eval.windows = ((1, 10), (11, 30))
     c.eval.plot = True
     c.eval.batch_size = 4
+    c.eval.jitter = True  # validation rollouts with patch jitter, as the original (a model flag there)
 
     c.finetune = config_dict.ConfigDict()
     c.finetune.freeze = ()  # parameter path prefixes to freeze, e.g. ('encoder', 'blocks')

@@ -32,6 +32,7 @@ def get_config(variant: str = ""):
     c.data.batch_size = 8
     c.data.inflate_to_3d = True
     c.data.allow_new_fields = True
+    c.data.normalization = "global"  # the dataset's stats.yaml (python -m walrus_jax.data.stats DIR)
     c.train.lr = 1e-4
     c.train.grad_accum = 1
     c.train.steps_per_epoch = 500

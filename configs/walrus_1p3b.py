@@ -50,7 +50,7 @@ def get_config(variant: str = ""):
     c.checkpoint.keep = 3
     c.eval.every = 5_000
     c.eval.n_trajectories = 8
-    c.eval.rollout_steps = 60
+    c.eval.rollout_steps = 100  # the release validates rollouts of up to 100 steps
     c.eval.windows = ((1, 20), (21, 60))
     if variant == "medium":  # ModelConfig.medium() (hidden 768, 12 blocks) with the same recipe
         c.model = common.model_section(ModelConfig.medium())

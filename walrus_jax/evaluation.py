@@ -1,14 +1,21 @@
-"""Evaluation during and after training: autoregressive rollouts on held-out trajectories.
+"""Validation: autoregressive rollouts on held-out trajectories, as the original validates.
 
-For each dataset, the first `eval.n_trajectories` trajectories of the held-out split are rolled out
-from their first T_in frames (at the training's smallest time stride) for up to
-`eval.rollout_steps` steps with `walrus_jax.rollouts.rollout` (deterministic: no jitter), and
-scored against the truth with the_well's VRMSE and NRMSE (`walrus_jax.metrics`), per field and
-averaged over horizon windows (1-10, 11-30 by default, 1-based inclusive). The persistence
-baseline u(t+k) = u(t) (the last input frame repeated) is scored the same way.
+Data is read the way training reads it (`walrus_jax.data.pipeline.make_eval_datasets`): 2D data
+inflated to 3D when `data.inflate_to_3d` (the release: on; it changes WALL/OPEN outputs by ~2%), the
+released per-dataset field transforms, and the released datasets' step downsampling (the 3D ones
+roll out from half the history). For each dataset, `eval.n_trajectories` trajectories of the
+held-out split, in an order shuffled by the seed, are rolled out from their first T_in frames (at
+the training's smallest time stride) for up to `eval.rollout_steps` steps with
+`walrus_jax.rollouts.rollout` — with patch jitter when `eval.jitter` (the release's model applies it
+in eval mode too; one key per dataset, derived from the seed) — and scored against the truth with
+the_well's VRMSE (eps 1e-7), NRMSE and MAE (`walrus_jax.metrics`), per field and averaged over
+horizon windows (1-based, inclusive; the paper's 1-20 and 21-60, downstream 1-10 and 11-30). The
+persistence baseline u(t+k) = u(t) is scored the same way. A constant field named "mask" marks
+points forced to 0 in every prediction, as in training.
 
 Headline numbers (`vrmse_1_10`, `persistence_vrmse_1_10`, ...) are the mean over real (not
-padded) fields, then over trajectories, then over datasets.
+padded) fields, then over trajectories, then over datasets; each window also reports the median
+over trajectories (the paper's statistic).
 """
 from __future__ import annotations
 
@@ -33,7 +40,9 @@ class EvalSet:
     """Held-out trajectories of one dataset, stacked (all share one shape).
 
     inputs (N, T_in, *sp, C_var); truth (N, H, *sp, C_var); constants (N, *sp, C_con);
-    bcs ((lo, hi),) * n_dims; field_indices (C_var + C_con,); padded_field_mask (C_var,).
+    bcs ((lo, hi),) * n_dims; field_indices (C_var + C_con,); padded_field_mask (C_var,);
+    mask (N, *sp) bool or None: points forced to 0 (a constant field named "mask");
+    trajectories: the trajectory index of each row in the dataset's split.
     """
 
     name: str
@@ -44,39 +53,51 @@ class EvalSet:
     field_indices: np.ndarray
     padded_field_mask: np.ndarray
     field_names: list[str]
+    mask: np.ndarray | None = None
+    trajectories: tuple = ()
 
 
 def load_eval_sets(paths: Sequence[str], *, n_steps_input: int, n_trajectories: int, rollout_steps: int,
-                   stride: int = 1, split: str = "valid", vocab=None, allow_new_fields: bool = True) -> list[EvalSet]:
-    """Reads held-out trajectories of each dataset directory in `paths` (Well layout)."""
-    from walrus_jax.data import WellDataset
+                   stride: int = 1, split: str = "valid", vocab=None, allow_new_fields: bool = True,
+                   inflate_to_3d: bool = False, use_released_options: bool = True, seed: int = 0) -> list[EvalSet]:
+    """Reads held-out trajectories of each dataset directory in `paths` (module docstring).
 
+    n_steps_input is the 2D history; a dataset's released step downsampling scales it (3D: half).
+    Trajectories are taken in the order of a permutation seeded by (seed, dataset position).
+    """
+    from walrus_jax.data import pipeline
+
+    dss, _ = pipeline.make_eval_datasets(paths, n_steps_input=n_steps_input, split=split,
+                                         inflate_to_3d=inflate_to_3d, vocab=vocab, allow_new_fields=allow_new_fields,
+                                         use_released_options=use_released_options)
     sets = []
-    for path in paths:
-        ds = WellDataset(path, n_steps_input=n_steps_input, n_steps_output=1, split=split, vocab=vocab,
-                         allow_new_fields=allow_new_fields)
+    for i, (path, ds) in enumerate(zip(paths, dss)):
         n = min(int(n_trajectories), ds.n_trajectories)
         if n == 0:
             raise ValueError(f"evaluation: dataset {path} has no trajectories in split {split!r}")
-        trajs = [ds.trajectory(j) for j in range(n)]
+        t_in = ds.n_steps_input
+        order = np.random.default_rng([int(seed), i]).permutation(ds.n_trajectories)[:n]
+        trajs = [ds.trajectory(int(j)) for j in order]
         frames = [t["fields"][::stride] for t in trajs]
-        avail = min(f.shape[0] for f in frames) - n_steps_input
+        avail = min(f.shape[0] for f in frames) - t_in
         if avail < 1:
             raise ValueError(f"evaluation: trajectories of {path} ({split}) have {min(f.shape[0] for f in frames)} "
-                             f"frames at stride {stride}, fewer than n_steps_input + 1 = {n_steps_input + 1}")
+                             f"frames at stride {stride}, fewer than n_steps_input + 1 = {t_in + 1}")
         h = min(int(rollout_steps), avail)
         t0 = trajs[0]
         names = [str(s) for s in t0["field_names"]]
         c_var = frames[0].shape[-1]
+        constants = np.stack([t["constant_fields"] for t in trajs]).astype(np.float32)
+        mask = rollout_lib.mask_from_constants(constants, names[c_var:]) if constants.shape[-1] else None
         sets.append(EvalSet(
             name=str(t0.get("dataset_name", os.path.basename(os.path.normpath(path)))),
-            inputs=np.stack([f[:n_steps_input] for f in frames]).astype(np.float32),
-            truth=np.stack([f[n_steps_input:n_steps_input + h] for f in frames]).astype(np.float32),
-            constants=np.stack([t["constant_fields"] for t in trajs]).astype(np.float32),
+            inputs=np.stack([f[:t_in] for f in frames]).astype(np.float32),
+            truth=np.stack([f[t_in:t_in + h] for f in frames]).astype(np.float32),
+            constants=constants,
             bcs=tuple(tuple(int(v) for v in row) for row in np.asarray(t0["boundary_conditions"])),
             field_indices=np.asarray(t0["field_indices"], np.int32),
             padded_field_mask=np.asarray(t0["padded_field_mask"], bool),
-            field_names=names[:c_var]))
+            field_names=names[:c_var], mask=mask, trajectories=tuple(int(j) for j in order)))
     return sets
 
 
@@ -85,32 +106,40 @@ def _field_mean(per_field: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return per_field[..., valid].mean(axis=-1)
 
 
-def evaluate(model, sets: Sequence[EvalSet], *, windows=((1, 10), (11, 30)), batch_size: int = 4) -> dict[str, Any]:
+def evaluate(model, sets: Sequence[EvalSet], *, windows=((1, 10), (11, 30)), batch_size: int = 4,
+             jitter: jax.Array | None = None) -> dict[str, Any]:
     """Rolls `model` out on every set; returns a JSON-ready report (module docstring).
 
-    Per dataset: {"n_trajectories", "n_steps", "fields", and for metric in (vrmse, nrmse) and
-    baseline in ("", "persistence_"): f"{baseline}{metric}_per_step" (mean over trajectories and
-    real fields, one per step), f"{baseline}{metric}_{a}_{b}" {field: value, "mean": value}}.
+    jitter: None (deterministic) or a PRNG key: set i rolls out with fold_in(jitter, i), every
+    step drawing its own patch / token shifts (the original validates with jitter on).
+    Per dataset: {"n_trajectories", "n_steps", "fields", "trajectories", and for metric in
+    (vrmse, nrmse, mae) and baseline in ("", "persistence_"): f"{baseline}{metric}_per_step" (mean
+    over trajectories and real fields, one per step), f"{baseline}{metric}_{a}_{b}" {field: value,
+    "mean": value, "median_over_trajectories": value}}.
     Top level: f"{baseline}{metric}_{a}_{b}" means over datasets (None when no set has that many
     steps), plus "datasets" and the arrays kept for plotting under "_arrays" (not JSON).
     """
     report: dict[str, Any] = {"datasets": {}}
     arrays = {}
-    for s in sets:
+    use_jitter = jitter is not None and model.cfg.jitter_patches
+    for i, s in enumerate(sets):
         preds = []
+        key = jax.random.fold_in(jitter, i) if use_jitter else None
         for a in range(0, s.inputs.shape[0], batch_size):
             b = min(a + batch_size, s.inputs.shape[0])
             p = rollout_lib.rollout(model, s.inputs[a:b], field_indices=s.field_indices, bcs=s.bcs,
                                     n_steps=s.truth.shape[1], constant_fields=s.constants[a:b],
-                                    padded_field_mask=s.padded_field_mask, jitter=None)
+                                    padded_field_mask=s.padded_field_mask,
+                                    mask=None if s.mask is None else s.mask[a:b],
+                                    jitter=None if key is None else jax.random.fold_in(key, a))
             preds.append(np.asarray(p))
         pred = np.concatenate(preds)
         persist = np.repeat(s.inputs[:, -1:], s.truth.shape[1], axis=1)
         entry: dict[str, Any] = {"n_trajectories": int(pred.shape[0]), "n_steps": int(pred.shape[1]),
-                                 "fields": s.field_names}
+                                 "fields": s.field_names, "trajectories": list(s.trajectories)}
         valid = s.padded_field_mask
         for prefix, guess in (("", pred), ("persistence_", persist)):
-            for mname in ("vrmse", "nrmse"):
+            for mname in ("vrmse", "nrmse", "mae"):
                 per = np.asarray(getattr(metrics_lib, mname)(jnp.asarray(guess), jnp.asarray(s.truth)), np.float64)
                 entry[f"{prefix}{mname}_per_step"] = _field_mean(per, valid).mean(axis=0).tolist()
                 for w in windows:
@@ -124,7 +153,7 @@ def evaluate(model, sets: Sequence[EvalSet], *, windows=((1, 10), (11, 30)), bat
         report["datasets"][s.name] = entry
         arrays[s.name] = (pred, s.truth, s.inputs)
     for prefix in ("", "persistence_"):
-        for mname in ("vrmse", "nrmse"):
+        for mname in ("vrmse", "nrmse", "mae"):
             for w in windows:
                 key = f"{prefix}{mname}_{w[0]}_{w[1]}"
                 vals = [e[key]["mean"] for e in report["datasets"].values() if key in e]

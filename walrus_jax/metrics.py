@@ -63,6 +63,13 @@ def mse(pred, target, n_spatial_dims: int | None = None) -> jax.Array:
     return jnp.mean(jnp.square(pred - target), axis=_spatial_axes(pred, n_spatial_dims))
 
 
+def mae(pred, target, n_spatial_dims: int | None = None) -> jax.Array:
+    """Mean absolute error over space (the_well's MAE). (B, T, *spatial, C) x2 -> (B, T, C)."""
+    _check_pair(pred, target)
+    pred, target = _f32(pred), _f32(target)
+    return jnp.mean(jnp.abs(pred - target), axis=_spatial_axes(pred, n_spatial_dims))
+
+
 def rmse(pred, target, n_spatial_dims: int | None = None) -> jax.Array:
     """sqrt(MSE). (B, T, *spatial, C) x2 -> (B, T, C)."""
     return jnp.sqrt(mse(pred, target, n_spatial_dims))

@@ -46,11 +46,16 @@ def next_state(x_last: jax.Array, y_last: jax.Array, d_rms: jax.Array) -> jax.Ar
     return x_last.astype(jnp.float32) + y_last.astype(jnp.float32) * d_rms[:, 0]
 
 
+def deltas(window: jax.Array, next_frame: jax.Array) -> jax.Array:
+    """Consecutive differences of [window, next_frame]: (B, T, *sp, C), (B, 1, *sp, C) -> (B, T, *sp, C)."""
+    full = jnp.concatenate([window, next_frame], axis=1).astype(jnp.float32)
+    return full[:, 1:] - full[:, :-1]
+
+
 def normalized_delta_targets(window: jax.Array, next_frame: jax.Array, eps: float = DEFAULT_EPS) -> jax.Array:
     """Training targets with causal_in_time (SPEC §14): for each input frame t the delta to frame
     t+1 (the last one to `next_frame`), divided by the window's delta RMS.
 
     window (B, T, *spatial, C), next_frame (B, 1, *spatial, C) -> (B, T, *spatial, C).
     """
-    full = jnp.concatenate([window, next_frame], axis=1).astype(jnp.float32)
-    return (full[:, 1:] - full[:, :-1]) / delta_rms(window, eps)
+    return deltas(window, next_frame) / delta_rms(window, eps)

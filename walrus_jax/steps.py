@@ -4,6 +4,9 @@ Loss of one micro-batch (the original's trainer: the_well MAE on normalized delt
   x       = [input_fields | constant_fields repeated over time]            (B, T, *spatial, C)
   x_n     = x / sample_rms(x)                                               (the model input)
   target  = normalized_delta_targets(x, next frame)                         (B, T, *spatial, C)
+            (with the dataset's global statistics in the batch — `norm_rms`, `norm_rms_delta` (C,)
+            from its stats.yaml, as the original fine-tunes — x / (rms + 1e-8) and the deltas
+            / (rms_delta + 1e-8) instead)
   y       = model(x_n, field_indices, bcs, jitter, train=True, key=k)       (B, T, *spatial, C)
   pred, target restricted to the variable channels (constants never enter the loss); a padded
             channel (a component added by 2D→3D inflation) has prediction and target set to 0 (its
@@ -37,7 +40,7 @@ OBJECT_MASK_FIELD = "mask"  # a constant field of this name marks an object excl
 # Batch entries that are arrays with a leading batch axis (sharded over the mesh).
 BATCH_KEYS = ("input_fields", "output_fields", "constant_fields", "object_mask")
 # Batch entries shared by the whole batch (replicated).
-SHARED_KEYS = ("field_indices", "padded_field_mask")
+SHARED_KEYS = ("field_indices", "padded_field_mask", "norm_rms", "norm_rms_delta")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +52,7 @@ class StepOptions:
     jitter: bool = True  # apply patch/token jitter in training (the release: jitter_patches=True)
     minimum_context: int = 1  # leading causal predictions not scored
     grad_accum: int = 1  # each micro-batch's loss is divided by this before differentiation
+    global_eps: float = 1e-8  # with dataset statistics in the batch: x / (rms + eps), deltas / (rms_delta + eps)
 
 
 # ---------------------------------------------------------------------------------- formatting
@@ -100,9 +104,14 @@ def compute_loss(model, batch: Mapping[str, jax.Array], key: jax.Array | None, *
                          f"{opts.minimum_context} (data.n_steps_input must exceed it)")
     const = batch.get("constant_fields")
     x = format_window(inp, const)
-    x_n = x / normalization.sample_rms(x, opts.eps)
     nxt = format_window(batch["output_fields"][:, :1], const)
-    target = normalization.normalized_delta_targets(x, nxt, opts.eps)
+    if batch.get("norm_rms") is not None:  # the dataset's global statistics (fine-tuning as released)
+        rms, rms_delta = batch["norm_rms"], batch["norm_rms_delta"]
+        x_n = x / (rms.astype(jnp.float32) + opts.global_eps)
+        target = normalization.deltas(x, nxt) / (rms_delta.astype(jnp.float32) + opts.global_eps)
+    else:
+        x_n = x / normalization.sample_rms(x, opts.eps)
+        target = normalization.normalized_delta_targets(x, nxt, opts.eps)
     cfg = model.cfg
     k_jitter = k_model = None
     if key is not None:

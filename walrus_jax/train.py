@@ -52,6 +52,9 @@ def validate_config(config) -> None:
     t = config.train
     optim.make_schedule(t)  # raises on bad lengths (warmup + cooldown longer than the run, ...)
     optim.adamw_config(t)  # raises on grad_accum < 1, clip_norm <= 0
+    if config.data.normalization not in ("sample", "global"):
+        raise ConfigError(f"config data.normalization={config.data.normalization!r}; expected 'sample' (per-sample "
+                          "RMS) or 'global' (the dataset's stats.yaml)")
     if t.minimum_context < 0 or config.data.n_steps_input <= t.minimum_context:
         raise ConfigError(f"config data.n_steps_input={config.data.n_steps_input} must exceed train.minimum_context="
                           f"{t.minimum_context} (>= 0): the first minimum_context predictions are not scored")
@@ -151,7 +154,7 @@ def build_datasets(config, paths, vocab=None):
         allow_new_fields=d.allow_new_fields, seed=config.seed)
 
 
-def make_pipeline(config, datasets, model_cfg: ModelConfig):
+def make_pipeline(config, paths, datasets, model_cfg: ModelConfig):
     """The data iterator over `build_datasets`' output. Every process reads the same *global* batches
     (process_count=1 for the pipeline) and keeps its own rows (`load_batch`): a global batch must
     hold one dataset (one shape) on every host, which a per-host batch stream cannot guarantee. The
@@ -160,10 +163,24 @@ def make_pipeline(config, datasets, model_cfg: ModelConfig):
 
     d = config.data
     dss, weights, bfactors, vocab = datasets
+    norm_stats = pipeline.dataset_norm_stats(paths, dss) if d.normalization == "global" else None
     return pipeline.assemble_pipeline(
         dss, weights, bfactors, vocab, batch_size=d.batch_size, seed=config.seed,
         cfg=model_cfg if config.train.jitter else None, worker_count=d.worker_count, rotate=d.rotate,
-        process_index=0, process_count=1)
+        process_index=0, process_count=1, norm_stats=norm_stats)
+
+
+def load_eval_sets(config, paths, vocab, n_trajectories: int, allow_new_fields: bool):
+    """Validation trajectories read as training reads the data (walrus_jax.evaluation)."""
+    return evaluation.load_eval_sets(
+        paths, n_steps_input=config.data.n_steps_input, n_trajectories=n_trajectories,
+        rollout_steps=config.eval.rollout_steps, stride=config.data.min_dt_stride, split=config.eval.split,
+        vocab=vocab, allow_new_fields=allow_new_fields, inflate_to_3d=config.data.inflate_to_3d, seed=config.seed)
+
+
+def eval_jitter_key(config):
+    """The validation rollouts' jitter key (None: eval.jitter off)."""
+    return jax.random.fold_in(jax.random.key(config.seed), 0x5EED) if config.eval.jitter else None
 
 
 def step_options(config) -> steps.StepOptions:
@@ -379,7 +396,7 @@ def _train(config, workdir: str) -> dict:
             log.warning("the data's field vocabulary has %d entries: model.n_states %d -> %d", vocab.n_states,
                         base_cfg.n_states, model_cfg.n_states)
 
-    it = make_pipeline(config, datasets, model_cfg)
+    it = make_pipeline(config, paths, datasets, model_cfg)
     parts = abstract_model(model_cfg, mesh, config.sharding.rules)
     mask = ft.trainable_mask(parts.params_abstract) if ft is not None else None
     opt = optim.adamw_config(config.train)
@@ -417,10 +434,7 @@ def _train(config, workdir: str) -> dict:
 
     eval_sets = None
     if config.eval.n_trajectories > 0:
-        eval_sets = evaluation.load_eval_sets(
-            paths, n_steps_input=config.data.n_steps_input, n_trajectories=config.eval.n_trajectories,
-            rollout_steps=config.eval.rollout_steps, stride=config.data.min_dt_stride, split=config.eval.split,
-            vocab=vocab, allow_new_fields=config.data.allow_new_fields)
+        eval_sets = load_eval_sets(config, paths, vocab, config.eval.n_trajectories, config.data.allow_new_fields)
 
     writer = MetricsWriter(workdir, is_main)
     progress = Progress(config.train.steps, start, is_main)
@@ -448,7 +462,7 @@ def _train(config, workdir: str) -> dict:
     def run_eval(step_done: int):
         model = nnx.merge(parts.graphdef, state["params"], rest)
         report = evaluation.evaluate(model, eval_sets, windows=tuple(tuple(w) for w in config.eval.windows),
-                                     batch_size=config.eval.batch_size)
+                                     batch_size=config.eval.batch_size, jitter=eval_jitter_key(config))
         writer.write(step_done, _flat_eval(report))
         return report
 
@@ -556,16 +570,13 @@ def evaluate_job(config, workdir: str) -> dict:
         raise FileNotFoundError(f"--mode=eval: no checkpoint in {workdir}/checkpoints and config init_from is empty")
     base = finetune.load_base(source)
     paths = resolve_data(config)
-    sets = evaluation.load_eval_sets(
-        paths, n_steps_input=config.data.n_steps_input, n_trajectories=max(1, config.eval.n_trajectories),
-        rollout_steps=config.eval.rollout_steps, stride=config.data.min_dt_stride, split=config.eval.split,
-        vocab=base.vocab, allow_new_fields=False)
+    sets = load_eval_sets(config, paths, base.vocab, max(1, config.eval.n_trajectories), False)
     abstract = nnx.eval_shape(lambda: Walrus(base.cfg, rngs=nnx.Rngs(0)))
     graphdef, _, r_abs = nnx.split(abstract, nnx.Param, ...)
     rest = jax.jit(lambda: nnx.to_pure_dict(nnx.split(Walrus(base.cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)[2]))()
     model = nnx.merge(graphdef, jax.tree.map(jnp.asarray, base.params), rest)
     report = evaluation.evaluate(model, sets, windows=tuple(tuple(w) for w in config.eval.windows),
-                                 batch_size=config.eval.batch_size)
+                                 batch_size=config.eval.batch_size, jitter=eval_jitter_key(config))
     out = dict(evaluation.strip_arrays(report), checkpoint=base.source)
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)

@@ -56,8 +56,10 @@ class BatchSource:
     """Random-access batches: element k = one collated batch (picklable, so grain workers can use it)."""
 
     def __init__(self, datasets: Sequence[WellDataset], batch_sizes: Sequence[int], weights: Sequence[float],
-                 vocab: FieldVocabulary, seed: int, rotate: bool):
+                 vocab: FieldVocabulary, seed: int, rotate: bool, norm_stats: Sequence[Mapping] | None = None):
         self.datasets = list(datasets)
+        # Per dataset {"rms": (C,), "rms_delta": (C,)} from its stats.yaml (global normalization), or None.
+        self.norm_stats = None if norm_stats is None else [dict(s) for s in norm_stats]
         self.batch_sizes = [int(b) for b in batch_sizes]
         w = np.asarray(weights, np.float64)
         if (w <= 0).any() or not np.isfinite(w).all():
@@ -103,6 +105,8 @@ class BatchSource:
             "field_indices": self.field_indices[d].copy(),
             "padded_field_mask": s0["padded_field_mask"],
             "field_names": s0["field_names"],  # (C_var + C_con,): the loss masks a constant field "mask"
+            **({} if self.norm_stats is None else {
+                "norm_rms": self.norm_stats[d]["rms"], "norm_rms_delta": self.norm_stats[d]["rms_delta"]}),
             "dataset_name": ds.dataset_name,
             "time_stride": p["strides"],
             "batch_index": int(k),
@@ -259,10 +263,12 @@ def make_train_pipeline(
 def assemble_pipeline(dss, weights, bfactors, vocab: FieldVocabulary, *, batch_size: int, seed: int = 0, cfg=None,
                       worker_count: int = 0, worker_buffer_size: int = 2, read_threads: int = 1,
                       rotate: bool = True, num_batches: int | None = None, process_index: int | None = None,
-                      process_count: int | None = None) -> TrainPipeline:
+                      process_count: int | None = None, norm_stats: Sequence[Mapping] | None = None) -> TrainPipeline:
     """The second half of `make_train_pipeline`, from `build_datasets`' output: a caller that must
     know the data's vocabulary before choosing the model (fine-tuning on new fields) builds the
-    datasets first, grows the model, then assembles the pipeline with that model's config."""
+    datasets first, grows the model, then assembles the pipeline with that model's config.
+    norm_stats: per dataset {"rms", "rms_delta"} (C,) arrays (`dataset_norm_stats`): every batch then
+    carries `norm_rms` / `norm_rms_delta` and the loss normalizes by them instead of per sample."""
     import grain
 
     if cfg is not None and vocab.n_states > cfg.n_states:
@@ -276,7 +282,7 @@ def assemble_pipeline(dss, weights, bfactors, vocab: FieldVocabulary, *, batch_s
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     sizes = [max(1, int(batch_size * f)) for f in bfactors]
-    source = BatchSource(dss, sizes, weights, vocab, seed, rotate)
+    source = BatchSource(dss, sizes, weights, vocab, seed, rotate, norm_stats)
     stop = sys.maxsize if num_batches is None else int(num_batches)
     ds = grain.MapDataset.range(process_index, stop, process_count).map(source)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, read_threads), prefetch_buffer_size=2 * max(1, read_threads)))
@@ -290,6 +296,19 @@ def assemble_pipeline(dss, weights, bfactors, vocab: FieldVocabulary, *, batch_s
                                                          per_worker_buffer_size=worker_buffer_size))
     it = it.map(_JitterDraw(cfg, seed))
     return TrainPipeline(source, it, vocab)
+
+
+def dataset_norm_stats(dataset_dirs: Sequence[str], dss: Sequence[WellDataset]) -> list[dict]:
+    """Per dataset {"rms": (C,), "rms_delta": (C,)} float32 from `<dataset_dir>/stats.yaml`, in the
+    order of its samples' channels (variable fields, then constants); padded components get 0."""
+    from walrus_jax.data.stats import load_stats
+
+    out = []
+    for path, ds in zip(dataset_dirs, dss):
+        s0 = ds[0]
+        out.append(load_stats(path, [str(n) for n in s0["field_names"]], keys=("rms", "rms_delta"),
+                              padded_field_mask=s0["padded_field_mask"]))
+    return out
 
 
 def make_eval_datasets(datasets: Sequence, *, n_steps_input: int, split: str = "valid",
