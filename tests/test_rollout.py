@@ -41,7 +41,8 @@ class FakeWalrus(nnx.Module):
 
 
 def numpy_reference(a_tab, b_tab, window, consts, fi, pmask, mask, n_steps, eps=1e-5):
-    """SPEC §11-§12 written out in float64 numpy for the fake model (no jitter)."""
+    """The rollout (formatter, RMS normalization, model, de-normalization, masks) written out in float64
+    numpy for the fake model (no jitter)."""
     win = window.astype(np.float64)
     out = []
     for _ in range(n_steps):
@@ -228,4 +229,4 @@ def test_mask_from_constants_and_step_count():
     m = R.mask_from_constants(c, ["k", "mask"])
     assert m.shape == (1, 4, 4) and m.sum() == 1 and m[0, 1, 2]
     assert R.n_rollout_steps(100, 6) == 100
-    assert R.n_rollout_steps(500, 6) == 205  # max_rollout_steps + T_in - 1 (SPEC §12)
+    assert R.n_rollout_steps(500, 6) == 205  # max_rollout_steps + T_in - 1, as the original

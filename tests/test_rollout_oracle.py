@@ -1,7 +1,7 @@
 """End-to-end parity with the original: tests/fixtures/e2e_rollout.npz (weights_small.npz, jitter off).
 
 Well layout -> formatter -> RMS normalization -> model -> de-normalization -> next state, then a
-5-step autoregressive rollout (SPEC §11-§12, oracle/README.md).
+5-step autoregressive rollout, against the original's numbers (jitter off).
 """
 import json
 import os

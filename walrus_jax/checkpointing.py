@@ -1,4 +1,4 @@
-"""Orbax checkpoints of the whole training bundle (DESIGN.md, Training).
+"""Orbax checkpoints of the whole training bundle.
 
 One checkpoint = one directory `WORKDIR/checkpoints/<step>/` holding
   state/   params, optimizer state, micro-step counter, RNG key data (sharded arrays, Orbax)

@@ -50,7 +50,7 @@ def _abstract(cfg: ModelConfig):
 
 def _buffer_default(cfg: ModelConfig, path, var):
     """The fixed value of a non-trainable buffer a parameter-only checkpoint may leave out (the
-    RoPE frequency buffer, SPEC §7.1); None for anything else."""
+    RoPE frequency buffer: fixed, not learned); None for anything else."""
     from walrus_jax.models import positional
 
     if isinstance(var, nnx.Param) or str(path[-1]) != "rope_freqs":

@@ -1,4 +1,4 @@
-"""Autoregressive rollouts as one compiled `lax.scan` (SPEC §11-§12).
+"""Autoregressive rollouts as one compiled `lax.scan`, as the original Walrus rolls out (eval mode).
 
 Each step, inside the compiled program:
   1. the window (B, T_in, *spatial, C_var) plus the constant fields repeated over time
@@ -83,12 +83,12 @@ def _nonfinite_message(first, n_steps: int) -> str:
 
 # ------------------------------------------------------------------------------------ helpers
 def n_rollout_steps(n_available: int, n_input_steps: int, max_rollout_steps: int = DEFAULT_MAX_ROLLOUT_STEPS) -> int:
-    """The original's step count (SPEC §12): min(T_out, max_rollout_steps + T_in - 1)."""
+    """The original's rollout step count: min(T_out, max_rollout_steps + T_in - 1)."""
     return int(min(n_available, max_rollout_steps + n_input_steps - 1))
 
 
 def mask_from_constants(constant_fields, constant_field_names: Sequence[str]):
-    """The original's rule (SPEC §12): if a constant field is named exactly "mask", that channel
+    """The original's rule: if a constant field is named exactly "mask", that channel
     (nonzero = True) marks points forced to 0 in every prediction. Returns (B, *spatial) bool or None.
 
     constant_fields: (B, *spatial, C_con) or (*spatial, C_con) with names (C_con,).
@@ -140,7 +140,7 @@ class _Static:
 # ------------------------------------------------------------------------------------ one step
 def predict_next(model, window, field_indices, bcs, constant_fields=None, mask=None, padded_field_mask=None,
                  jitter: Jitter | None = None, eps: float = DEFAULT_EPS) -> jax.Array:
-    """One autoregressive step (SPEC §12 step 3), pure and un-jitted.
+    """One autoregressive step (normalize, model, de-normalize, mask), pure and un-jitted.
 
     window (B, T_in, *spatial, C_var) physical units; constant_fields (B, *spatial, C_con) or None;
     mask (B, *spatial) bool or None (True -> 0); padded_field_mask (C_var,) bool or None (False -> 0);
@@ -315,7 +315,7 @@ def rollout(model, input_fields, *, field_indices, bcs, n_steps: int, constant_f
             padded_field_mask=None, mask=None, jitter=None, cfg=None, eps: float = DEFAULT_EPS,
             chunk_size: int | None = None, sink=None, min_input_steps: int = 1, check_finite: bool = True,
             on_nonfinite: str = "warn", return_finite: bool = False):
-    """Autoregressive rollout, one compiled lax.scan (SPEC §12).
+    """Autoregressive rollout, one compiled lax.scan.
 
     input_fields (B, T_in, *spatial, C_var) physical units, spatial (H, W) or (H, W, D).
     field_indices (C_var + C_con,) vocabulary rows; bcs (n_spatial_dims, 2) or (B, n_spatial_dims, 2).
