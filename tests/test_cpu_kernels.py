@@ -18,9 +18,9 @@ def materialised_attention(q, k, v):
 
 
 @pytest.mark.parametrize("shape,block_bytes", [
-    ((2, 40, 3, 8), 2 * 40 * 40 * 4),     # one block per head
-    ((3, 50, 2, 16), 3 * 8 * 50 * 4),     # 7 blocks of 8 rows: 6 padded query rows
-    ((1, 37, 4, 12), 1 * 10 * 37 * 4),    # 4 blocks of 10 rows, 3 padded rows
+    ((2, 40, 3, 8), 40 * 40 * 4),         # one block per (frame, head)
+    ((3, 50, 2, 16), 8 * 50 * 4),         # 7 blocks of 8 rows: 6 padded query rows
+    ((1, 37, 4, 12), 10 * 37 * 4),        # 4 blocks of 10 rows, 3 padded rows
 ])
 def test_blocked_attention_equals_materialised(shape, block_bytes):
     keys = jax.random.split(jax.random.key(0), 3)
