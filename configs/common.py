@@ -68,6 +68,13 @@ def base_config() -> config_dict.ConfigDict:
                                     "walrus_jax", "miniwell")
     c.data.datasets = ()  # dataset names under root ('' / empty = every dataset found)
     c.data.batch_size = 8  # global micro-batch (all processes together)
+    # Independent dataset draws per micro-batch. The original draws a dataset per micro-batch per
+    # data-parallel group (a node of 4 GPUs), so one update mixes grad_accum × groups draws. One SPMD
+    # program needs one shape per step, so walrus_jax spreads the draws over micro-steps: each of
+    # grad_accum × dataset_draws micro-steps holds batch_size / dataset_draws samples of one dataset
+    # (same samples per update; the per-device batch shrinks by dataset_draws). 1: one draw per
+    # micro-batch for the whole mesh. Set it to mesh.data to mix datasets as the original does.
+    c.data.dataset_draws = 1
     c.data.n_steps_input = 4
     c.data.n_steps_output = 1
     c.data.min_dt_stride = 1

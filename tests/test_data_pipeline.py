@@ -166,3 +166,24 @@ def test_eval_datasets_and_vocab_check(roots, cfg):
                              rotate=False)
     b = next(it)
     assert b["input_fields"].shape == (2, 2, 16, 16, 16, 4)
+
+
+def test_windows_without_replacement_and_recycled(roots):
+    """Each dataset's windows come from a seeded permutation: every window once per pass, then a new pass."""
+    dss = [WellDataset(r, n_steps_input=4, n_steps_output=1, split="train") for r in roots[:2]]
+    src = BatchSource(dss, [3, 3], [1.0, 1.0], dss[0].vocab, seed=5, rotate=False)
+    n_batches = 400
+    per_ds = {0: [], 1: []}
+    for k in range(n_batches):
+        p = src.plan(k)
+        per_ds[p["dataset"]].extend(p["indices"].tolist())
+    for d, seen in per_ds.items():
+        n_win = len(dss[d])
+        assert len(seen) > 2 * n_win  # at least two full passes
+        for a in range(0, len(seen) - n_win + 1, n_win):  # every full pass is a permutation
+            assert sorted(seen[a:a + n_win]) == list(range(n_win))
+        assert seen[:n_win] != seen[n_win:2 * n_win]  # passes are reshuffled
+    # counting the draws before batch k needs no replay: the plan of a late batch alone is the same
+    fresh = BatchSource(dss, [3, 3], [1.0, 1.0], dss[0].vocab, seed=5, rotate=False)
+    np.testing.assert_array_equal(fresh.plan(n_batches - 1)["indices"], src.plan(n_batches - 1)["indices"])
+    assert fresh.draws_before(10_000).sum() == 10_000  # across blocks of draws

@@ -56,6 +56,13 @@ def test_bad_mesh_and_init_from_fail_early(tmp_path):
         train.validate_config(main.load_config(TINY, ["train.steps=1"]))
     with pytest.raises(ValueError, match="data.n_steps_input=1 must exceed train.minimum_context=1"):
         train.validate_config(main.load_config(TINY, ["data.n_steps_input=1"]))
+    with pytest.raises(ValueError, match="data.dataset_draws=3 must be >= 1 and divide data.batch_size=8"):
+        train.validate_config(main.load_config(TINY, ["data.dataset_draws=3"]))
+    c = main.load_config(TINY, ["data.dataset_draws=2", "train.grad_accum=3"])
+    train.validate_config(c)
+    assert train.micro_batch_size(c) == 4 and train.micro_steps_per_update(c) == 6
+    with pytest.raises(ValueError, match="data.normalization='rms'; expected 'sample'"):
+        train.validate_config(main.load_config(TINY, ["data.normalization=rms"]))
     with pytest.raises(FileNotFoundError, match="data.root='/nonexistent/data' does not exist"):
         train.resolve_data(main.load_config(TINY, ["data.root=/nonexistent/data"]))
 

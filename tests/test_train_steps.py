@@ -163,6 +163,21 @@ def test_loss_matches_hand_computation():
     assert _loss(batch, minimum_context=2) == pytest.approx(_loss_by_hand(batch, 2), rel=1e-5)
 
 
+def test_global_normalization_from_dataset_statistics():
+    """With the dataset's rms / rms_delta in the batch (fine-tuning), they replace the per-sample RMS."""
+    batch = _batch(np.random.default_rng(6))
+    rms, rms_delta = np.array([1.5, 0.0, 2.0, 0.7], np.float32), np.array([0.3, 0.0, 0.2, 0.0], np.float32)
+    got = _loss(dict(batch, norm_rms=rms, norm_rms_delta=rms_delta))
+    inp, out, con = (batch[k].astype(np.float64) for k in ("input_fields", "output_fields", "constant_fields"))
+    x = np.concatenate([inp, np.repeat(con[:, None], 3, axis=1)], -1)
+    nxt = np.concatenate([out[:, :1], con[:, None]], -1)
+    target = (np.diff(np.concatenate([x, nxt], 1), axis=1) / (rms_delta + 1e-8))[..., :3]
+    y = ((x / (rms + 1e-8)) * np.linspace(0.5, 1.5, 4))[..., :3]
+    real = np.asarray(batch["padded_field_mask"], np.float64)
+    mae = np.abs(y * real - target * real).mean(axis=(2, 3))
+    assert got == pytest.approx(100.0 * mae[:, 1:].mean(), rel=1e-5)
+
+
 def test_object_mask_from_a_constant_field_named_mask():
     rng = np.random.default_rng(5)
     batch = _batch(rng)

@@ -32,7 +32,7 @@ import jax
 import numpy as np
 from ml_collections import config_dict
 
-from walrus_jax.errors import ConfigError
+from walrus_jax.errors import ConfigError, DataError, PathError
 from walrus_jax.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -55,12 +55,12 @@ def _checkpoint_dir(path: str) -> str | None:
 def check_init_from(path: str) -> None:
     """Fails early (before any compute) when `init_from` points at nothing usable."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"config init_from={path!r} does not exist (expected a walrus_jax workdir or a "
+        raise PathError(f"config init_from={path!r} does not exist (expected a walrus_jax workdir or a "
                                 "converted checkpoint directory from tools.convert_torch_ckpt)")
     if _checkpoint_dir(path) is not None:
         return
     if not os.path.isdir(path) or not os.listdir(path):
-        raise FileNotFoundError(f"config init_from={path!r} is not a walrus_jax workdir (no checkpoints/<step>/state) "
+        raise PathError(f"config init_from={path!r} is not a walrus_jax workdir (no checkpoints/<step>/state) "
                                 "and not a converted checkpoint directory")
 
 
@@ -100,7 +100,7 @@ def load_base(path: str) -> Base:
                 continue
             vocab = FieldVocabulary.from_dict(meta["vocab"]) if meta.get("vocab") else FieldVocabulary.released()
             return Base(ModelConfig.from_dict(meta["model_config"]), state["params"], vocab, f"{ck}/{step}")
-        raise RuntimeError(f"config init_from={path!r}: no readable checkpoint (tried steps {errors})")
+        raise DataError(f"config init_from={path!r}: no readable checkpoint (tried steps {errors})")
     import walrus_jax
 
     if not hasattr(walrus_jax, "load_pretrained"):
@@ -156,7 +156,7 @@ class Plan:
         flat = _flat(params_abstract)
         for p in prefixes:
             if not any(k == p or k.startswith(p + "/") for k in flat):
-                raise KeyError(f"config finetune.freeze entry {p!r} matches no parameter (top-level names: "
+                raise ConfigError(f"config finetune.freeze entry {p!r} matches no parameter (top-level names: "
                                f"{sorted({k.split('/')[0] for k in flat})})")
         if not prefixes:
             return None

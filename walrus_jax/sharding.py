@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from walrus_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
 _METADATA_KEYS = ("logical_axes", "out_sharding", "sharding_names", "sharding")
@@ -29,15 +31,15 @@ def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, int]:
     """
     data, fsdp = int(mesh_cfg.data), int(mesh_cfg.fsdp)
     if data == -1 and fsdp == -1:
-        raise ValueError("mesh.data and mesh.fsdp cannot both be -1")
+        raise ConfigError("mesh.data and mesh.fsdp cannot both be -1")
     if data == -1 or fsdp == -1:
         known = fsdp if data == -1 else data
         if known <= 0 or n_devices % known:
-            raise ValueError(f"mesh: {'mesh.fsdp' if data == -1 else 'mesh.data'}={known} does not divide the "
+            raise ConfigError(f"mesh: {'mesh.fsdp' if data == -1 else 'mesh.data'}={known} does not divide the "
                              f"{n_devices} available devices")
         data, fsdp = (n_devices // known, known) if data == -1 else (known, n_devices // known)
     if data <= 0 or fsdp <= 0 or data * fsdp != n_devices:
-        raise ValueError(f"mesh: mesh.data × mesh.fsdp = {data} × {fsdp} = {data * fsdp} does not match the "
+        raise ConfigError(f"mesh: mesh.data × mesh.fsdp = {data} × {fsdp} = {data * fsdp} does not match the "
                          f"{n_devices} available devices (jax.device_count()); set them so that the product "
                          f"is {n_devices}, or use -1 on one axis")
     return data, fsdp
@@ -56,11 +58,11 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
 def check_batch_divides(mesh: Mesh, global_batch: int, what: str = "data.batch_size") -> None:
     n = mesh.shape["data"] * mesh.shape["fsdp"]
     if global_batch % n:
-        raise ValueError(f"{what}={global_batch} is not divisible by the mesh's {n} devices "
+        raise ConfigError(f"{what}={global_batch} is not divisible by the mesh's {n} devices "
                          f"(mesh.data={mesh.shape['data']} × mesh.fsdp={mesh.shape['fsdp']}): the batch is "
                          "sharded over both axes")
     if global_batch % jax.process_count():
-        raise ValueError(f"{what}={global_batch} is not divisible by the {jax.process_count()} processes")
+        raise ConfigError(f"{what}={global_batch} is not divisible by the {jax.process_count()} processes")
 
 
 # ------------------------------------------------------------------------------ rules
@@ -69,12 +71,12 @@ def rules_dict(rules: Iterable[Sequence[Any]]) -> dict[str, Any]:
     out = {}
     for i, rule in enumerate(rules):
         if len(rule) != 2:
-            raise ValueError(f"sharding.rules[{i}] = {rule!r}: expected a (logical_name, mesh_axis) pair")
+            raise ConfigError(f"sharding.rules[{i}] = {rule!r}: expected a (logical_name, mesh_axis) pair")
         name, axis = rule
         if axis is not None and axis not in MESH_AXES:
-            raise ValueError(f"sharding.rules[{i}]: mesh axis {axis!r} for {name!r} is not one of {MESH_AXES} or None")
+            raise ConfigError(f"sharding.rules[{i}]: mesh axis {axis!r} for {name!r} is not one of {MESH_AXES} or None")
         if axis == "data":
-            raise ValueError(f"sharding.rules[{i}]: parameters are replicated over 'data' (HSDP); map {name!r} "
+            raise ConfigError(f"sharding.rules[{i}]: parameters are replicated over 'data' (HSDP); map {name!r} "
                              "to 'fsdp' or None")
         out[str(name)] = axis
     return out
@@ -104,14 +106,14 @@ def spec_for(names: Sequence[str | None] | None, shape: Sequence[int], rules: Ma
         # Blocks stacked by nnx.vmap get a leading layer axis that their per-block names lack.
         names = (None,) + tuple(names)
     if len(names) != len(shape):
-        raise ValueError(f"weight {path}: {len(names)} logical axis names {tuple(names)} for shape {tuple(shape)}")
+        raise ConfigError(f"weight {path}: {len(names)} logical axis names {tuple(names)} for shape {tuple(shape)}")
     used, out = set(), []
     for n, size in zip(names, shape):
         if n is None:
             out.append(None)
             continue
         if n not in rules:
-            raise KeyError(f"weight {path}: logical axis name {n!r} has no entry in config sharding.rules "
+            raise ConfigError(f"weight {path}: logical axis name {n!r} has no entry in config sharding.rules "
                            f"(known: {sorted(rules)})")
         axis = rules[n]
         if axis is None or axis in used or size % mesh.shape[axis]:

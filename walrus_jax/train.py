@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from walrus_jax import checkpointing, evaluation, optim, sharding, steps, workdir_lock
-from walrus_jax.errors import ConfigError
+from walrus_jax.errors import ConfigError, DataError, PathError
 from walrus_jax.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,16 @@ def model_config(config) -> ModelConfig:
     """The frozen ModelConfig described by `config.model` (placeholders → None)."""
     d = config.model.to_dict()
     return ModelConfig.from_dict(d)
+
+
+def micro_batch_size(config) -> int:
+    """Samples per micro-step: data.batch_size split over data.dataset_draws independent draws."""
+    return int(config.data.batch_size) // int(config.data.dataset_draws)
+
+
+def micro_steps_per_update(config) -> int:
+    """Micro-steps per optimizer update: train.grad_accum micro-batches of data.dataset_draws draws each."""
+    return int(config.train.grad_accum) * int(config.data.dataset_draws)
 
 
 def validate_config(config) -> None:
@@ -59,16 +69,21 @@ def validate_config(config) -> None:
         raise ConfigError(f"config data.n_steps_input={config.data.n_steps_input} must exceed train.minimum_context="
                           f"{t.minimum_context} (>= 0): the first minimum_context predictions are not scored")
     if config.checkpoint.every < 0:
-        raise ValueError(f"config checkpoint.every must be >= 0 (0 = only at the end), got {config.checkpoint.every}")
+        raise ConfigError(f"config checkpoint.every must be >= 0 (0 = only at the end), got {config.checkpoint.every}")
+    draws = config.data.dataset_draws
+    if draws < 1 or config.data.batch_size % draws:
+        raise ConfigError(f"config data.dataset_draws={draws} must be >= 1 and divide data.batch_size="
+                          f"{config.data.batch_size} (each draw is one micro-step of batch_size / dataset_draws)")
     mesh_shape = sharding.mesh_shape(config.mesh, jax.device_count())
     n = mesh_shape[0] * mesh_shape[1]
-    if config.data.batch_size % n:
-        raise ValueError(f"config data.batch_size={config.data.batch_size} is not divisible by the mesh's {n} "
-                         f"devices (mesh.data={mesh_shape[0]} × mesh.fsdp={mesh_shape[1]}): the batch is sharded "
-                         "over both axes")
-    if config.data.batch_size % jax.process_count():
-        raise ValueError(f"config data.batch_size={config.data.batch_size} is not divisible by the "
-                         f"{jax.process_count()} processes")
+    micro = micro_batch_size(config)
+    if micro % n:
+        raise ConfigError(f"config data.batch_size / data.dataset_draws = {micro} is not divisible by the mesh's {n} "
+                          f"devices (mesh.data={mesh_shape[0]} × mesh.fsdp={mesh_shape[1]}): the batch is sharded "
+                          "over both axes")
+    if micro % jax.process_count():
+        raise ConfigError(f"config data.batch_size / data.dataset_draws = {micro} is not divisible by the "
+                          f"{jax.process_count()} processes")
     sharding.rules_dict(config.sharding.rules)
     model_config(config)  # raises on an invalid architecture
     if config.init_from:
@@ -102,10 +117,10 @@ def resolve_data(config) -> list[str]:
     if d.root:
         root = os.path.expanduser(d.root)
         if not os.path.isdir(root):
-            raise FileNotFoundError(f"config data.root={d.root!r} does not exist")
+            raise PathError(f"config data.root={d.root!r} does not exist")
     else:
         if d.generate != "miniwell":
-            raise ValueError("config data.root is empty and data.generate is not 'miniwell': no data to train on")
+            raise ConfigError("config data.root is empty and data.generate is not 'miniwell': no data to train on")
         root = generated_data_dir(config)
         if not _dataset_dirs(root) and jax.process_index() == 0:
             _generate_miniwell(root, d.generate_quick, d.generate_systems)
@@ -118,11 +133,11 @@ def resolve_data(config) -> list[str]:
         names = {os.path.basename(p): p for p in found}
         missing = [n for n in d.datasets if n not in names]
         if missing:
-            raise FileNotFoundError(f"config data.datasets names {missing}, not found under {root} "
+            raise PathError(f"config data.datasets names {missing}, not found under {root} "
                                     f"(found: {sorted(names)})")
         found = [names[n] for n in d.datasets]
     if not found:
-        raise FileNotFoundError(f"no Well datasets (directories with data/<split>/) under {root}")
+        raise PathError(f"no Well datasets (directories with data/<split>/) under {root}")
     return found
 
 
@@ -165,7 +180,7 @@ def make_pipeline(config, paths, datasets, model_cfg: ModelConfig):
     dss, weights, bfactors, vocab = datasets
     norm_stats = pipeline.dataset_norm_stats(paths, dss) if d.normalization == "global" else None
     return pipeline.assemble_pipeline(
-        dss, weights, bfactors, vocab, batch_size=d.batch_size, seed=config.seed,
+        dss, weights, bfactors, vocab, batch_size=micro_batch_size(config), seed=config.seed,
         cfg=model_cfg if config.train.jitter else None, worker_count=d.worker_count, rotate=d.rotate,
         process_index=0, process_count=1, norm_stats=norm_stats)
 
@@ -187,7 +202,7 @@ def step_options(config) -> steps.StepOptions:
     t = config.train
     return steps.StepOptions(loss_multiplier=float(t.loss_multiplier), eps=float(t.normalization_eps),
                              jitter=bool(t.jitter), minimum_context=int(t.minimum_context),
-                             grad_accum=int(t.grad_accum))
+                             grad_accum=micro_steps_per_update(config))
 
 
 def load_batch(mesh, batch) -> tuple[dict, tuple]:
@@ -202,7 +217,7 @@ def load_batch(mesh, batch) -> tuple[dict, tuple]:
     b = np.shape(dbatch["input_fields"])[0]
     n_dev = sharding.n_devices(mesh)
     if b % n_dev:
-        raise ValueError(f"a batch of dataset {batch.get('dataset_name', '?')!r} has {b} samples, not divisible by "
+        raise DataError(f"a batch of dataset {batch.get('dataset_name', '?')!r} has {b} samples, not divisible by "
                          f"the mesh's {n_dev} devices (data.batch_size and the dataset's batch_downsample_factor "
                          "decide it)")
     local = {}
@@ -399,7 +414,7 @@ def _train(config, workdir: str) -> dict:
     it = make_pipeline(config, paths, datasets, model_cfg)
     parts = abstract_model(model_cfg, mesh, config.sharding.rules)
     mask = ft.trainable_mask(parts.params_abstract) if ft is not None else None
-    opt = optim.adamw_config(config.train)
+    opt = dataclasses.replace(optim.adamw_config(config.train), grad_accum=micro_steps_per_update(config))
     schedule = optim.make_schedule(config.train)
     state_abs, state_sh = state_shardings(parts, opt, mask, mesh)
 
@@ -474,7 +489,7 @@ def _train(config, workdir: str) -> dict:
     try:
         while step < config.train.steps:
             micro_losses, norms = [], []
-            for _ in range(config.train.grad_accum):
+            for _ in range(micro_steps_per_update(config)):
                 batch, bcs = load_batch(mesh, next(it))
                 state, met = step_fn(state, batch, rest, bcs)
                 if first_step:  # compile + one execution (blocks once, to time it)
@@ -567,7 +582,7 @@ def evaluate_job(config, workdir: str) -> dict:
     workdir = os.path.abspath(workdir)
     source = workdir if finetune._checkpoint_dir(workdir) else config.init_from
     if not source:
-        raise FileNotFoundError(f"--mode=eval: no checkpoint in {workdir}/checkpoints and config init_from is empty")
+        raise PathError(f"--mode=eval: no checkpoint in {workdir}/checkpoints and config init_from is empty")
     base = finetune.load_base(source)
     paths = resolve_data(config)
     sets = load_eval_sets(config, paths, base.vocab, max(1, config.eval.n_trajectories), False)

@@ -2,8 +2,10 @@
 random time strides, per-dataset batch/history downsampling, patch jitter, host split.
 
 Batch k (a global index) is a pure function of (seed, k): `BatchSource.plan(k)` draws the dataset
-(uniformly, or by weight), B_d windows uniformly within it, a stride per window (uniform over the
-strides that fit, as the_well draws them) and one rotation; `BatchSource.load(k)` reads and
+(uniformly, or by weight, independently per batch), takes the dataset's next B_d windows from a
+seeded permutation of all its windows (without replacement within a pass, recycled after it, as the
+original's sampler), a stride per window (uniform over the strides that fit, as the_well draws
+them) and one rotation; `BatchSource.load(k)` reads and
 collates. Host h of P reads k = h, h + P, h + 2P, ... Grain's `mp_prefetch` hands consecutive
 elements to workers round-robin and returns them in order, so any worker count yields the same
 stream, and the iterator state (`get_state` / `set_state`) resumes it exactly. The jitter is drawn
@@ -52,6 +54,9 @@ def _dataset_name_of(path: str, split: str | None) -> str:
     return inspect_file(resolve_files(path, split)[0])["dataset_name"]
 
 
+BLOCK = 4096  # batches per block of dataset draws (BatchSource.dataset_of)
+
+
 class BatchSource:
     """Random-access batches: element k = one collated batch (picklable, so grain workers can use it)."""
 
@@ -72,12 +77,42 @@ class BatchSource:
         self.rotations = [T.proper_rotations(ds.n_spatial_dims) if rotate and ds.metadata.grid_type == "cartesian"
                           else None for ds in self.datasets]
 
+    def dataset_of(self, k: int) -> int:
+        """The dataset of batch k: drawn by weight (uniform by default), independently per batch, from
+        a block of BLOCK draws seeded by (seed, k // BLOCK), so counting draws needs no per-batch RNG."""
+        return int(self._choices(k // BLOCK)[k % BLOCK])
+
+    def _choices(self, block: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, int(block), 0xDA7A])
+        return rng.choice(len(self.datasets), size=BLOCK, p=self.probs)
+
+    def draws_before(self, k: int) -> np.ndarray:
+        """(n_datasets,) how many batches before batch k drew each dataset (memoized per block)."""
+        cache = self.__dict__.setdefault("_block_counts", [np.zeros(len(self.datasets), np.int64)])
+        b = k // BLOCK
+        while len(cache) <= b:
+            cache.append(cache[-1] + np.bincount(self._choices(len(cache) - 1), minlength=len(self.datasets)))
+        return cache[b] + np.bincount(self._choices(b)[: k % BLOCK], minlength=len(self.datasets))
+
+    def windows(self, d: int, first: int, n: int) -> np.ndarray:
+        """Window indices of dataset d's draws first .. first + n − 1: each pass over the dataset is a
+        permutation seeded by (seed, d, pass), so windows come without replacement and are recycled."""
+        n_win = len(self.datasets[d])
+        m = np.arange(first, first + n)
+        out = np.empty(n, np.int64)
+        for p in np.unique(m // n_win):
+            perm = np.random.default_rng([self.seed, d, int(p), 0x5A3F]).permutation(n_win)
+            sel = m // n_win == p
+            out[sel] = perm[m[sel] % n_win]
+        return out
+
     def plan(self, k: int) -> dict:
         """The random choices of batch k: dataset, window indices, strides, rotation index."""
-        rng = np.random.default_rng([self.seed, int(k)])
-        d = int(rng.choice(len(self.datasets), p=self.probs))
+        d = self.dataset_of(k)
         ds = self.datasets[d]
-        idx = rng.integers(0, len(ds), size=self.batch_sizes[d])
+        b = self.batch_sizes[d]
+        idx = self.windows(d, int(self.draws_before(k)[d]) * b, b)
+        rng = np.random.default_rng([self.seed, int(k)])
         strides = []
         for i in idx:
             lo, hi = ds.stride_range(int(i))
