@@ -77,13 +77,12 @@ def validate_config(config) -> None:
     mesh_shape = sharding.mesh_shape(config.mesh, jax.device_count())
     n = mesh_shape[0] * mesh_shape[1]
     micro = micro_batch_size(config)
+    what = f"data.batch_size={config.data.batch_size}" + (f" / data.dataset_draws={draws} = {micro}" if draws > 1 else "")
     if micro % n:
-        raise ConfigError(f"config data.batch_size / data.dataset_draws = {micro} is not divisible by the mesh's {n} "
-                          f"devices (mesh.data={mesh_shape[0]} × mesh.fsdp={mesh_shape[1]}): the batch is sharded "
-                          "over both axes")
+        raise ConfigError(f"config {what} is not divisible by the mesh's {n} devices (mesh.data={mesh_shape[0]} × "
+                          f"mesh.fsdp={mesh_shape[1]}): the batch is sharded over both axes")
     if micro % jax.process_count():
-        raise ConfigError(f"config data.batch_size / data.dataset_draws = {micro} is not divisible by the "
-                          f"{jax.process_count()} processes")
+        raise ConfigError(f"config {what} is not divisible by the {jax.process_count()} processes")
     sharding.rules_dict(config.sharding.rules)
     model_config(config)  # raises on an invalid architecture
     if config.init_from:
