@@ -230,3 +230,24 @@ def test_mask_from_constants_and_step_count():
     assert m.shape == (1, 4, 4) and m.sum() == 1 and m[0, 1, 2]
     assert R.n_rollout_steps(100, 6) == 100
     assert R.n_rollout_steps(500, 6) == 205  # max_rollout_steps + T_in - 1, as the original
+
+
+def test_rollout_with_global_normalization_statistics():
+    """normalization_stats: x / (rms + 1e-8), next = x[last] + y[last] · (rms_delta + 1e-8), every step."""
+    rng = np.random.default_rng(11)
+    x0 = rng.normal(size=(2, 3, 32, 32, 2)).astype(np.float32)
+    rms, rms_delta = np.array([2.0, 0.5], np.float32), np.array([0.1, 0.3], np.float32)
+
+    def model(x, field_indices, bcs, jitter=None):
+        return 0.5 * x
+
+    preds = R.rollout(model, x0, field_indices=np.array([4, 5]), bcs=((2, 2), (2, 2)), n_steps=3,
+                       normalization_stats={"rms": rms, "rms_delta": rms_delta})
+    win = x0.astype(np.float64)
+    for t in range(3):
+        nxt = win[:, -1] + 0.5 * (win[:, -1] / (rms + 1e-8)) * (rms_delta + 1e-8)
+        np.testing.assert_allclose(np.asarray(preds[:, t]), nxt, rtol=1e-5, atol=1e-6)
+        win = np.concatenate([win[:, 1:], nxt[:, None]], axis=1)
+    with pytest.raises(ValueError, match="one value per channel"):
+        R.rollout(model, x0, field_indices=np.array([4, 5]), bcs=((2, 2), (2, 2)), n_steps=1,
+                   normalization_stats=(rms[:1], rms_delta))

@@ -55,15 +55,18 @@ class EvalSet:
     field_names: list[str]
     mask: np.ndarray | None = None
     trajectories: tuple = ()
+    stats: dict | None = None  # the dataset's global {"rms", "rms_delta"} (C,) (data.normalization='global')
 
 
 def load_eval_sets(paths: Sequence[str], *, n_steps_input: int, n_trajectories: int, rollout_steps: int,
                    stride: int = 1, split: str = "valid", vocab=None, allow_new_fields: bool = True,
-                   inflate_to_3d: bool = False, use_released_options: bool = True, seed: int = 0) -> list[EvalSet]:
+                   inflate_to_3d: bool = False, use_released_options: bool = True, seed: int = 0,
+                   normalization: str = "sample") -> list[EvalSet]:
     """Reads held-out trajectories of each dataset directory in `paths` (module docstring).
 
     n_steps_input is the 2D history; a dataset's released step downsampling scales it (3D: half).
     Trajectories are taken in the order of a permutation seeded by (seed, dataset position).
+    normalization 'global': rollouts normalize by the dataset's stats.yaml, as the model was trained.
     """
     from walrus_jax.data import pipeline
 
@@ -97,7 +100,8 @@ def load_eval_sets(paths: Sequence[str], *, n_steps_input: int, n_trajectories: 
             bcs=tuple(tuple(int(v) for v in row) for row in np.asarray(t0["boundary_conditions"])),
             field_indices=np.asarray(t0["field_indices"], np.int32),
             padded_field_mask=np.asarray(t0["padded_field_mask"], bool),
-            field_names=names[:c_var], mask=mask, trajectories=tuple(int(j) for j in order)))
+            field_names=names[:c_var], mask=mask, trajectories=tuple(int(j) for j in order),
+            stats=None if normalization != "global" else pipeline.dataset_norm_stats([path], [ds])[0]))
     return sets
 
 
@@ -131,7 +135,8 @@ def evaluate(model, sets: Sequence[EvalSet], *, windows=((1, 10), (11, 30)), bat
                                     n_steps=s.truth.shape[1], constant_fields=s.constants[a:b],
                                     padded_field_mask=s.padded_field_mask,
                                     mask=None if s.mask is None else s.mask[a:b],
-                                    jitter=None if key is None else jax.random.fold_in(key, a))
+                                    jitter=None if key is None else jax.random.fold_in(key, a),
+                                    normalization_stats=s.stats)
             preds.append(np.asarray(p))
         pred = np.concatenate(preds)
         persist = np.repeat(s.inputs[:, -1:], s.truth.shape[1], axis=1)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 DEFAULT_EPS = 1e-5  # the rollout's / trainer's model_epsilon
+GLOBAL_EPS = 1e-8  # with a dataset's global statistics (fine-tuning): x / (rms + eps), deltas / (rms_delta + eps)
 
 
 def _reduce_axes(x: jax.Array) -> tuple[int, ...]:

@@ -139,12 +139,14 @@ class _Static:
 
 # ------------------------------------------------------------------------------------ one step
 def predict_next(model, window, field_indices, bcs, constant_fields=None, mask=None, padded_field_mask=None,
-                 jitter: Jitter | None = None, eps: float = DEFAULT_EPS) -> jax.Array:
+                 jitter: Jitter | None = None, eps: float = DEFAULT_EPS, stats=None) -> jax.Array:
     """One autoregressive step (normalize, model, de-normalize, mask), pure and un-jitted.
 
     window (B, T_in, *spatial, C_var) physical units; constant_fields (B, *spatial, C_con) or None;
     mask (B, *spatial) bool or None (True -> 0); padded_field_mask (C_var,) bool or None (False -> 0);
-    jitter: None or one Jitter. Returns next (B, *spatial, C_var) float32.
+    jitter: None or one Jitter; stats: None (per-window RMS statistics) or the dataset's global
+    (rms, rms_delta), each (C_var + C_con,): x / (rms + 1e-8), next = x[last] + y[last]·(rms_delta + 1e-8)
+    (a model fine-tuned with data.normalization='global'). Returns next (B, *spatial, C_var) float32.
     """
     window = window.astype(jnp.float32)
     n_var = window.shape[-1]
@@ -153,7 +155,12 @@ def predict_next(model, window, field_indices, bcs, constant_fields=None, mask=N
         c = jnp.broadcast_to(constant_fields.astype(jnp.float32)[:, None],
                              window.shape[:2] + constant_fields.shape[1:])
         x = jnp.concatenate([window, c], axis=-1)
-    xn, _, d_rms = normalization.normalize_window(x, eps)
+    if stats is None:
+        xn, _, d_rms = normalization.normalize_window(x, eps)
+    else:
+        lead = (1,) * (x.ndim - 1)
+        xn = x / (jnp.asarray(stats[0], jnp.float32).reshape(lead + (-1,)) + normalization.GLOBAL_EPS)
+        d_rms = jnp.asarray(stats[1], jnp.float32).reshape(lead + (-1,)) + normalization.GLOBAL_EPS
     y = model(xn, field_indices, bcs, jitter=jitter)
     nxt = normalization.next_state(x[:, -1], y[:, -1], d_rms)[..., :n_var]
     if mask is not None:
@@ -163,7 +170,7 @@ def predict_next(model, window, field_indices, bcs, constant_fields=None, mask=N
     return nxt
 
 
-def _scan_body(get_model, st: _Static, window, consts, mask, pmask, jit_xs, key, start):
+def _scan_body(get_model, st: _Static, window, consts, mask, pmask, jit_xs, key, start, stats=None):
     """The lax.scan step. `get_model()` builds the model inside the step's trace: NNX graph
     transforms inside the model (nnx.scan over blocks) refuse variables created at an outer trace
     level, so an nnx model is merged from (graphdef, state) here rather than outside the scan."""
@@ -178,7 +185,7 @@ def _scan_body(get_model, st: _Static, window, consts, mask, pmask, jit_xs, key,
             jit = xs
         else:
             jit = None
-        nxt = predict_next(get_model(), win, fi, st.bcs, consts, mask, pmask, jit, st.eps)
+        nxt = predict_next(get_model(), win, fi, st.bcs, consts, mask, pmask, jit, st.eps, stats)
         win = jnp.concatenate([win[:, 1:], nxt[:, None].astype(win.dtype)], axis=1)
         finite = jnp.isfinite(nxt).all(axis=tuple(range(1, nxt.ndim - 1)))  # (B, C_var)
         return (win, t + 1), (nxt, finite)
@@ -194,12 +201,12 @@ def _compiled(graphdef, fn, st: _Static, n: int, ensemble: bool):
     a plain callable comes as `fn` and is closed over (the cache holds it by identity).
     """
 
-    def run(state, window, consts, mask, pmask, jit_xs, key, start):
+    def run(state, window, consts, mask, pmask, jit_xs, key, start, stats):
         TRACE_COUNT["scan"] += 1  # runs at trace time only
         get_model = (lambda: nnx.merge(graphdef, state, copy=True)) if graphdef is not None else (lambda: fn)
 
         def one(window, key):
-            step = _scan_body(get_model, st, window, consts, mask, pmask, jit_xs, key, start)
+            step = _scan_body(get_model, st, window, consts, mask, pmask, jit_xs, key, start, stats)
             (win, _), (preds, finite) = jax.lax.scan(step, (window, start), jit_xs, length=n)
             return win, jnp.moveaxis(preds, 0, 1), jnp.moveaxis(finite, 0, 1)  # (n, B, ...) -> (B, n, ...)
 
@@ -314,7 +321,7 @@ def _slice_jitter(j: Jitter | None, a: int, b: int):
 def rollout(model, input_fields, *, field_indices, bcs, n_steps: int, constant_fields=None,
             padded_field_mask=None, mask=None, jitter=None, cfg=None, eps: float = DEFAULT_EPS,
             chunk_size: int | None = None, sink=None, min_input_steps: int = 1, check_finite: bool = True,
-            on_nonfinite: str = "warn", return_finite: bool = False):
+            on_nonfinite: str = "warn", return_finite: bool = False, normalization_stats=None):
     """Autoregressive rollout, one compiled lax.scan.
 
     input_fields (B, T_in, *spatial, C_var) physical units, spatial (H, W) or (H, W, D).
@@ -339,6 +346,9 @@ def rollout(model, input_fields, *, field_indices, bcs, n_steps: int, constant_f
     Returns preds (B, n_steps, *spatial, C_var) float32 in physical units; with return_finite=True
     (preds, finite), finite (B, n_steps, C_var) bool numpy: every value of that step and channel
     is finite.
+    normalization_stats: None (each window normalized by its own RMS, as pretrained) or the dataset's
+    global statistics {"rms", "rms_delta"} / (rms, rms_delta), each (C_var + C_con,), for a model
+    fine-tuned with data.normalization='global' (`walrus_jax.data.load_stats`).
     """
     st, consts, mask, pmask, jit_xs, key = _prepare(model, input_fields, field_indices, bcs, n_steps,
                                                    constant_fields, padded_field_mask, mask, jitter, cfg, eps,
@@ -346,13 +356,14 @@ def rollout(model, input_fields, *, field_indices, bcs, n_steps: int, constant_f
     _check_on_nonfinite(on_nonfinite)
     window = jnp.asarray(input_fields, jnp.float32)
     return _drive(model, st, window, consts, mask, pmask, jit_xs, key, int(n_steps), chunk_size, sink,
-                  ensemble=False, on_nonfinite=on_nonfinite, return_finite=return_finite)
+                  ensemble=False, on_nonfinite=on_nonfinite, return_finite=return_finite,
+                  stats=_global_stats(normalization_stats, len(st.field_indices)))
 
 
 def rollout_ensemble(model, input_fields, keys, *, field_indices, bcs, n_steps: int, constant_fields=None,
                      padded_field_mask=None, mask=None, cfg=None, eps: float = DEFAULT_EPS,
                      chunk_size: int | None = None, sink=None, min_input_steps: int = 1, check_finite: bool = True,
-                     on_nonfinite: str = "warn", return_finite: bool = False):
+                     on_nonfinite: str = "warn", return_finite: bool = False, normalization_stats=None):
     """An ensemble of jittered rollouts: `rollout` with jitter=keys[e], vmapped over e in one program.
 
     keys: (E,) PRNG keys (jax.random.split(key, E)). Returns (E, B, n_steps, *spatial, C_var);
@@ -370,7 +381,24 @@ def rollout_ensemble(model, input_fields, keys, *, field_indices, bcs, n_steps: 
     e = keys.shape[0]
     window = jnp.broadcast_to(jnp.asarray(input_fields, jnp.float32)[None], (e,) + tuple(input_fields.shape))
     return _drive(model, st, window, consts, mask, pmask, None, keys, int(n_steps), chunk_size, sink,
-                  ensemble=True, on_nonfinite=on_nonfinite, return_finite=return_finite)
+                  ensemble=True, on_nonfinite=on_nonfinite, return_finite=return_finite,
+                  stats=_global_stats(normalization_stats, len(st.field_indices)))
+
+
+def _global_stats(normalization_stats, n_channels: int):
+    """None, or (rms, rms_delta) float32 (C,) arrays checked against the channel count."""
+    if normalization_stats is None:
+        return None
+    if isinstance(normalization_stats, dict):
+        normalization_stats = (normalization_stats["rms"], normalization_stats["rms_delta"])
+    rms, rms_delta = (np.asarray(a, np.float32).reshape(-1) for a in normalization_stats)
+    if rms.shape != (n_channels,) or rms_delta.shape != (n_channels,):
+        raise DataError(f"normalization_stats: rms {rms.shape} and rms_delta {rms_delta.shape} must each have one "
+                        f"value per channel (C_var + C_con = {n_channels},)")
+    for name, a in (("rms", rms), ("rms_delta", rms_delta)):
+        if not np.isfinite(a).all() or (a < 0).any():
+            raise DataError(f"normalization_stats: {name} must be finite and >= 0, got {a.tolist()}")
+    return jnp.asarray(rms), jnp.asarray(rms_delta)
 
 
 def _check_on_nonfinite(on_nonfinite: str) -> None:
@@ -393,12 +421,12 @@ def _report_nonfinite(finite, n_steps: int, on_nonfinite: str, preds) -> None:
 
 
 def _drive(model, st, window, consts, mask, pmask, jit_xs, key, n_steps, chunk_size, sink, ensemble,
-           on_nonfinite="warn", return_finite=False):
+           on_nonfinite="warn", return_finite=False, stats=None):
     graphdef, fn, state = _split(model)
     start0 = jnp.zeros((), jnp.int32)
     if chunk_size is None and sink is None:
         _, preds, finite = _compiled(graphdef, fn, st, n_steps, ensemble)(state, window, consts, mask, pmask,
-                                                                         jit_xs, key, start0)
+                                                                         jit_xs, key, start0, stats)
         if on_nonfinite != "ignore" or return_finite:
             finite = np.asarray(finite)
             _report_nonfinite(finite, n_steps, on_nonfinite, preds)
@@ -420,7 +448,7 @@ def _drive(model, st, window, consts, mask, pmask, jit_xs, key, n_steps, chunk_s
         b = min(a + chunk_size, n_steps)
         fn_ab = _compiled(graphdef, fn, st, b - a, ensemble)
         window, preds, finite = fn_ab(state, window, consts, mask, pmask, _slice_jitter(jit_xs, a, b), key,
-                                      jnp.asarray(a, jnp.int32))
+                                      jnp.asarray(a, jnp.int32), stats)
         if pending is not None and not _write(sink, finite_all, t_axis, *pending) and on_nonfinite == "raise":
             pending = None  # stop: the chunk just written holds NaN/Inf
             break

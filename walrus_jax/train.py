@@ -189,7 +189,8 @@ def load_eval_sets(config, paths, vocab, n_trajectories: int, allow_new_fields: 
     return evaluation.load_eval_sets(
         paths, n_steps_input=config.data.n_steps_input, n_trajectories=n_trajectories,
         rollout_steps=config.eval.rollout_steps, stride=config.data.min_dt_stride, split=config.eval.split,
-        vocab=vocab, allow_new_fields=allow_new_fields, inflate_to_3d=config.data.inflate_to_3d, seed=config.seed)
+        vocab=vocab, allow_new_fields=allow_new_fields, inflate_to_3d=config.data.inflate_to_3d, seed=config.seed,
+        normalization=config.data.normalization)
 
 
 def eval_jitter_key(config):
