@@ -31,6 +31,9 @@ def get_config(variant: str = ""):
     c.seed = 0
     c.dtype = "float32"  # "bfloat16": bf16 parameters and matmuls (float32 statistics and softmax)
     c.eps = 1e-5  # normalization epsilon (the original's model_epsilon)
+    # '' = each window normalized by its own RMS (pretrained models); a dataset folder or stats.yaml =
+    # the dataset's global rms / rms_delta (a model fine-tuned with data.normalization='global')
+    c.normalization_stats = ""
     c.windows = ((1, 1), (1, 20), (21, 60))  # horizon windows (1-based, inclusive) in metrics.json
     c.plot = True
     c.plot_steps = (1, 10, 50)  # 1-based steps shown in the PNG panels (clipped to the rollout)

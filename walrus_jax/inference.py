@@ -315,6 +315,12 @@ def run_rollout_job(config, workdir: str) -> dict:
     log.info("rollout: %s (%s) on %s: %d trajectories x %d steps, T_in=%d, dtype=%s", config.checkpoint, source,
              ds.dataset_name, len(traj_ids), n_steps, t_in, config.dtype)
 
+    norm_stats = None
+    if config.normalization_stats:  # a model fine-tuned with the dataset's global statistics
+        from walrus_jax.data.stats import load_stats
+
+        norm_stats = load_stats(config.normalization_stats, [str(n) for n in field_names],
+                                padded_field_mask=first["padded_field_mask"])
     preds_all, truth_all, persist_all, inputs_all, trajs_all = [], [], [], [], []
     pred_dir = os.path.join(workdir, "predictions", ds.dataset_name)
     timings = []
@@ -335,7 +341,7 @@ def run_rollout_job(config, workdir: str) -> dict:
                               n_steps=n_steps, constant_fields=consts, padded_field_mask=first["padded_field_mask"],
                               mask=mask, jitter=None if key is None else jax.random.fold_in(key, g),
                               eps=float(config.eps), chunk_size=int(config.chunk_size), min_input_steps=t_in,
-                              on_nonfinite="raise")
+                              on_nonfinite="raise", normalization_stats=norm_stats)
         except R.NonFiniteRolloutError as e:  # stopped after the chunk holding the first NaN/Inf
             where = {"trajectory": int(ids[e.sample]), "step": int(e.step) + 1, "field": str(var_names[e.channel])}
             text = (f"the rollout of {config.checkpoint} on {config.data} diverged: trajectory {where['trajectory']}, "
