@@ -75,6 +75,8 @@ def base_config() -> config_dict.ConfigDict:
     # (same samples per update; the per-device batch shrinks by dataset_draws). 1: one draw per
     # micro-batch for the whole mesh. Set it to mesh.data to mix datasets as the original does.
     c.data.dataset_draws = 1
+    c.data.max_trajectories = 0  # train on each dataset's first N trajectories only (0 = all)
+    c.data.max_samples = 0  # train on each dataset's first N windows only (0 = all)
     c.data.n_steps_input = 4
     c.data.n_steps_output = 1
     c.data.min_dt_stride = 1

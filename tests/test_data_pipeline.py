@@ -187,3 +187,14 @@ def test_windows_without_replacement_and_recycled(roots):
     fresh = BatchSource(dss, [3, 3], [1.0, 1.0], dss[0].vocab, seed=5, rotate=False)
     np.testing.assert_array_equal(fresh.plan(n_batches - 1)["indices"], src.plan(n_batches - 1)["indices"])
     assert fresh.draws_before(10_000).sum() == 10_000  # across blocks of draws
+
+
+def test_restricting_trajectories_and_samples(roots):
+    ds = WellDataset(roots[0], n_steps_input=4, n_steps_output=1, split="train")
+    per_traj = len(ds) // ds.n_trajectories
+    assert ds.windows_of_first_trajectories(1) == per_traj and ds.windows_of_first_trajectories(99) == len(ds)
+    src = BatchSource([ds], [3], [1.0], ds.vocab, seed=0, rotate=False, max_trajectories=1)
+    seen = {int(i) for k in range(40) for i in src.plan(k)["indices"]}
+    assert seen == set(range(per_traj))  # only trajectory 0's windows, every one of them
+    src = BatchSource([ds], [3], [1.0], ds.vocab, seed=0, rotate=False, max_samples=5)
+    assert {int(i) for k in range(20) for i in src.plan(k)["indices"]} == set(range(5))

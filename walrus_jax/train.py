@@ -181,7 +181,8 @@ def make_pipeline(config, paths, datasets, model_cfg: ModelConfig):
     return pipeline.assemble_pipeline(
         dss, weights, bfactors, vocab, batch_size=micro_batch_size(config), seed=config.seed,
         cfg=model_cfg if config.train.jitter else None, worker_count=d.worker_count, rotate=d.rotate,
-        process_index=0, process_count=1, norm_stats=norm_stats)
+        process_index=0, process_count=1, norm_stats=norm_stats, max_trajectories=d.max_trajectories,
+        max_samples=d.max_samples)
 
 
 def load_eval_sets(config, paths, vocab, n_trajectories: int, allow_new_fields: bool):

@@ -61,8 +61,19 @@ class BatchSource:
     """Random-access batches: element k = one collated batch (picklable, so grain workers can use it)."""
 
     def __init__(self, datasets: Sequence[WellDataset], batch_sizes: Sequence[int], weights: Sequence[float],
-                 vocab: FieldVocabulary, seed: int, rotate: bool, norm_stats: Sequence[Mapping] | None = None):
+                 vocab: FieldVocabulary, seed: int, rotate: bool, norm_stats: Sequence[Mapping] | None = None,
+                 max_trajectories: int = 0, max_samples: int = 0):
         self.datasets = list(datasets)
+        # Windows drawn from each dataset: all, or those of its first max_trajectories trajectories,
+        # or its first max_samples windows (fine-tuning on a subset); 0 = no limit.
+        self.n_windows = []
+        for ds in self.datasets:
+            n = len(ds)
+            if max_trajectories > 0:
+                n = min(n, ds.windows_of_first_trajectories(max_trajectories))
+            if max_samples > 0:
+                n = min(n, int(max_samples))
+            self.n_windows.append(int(n))
         # Per dataset {"rms": (C,), "rms_delta": (C,)} from its stats.yaml (global normalization), or None.
         self.norm_stats = None if norm_stats is None else [dict(s) for s in norm_stats]
         self.batch_sizes = [int(b) for b in batch_sizes]
@@ -97,7 +108,7 @@ class BatchSource:
     def windows(self, d: int, first: int, n: int) -> np.ndarray:
         """Window indices of dataset d's draws first .. first + n − 1: each pass over the dataset is a
         permutation seeded by (seed, d, pass), so windows come without replacement and are recycled."""
-        n_win = len(self.datasets[d])
+        n_win = self.n_windows[d]
         m = np.arange(first, first + n)
         out = np.empty(n, np.int64)
         for p in np.unique(m // n_win):
@@ -298,12 +309,14 @@ def make_train_pipeline(
 def assemble_pipeline(dss, weights, bfactors, vocab: FieldVocabulary, *, batch_size: int, seed: int = 0, cfg=None,
                       worker_count: int = 0, worker_buffer_size: int = 2, read_threads: int = 1,
                       rotate: bool = True, num_batches: int | None = None, process_index: int | None = None,
-                      process_count: int | None = None, norm_stats: Sequence[Mapping] | None = None) -> TrainPipeline:
+                      process_count: int | None = None, norm_stats: Sequence[Mapping] | None = None,
+                      max_trajectories: int = 0, max_samples: int = 0) -> TrainPipeline:
     """The second half of `make_train_pipeline`, from `build_datasets`' output: a caller that must
     know the data's vocabulary before choosing the model (fine-tuning on new fields) builds the
     datasets first, grows the model, then assembles the pipeline with that model's config.
     norm_stats: per dataset {"rms", "rms_delta"} (C,) arrays (`dataset_norm_stats`): every batch then
-    carries `norm_rms` / `norm_rms_delta` and the loss normalizes by them instead of per sample."""
+    carries `norm_rms` / `norm_rms_delta` and the loss normalizes by them instead of per sample.
+    max_trajectories / max_samples: train on each dataset's first trajectories / windows only (0: all)."""
     import grain
 
     if cfg is not None and vocab.n_states > cfg.n_states:
@@ -317,7 +330,7 @@ def assemble_pipeline(dss, weights, bfactors, vocab: FieldVocabulary, *, batch_s
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     sizes = [max(1, int(batch_size * f)) for f in bfactors]
-    source = BatchSource(dss, sizes, weights, vocab, seed, rotate, norm_stats)
+    source = BatchSource(dss, sizes, weights, vocab, seed, rotate, norm_stats, max_trajectories, max_samples)
     stop = sys.maxsize if num_batches is None else int(num_batches)
     ds = grain.MapDataset.range(process_index, stop, process_count).map(source)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, read_threads), prefetch_buffer_size=2 * max(1, read_threads)))

@@ -428,6 +428,15 @@ class WellDataset:
     def n_spatial_dims(self) -> int:
         return len(self.spatial_shape)
 
+    def windows_of_first_trajectories(self, n: int) -> int:
+        """How many windows the first n trajectories hold: windows are numbered file-major, then by
+        trajectory, so those of the first n trajectories are indices [0, result)."""
+        n = max(0, min(int(n), self.n_trajectories))
+        fidx = int(np.searchsorted(self._traj_offsets, n, side="right") - 1)
+        if fidx >= len(self.files):
+            return len(self)
+        return int(self._offsets[fidx] + (n - int(self._traj_offsets[fidx])) * self._windows[fidx])
+
     def locate(self, index: int) -> tuple[int, int, int]:
         """Global window index -> (file index, trajectory in file, start time index)."""
         if not 0 <= index < len(self):
