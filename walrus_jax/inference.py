@@ -36,6 +36,7 @@ from flax import nnx
 from walrus_jax import metrics as M
 from walrus_jax import rollouts as R
 from walrus_jax.errors import ConfigError, DataError, PathError
+from walrus_jax.jsonio import write_json
 from walrus_jax.models.config import BC_NAMES, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -236,31 +237,6 @@ def _persistence(inputs: np.ndarray, n: int) -> np.ndarray:
     return np.repeat(inputs[:, -1:], n, axis=1)
 
 
-def _json_safe(obj):
-    """obj with every NaN/Inf float as None and numpy scalars/arrays as Python values (strict JSON)."""
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _json_safe(obj.tolist())
-    if isinstance(obj, (np.floating, float)):
-        return float(obj) if np.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    return obj
-
-
-def write_json(path: str, obj) -> None:
-    """Strict JSON (non-finite floats -> null), written to a temporary file and renamed."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(_json_safe(obj), f, indent=1, allow_nan=False)
-    os.replace(tmp, path)
-
-
 def _load_checkpoint(config):
     """load_model for config.checkpoint, with errors that name config.checkpoint."""
     path = str(config.checkpoint)
@@ -272,7 +248,7 @@ def _load_checkpoint(config):
                         "converted first with `python -m tools.convert_torch_ckpt`)")
     try:
         return load_model(path, config.dtype)
-    except (FileNotFoundError, RuntimeError) as e:  # finetune.load_base words them for config.init_from
+    except (FileNotFoundError, RuntimeError, DataError) as e:  # finetune.load_base words them for config.init_from
         msg = str(e).replace("config init_from=", "config.checkpoint=").replace("init_from", "checkpoint")
         raise PathError(msg) from e
 

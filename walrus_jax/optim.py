@@ -116,10 +116,10 @@ def resolve_epochs(train_cfg) -> tuple[int, int, int]:
     return m, w, c
 
 
-def make_schedule(train_cfg, lr: float | None = None) -> Schedule:
-    """The schedule of a `train` config section (lr overrides train.lr, e.g. for fine-tuning)."""
+def make_schedule(train_cfg) -> Schedule:
+    """The schedule of a `train` config section."""
     m, w, c = resolve_epochs(train_cfg)
-    return Schedule(base_lr=float(train_cfg.lr if lr is None else lr), max_epochs=m, warmup_epochs=w,
+    return Schedule(base_lr=float(train_cfg.lr), max_epochs=m, warmup_epochs=w,
                     cooldown_epochs=c, steps_per_epoch=int(train_cfg.steps_per_epoch),
                     per_update=bool(train_cfg.lr_per_update), warmup_factor=float(train_cfg.warmup_factor),
                     offset=float(train_cfg.lr_offset), exponent=float(train_cfg.lr_exponent))

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from walrus_jax import checkpointing, evaluation, optim, sharding, steps, workdir_lock
+from walrus_jax import checkpointing, evaluation, jsonio, optim, sharding, steps, workdir_lock
 from walrus_jax.errors import ConfigError, DataError, PathError
 from walrus_jax.models.config import ModelConfig
 
@@ -346,7 +346,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": int(step), **values}) + "\n")
+            f.write(jsonio.dumps({"step": int(step), **values}) + "\n")
         if self.tb is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)) and v is not None and math.isfinite(v):
@@ -567,10 +567,7 @@ def write_summary(workdir, losses, steps_done, resumed_from, report, wall, train
         **dict(notes or {}),
     }
     if is_main:
-        tmp = os.path.join(workdir, "summary.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(summary, f, indent=1)
-        os.replace(tmp, os.path.join(workdir, "summary.json"))
+        jsonio.write_json(os.path.join(workdir, "summary.json"), summary)
     return summary
 
 
@@ -596,8 +593,7 @@ def evaluate_job(config, workdir: str) -> dict:
     out = dict(evaluation.strip_arrays(report), checkpoint=base.source)
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, "eval.json"), "w") as f:
-            json.dump(out, f, indent=1)
+        jsonio.write_json(os.path.join(workdir, "eval.json"), out)
         if config.eval.plot:
             evaluation.plot_rollout(report, sets, os.path.join(workdir, "eval_rollout.png"))
     return out
