@@ -5,8 +5,10 @@ Batch k (a global index) is a pure function of (seed, k): `BatchSource.plan(k)` 
 (uniformly, or by weight, independently per batch), takes the dataset's next B_d windows from a
 seeded permutation of all its windows (without replacement within a pass, recycled after it, as the
 original's sampler), a stride per window (uniform over the strides that fit, as the_well draws
-them) and one rotation; `BatchSource.load(k)` reads and
-collates. Host h of P reads k = h, h + P, h + 2P, ... Grain's `mp_prefetch` hands consecutive
+them) and one rotation; `BatchSource.load(k)` reads and collates. Every host h of P steps through
+the same global batches k = 0, 1, 2, ... (so all hosts agree on the dataset, hence the shapes, of
+each batch) and reads only its rows [h·B/P, (h+1)·B/P) of the plan's windows: I/O per host falls
+as 1/P, and the P hosts' rows, stacked in host order, are the one-process batch. Grain's `mp_prefetch` hands consecutive
 elements to workers round-robin and returns them in order, so any worker count yields the same
 stream, and the iterator state (`get_state` / `set_state`) resumes it exactly. The jitter is drawn
 in the consuming process with `sample_jitter(fold_in(PRNGKey(seed), k), cfg, spatial, bcs)` (JAX
@@ -21,9 +23,11 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from walrus_jax.data import filesystem as fsys
 from walrus_jax.data import transforms as T
 from walrus_jax.data.fields import RELEASED_DATASET_OPTIONS, FieldVocabulary
 from walrus_jax.data.well import WellDataset, WellFormatError
+from walrus_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +48,7 @@ class DatasetSpec:
 
 def _split_path(path: str, split: str | None) -> str | None:
     """Use the split folder only when the path is a dataset root (holds data/<split>)."""
-    if split and os.path.isdir(os.path.join(path, "data", split)):
+    if split and fsys.isdir(fsys.join(path, "data", split)):
         return split
     return None
 
@@ -62,7 +66,7 @@ class BatchSource:
 
     def __init__(self, datasets: Sequence[WellDataset], batch_sizes: Sequence[int], weights: Sequence[float],
                  vocab: FieldVocabulary, seed: int, rotate: bool, norm_stats: Sequence[Mapping] | None = None,
-                 max_trajectories: int = 0, max_samples: int = 0):
+                 max_trajectories: int = 0, max_samples: int = 0, process_index: int = 0, process_count: int = 1):
         self.datasets = list(datasets)
         # Windows drawn from each dataset: all, or those of its first max_trajectories trajectories,
         # or its first max_samples windows (fine-tuning on a subset); 0 = no limit.
@@ -77,6 +81,15 @@ class BatchSource:
         # Per dataset {"rms": (C,), "rms_delta": (C,)} from its stats.yaml (global normalization), or None.
         self.norm_stats = None if norm_stats is None else [dict(s) for s in norm_stats]
         self.batch_sizes = [int(b) for b in batch_sizes]
+        # Host split: every process plans the same global batch k and reads only its rows.
+        self.process_index, self.process_count = int(process_index), int(process_count)
+        if not 0 <= self.process_index < self.process_count:
+            raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        for ds, b in zip(self.datasets, self.batch_sizes):
+            if b % self.process_count:
+                raise ConfigError(f"dataset {ds.dataset_name!r} ({ds.path}) draws batches of {b} samples (the batch "
+                                  f"size times its batch_downsample_factor), not divisible by the {self.process_count} "
+                                  "processes that each read an equal share of its rows")
         w = np.asarray(weights, np.float64)
         if (w <= 0).any() or not np.isfinite(w).all():
             raise ValueError(f"dataset weights must be positive, got {w.tolist()}")
@@ -132,12 +145,19 @@ class BatchSource:
         return {"dataset": d, "indices": idx.astype(np.int64), "strides": np.asarray(strides, np.int64),
                 "rotation": rot}
 
+    def rows(self, k: int) -> slice:
+        """The rows of global batch k that this process reads: [p·B/P, (p+1)·B/P)."""
+        n = self.batch_sizes[self.dataset_of(k)] // self.process_count
+        return slice(self.process_index * n, (self.process_index + 1) * n)
+
     def load(self, k: int) -> dict:
+        """This process's rows of global batch k (all of them with one process): arrays (B/P, ...)."""
         p = self.plan(k)
         d = p["dataset"]
         ds = self.datasets[d]
+        rows = self.rows(k)
         samples = []
-        for i, dt in zip(p["indices"], p["strides"]):
+        for i, dt in zip(p["indices"][rows], p["strides"][rows]):
             s = ds.read(int(i), int(dt))
             if p["rotation"] >= 0:
                 s = T.rotate(s, self.rotations[d][p["rotation"]])
@@ -154,7 +174,7 @@ class BatchSource:
             **({} if self.norm_stats is None else {
                 "norm_rms": self.norm_stats[d]["rms"], "norm_rms_delta": self.norm_stats[d]["rms_delta"]}),
             "dataset_name": ds.dataset_name,
-            "time_stride": p["strides"],
+            "time_stride": p["strides"][rows],
             "batch_index": int(k),
         }
 
@@ -292,7 +312,8 @@ def make_train_pipeline(
       dataset scales them by its batch/step downsample factors (the released 3D datasets: 0.5).
     cfg: ModelConfig for the jitter draw; None (or cfg.jitter_patches False) gives jitter None.
     num_batches: global batches in the stream (None: endless).
-    process_index / process_count: host split (default jax.process_index() / jax.process_count()).
+    process_index / process_count: host split (default jax.process_index() / jax.process_count()):
+      every process reads every global batch, but only its rows (module doc).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -327,12 +348,11 @@ def assemble_pipeline(dss, weights, bfactors, vocab: FieldVocabulary, *, batch_s
         import jax
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     sizes = [max(1, int(batch_size * f)) for f in bfactors]
-    source = BatchSource(dss, sizes, weights, vocab, seed, rotate, norm_stats, max_trajectories, max_samples)
+    source = BatchSource(dss, sizes, weights, vocab, seed, rotate, norm_stats, max_trajectories, max_samples,
+                         process_index, process_count)
     stop = sys.maxsize if num_batches is None else int(num_batches)
-    ds = grain.MapDataset.range(process_index, stop, process_count).map(source)
+    ds = grain.MapDataset.range(0, stop).map(source)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, read_threads), prefetch_buffer_size=2 * max(1, read_threads)))
     if worker_count > 0:
         from absl import flags

@@ -11,17 +11,18 @@ only if the whole face is).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import glob
 import os
 from typing import Mapping, Sequence
 
 import h5py
 import numpy as np
 
+from walrus_jax.data import filesystem as fsys
 from walrus_jax.data import transforms as T
 from walrus_jax.data.fields import FieldVocabulary, flattened_names, normalize_field_transforms
-from walrus_jax.errors import DataError
+from walrus_jax.errors import DataError, PathError
 from walrus_jax.models.config import OPEN, PERIODIC, WALL
 
 BC_CODES = {"WALL": WALL, "OPEN": OPEN, "PERIODIC": PERIODIC}
@@ -139,15 +140,20 @@ def reduce_boundary_conditions(f: h5py.File, spatial_dims: Sequence[str], where:
 
 def inspect_file(path: str) -> dict:
     """Reads and validates one file's structure (no field values). Raises WellFormatError."""
-    if not os.path.isfile(path):
-        raise WellFormatError(f"{path}: no such file")
-    if not h5py.is_hdf5(path):
-        raise WellFormatError(f"{path}: not an HDF5 file")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise WellFormatError(f"{path}: cannot be opened as HDF5 ({e})") from None
-    with f:
+    if not fsys.is_remote(path):
+        if not os.path.isfile(path):
+            raise WellFormatError(f"{path}: no such file")
+        if not h5py.is_hdf5(path):
+            raise WellFormatError(f"{path}: not an HDF5 file")
+    with contextlib.ExitStack() as stack:
+        try:
+            f = stack.enter_context(fsys.open_h5(path))
+        except PathError:
+            raise  # a missing remote object or refused credentials: the message names the URL
+        except DataError as e:
+            raise WellFormatError(str(e)) from None
+        except OSError as e:
+            raise WellFormatError(f"{path}: cannot be opened as HDF5 ({e})") from None
         for key in REQUIRED_ROOT_ATTRS:
             _attr(f, key, path)
         for g in REQUIRED_GROUPS:
@@ -233,12 +239,16 @@ def max_stride_for_start(t0: int, n_steps: int, n_in: int, n_out: int) -> int:
 
 
 def resolve_files(path: str, split: str | None = None, include_filters=(), exclude_filters=()) -> list[str]:
+    """The sorted .h5/.hdf5 files of a dataset: `path` is a file, a folder of files, or (with
+    `split`) a dataset root holding data/<split>/. Local paths or URLs (`filesystem`)."""
     path = os.fspath(path)
-    data_path = os.path.join(path, "data", split) if split else path
-    if os.path.isfile(data_path):
+    data_path = fsys.join(path, "data", split) if split else path
+    if fsys.is_remote(data_path) and data_path.endswith(fsys.HDF5_SUFFIXES):
+        files = [data_path]  # a URL of a file (an HTTP "directory" check would fetch it)
+    elif fsys.isfile(data_path):
         files = [data_path]
-    elif os.path.isdir(data_path):
-        files = glob.glob(os.path.join(data_path, "*.h5")) + glob.glob(os.path.join(data_path, "*.hdf5"))
+    elif fsys.isdir(data_path):
+        files = fsys.list_files(data_path)
     else:
         raise WellFormatError(f"{data_path}: no such file or directory")
     if include_filters:
@@ -246,7 +256,7 @@ def resolve_files(path: str, split: str | None = None, include_filters=(), exclu
     files = [f for f in files if not any(s in f for s in exclude_filters)]
     if not files:
         hint = ""
-        if not split and os.path.isdir(os.path.join(path, "data")):
+        if not split and fsys.isdir(fsys.join(path, "data")):
             hint = f" (it has a data/ folder: pass split='train', 'valid' or 'test')"
         raise WellFormatError(f"{data_path}: no .h5/.hdf5 files found{hint}")
     return sorted(files)
@@ -495,7 +505,7 @@ class WellDataset:
         if cache is not None:
             return cache
         cache = {}
-        with h5py.File(self.files[fidx].path, "r") as f:
+        with fsys.open_h5(self.files[fidx].path) as f:
             for d in self.metadata.spatial_dims:
                 c = f["dimensions"][d]
                 if c.ndim == 1:
@@ -519,7 +529,7 @@ class WellDataset:
         tsl = slice(t0, t0 + (n - 1) * dt + 1, dt)
         var, con, svar, scon = [], [], [], []
         cache = self._small_cache(fidx)
-        with h5py.File(fi.path, "r") as f:
+        with fsys.open_h5(fi.path) as f:
             for fld in self._fields:
                 key = f"{FIELD_GROUPS[fld.order]}/{fld.name}"
                 if key in cache:
