@@ -99,6 +99,24 @@ def _full(fs, name: str, like: str) -> str:
 
 
 # --------------------------------------------------------------------------------- errors
+def _status(e: BaseException) -> int | None:
+    """The HTTP status behind a store's exception, if any (fsspec's HTTP layer wraps a refused HEAD
+    / GET in a FileNotFoundError whose cause holds it)."""
+    seen = 0
+    while e is not None and seen < 5:
+        st = getattr(e, "status", None) or getattr(e, "code", None)
+        if isinstance(st, int):
+            return st
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
+def _is_credentials(e: BaseException) -> bool:
+    name = type(e).__name__.lower()
+    return _status(e) in (401, 403) or isinstance(e, PermissionError) or \
+        any(w in name for w in ("credential", "auth", "token", "forbidden"))
+
+
 @contextlib.contextmanager
 def errors(url: str) -> Iterator[None]:
     """Turns a store's exceptions into UserErrors that name the URL: missing bucket / object,
@@ -109,20 +127,19 @@ def errors(url: str) -> Iterator[None]:
         raise
     except ImportError as e:
         proto = url.split("://", 1)[0]
-        pkg = _PACKAGES.get(proto, f"the fsspec implementation of {proto}://")
-        raise ConfigError(f"{url}: reading {proto}:// needs {pkg} (pip install 'walrus_jax[remote]' or "
-                          f"pip install {pkg}): {e}") from None
-    except FileNotFoundError as e:
-        raise PathError(f"{url}: no such bucket, object or directory ({e})") from None
-    except PermissionError as e:
-        raise PathError(f"{url}: access denied; check this store's credentials ({e})") from None
+        pkg = _PACKAGES.get(proto)
+        how = f"{pkg} (pip install {pkg}, or pip install 'walrus_jax[remote]')" if pkg else \
+            f"an fsspec implementation of {proto}://"
+        raise ConfigError(f"{url}: reading {proto}:// needs {how}: {e}") from None
     except Exception as e:  # noqa: BLE001 - only store errors are translated, the rest re-raised
-        status = getattr(e, "status", None) or getattr(e, "code", None)
-        name = type(e).__name__
-        if status in (401, 403) or any(w in name.lower() for w in ("credential", "auth", "token", "forbidden")):
-            raise PathError(f"{url}: access denied; check this store's credentials ({name}: {e})") from None
-        if isinstance(status, int) and status >= 400:
-            raise PathError(f"{url}: the server answered HTTP {status} ({e})") from None
+        name, status = type(e).__name__, _status(e)
+        if _is_credentials(e):
+            raise PathError(f"{url}: access denied; check this store's credentials "
+                            f"({f'HTTP {status}, ' if status else ''}{name}: {e})") from None
+        if isinstance(e, FileNotFoundError) and status in (None, 404):
+            raise PathError(f"{url}: no such bucket, object or directory") from None
+        if status is not None and status >= 400:
+            raise PathError(f"{url}: the server answered HTTP {status} ({name}: {e})") from None
         if isinstance(e, OSError):  # connection refused, timeouts, DNS (aiohttp's are OSErrors)
             raise PathError(f"{url}: cannot be read ({name}: {e})") from None
         if isinstance(e, ValueError) and "protocol not known" in str(e).lower():

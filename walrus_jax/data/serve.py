@@ -65,13 +65,18 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
         return f
 
     def copyfile(self, source, outputfile):
+        # Counted before sending, so a client that has its bytes sees them counted.
         left = getattr(self, "_range_left", None)
         if left is None:
-            start = source.tell()
+            try:
+                n = os.fstat(source.fileno()).st_size - source.tell()
+            except (AttributeError, OSError, ValueError):  # an in-memory directory listing
+                n = len(source.getbuffer()) - source.tell()
+            self._count(n)
             shutil.copyfileobj(source, outputfile)
-            self._count(source.tell() - start)
             return
         self._range_left = None
+        self._count(left)
         sent = 0
         while sent < left:
             buf = source.read(min(1 << 20, left - sent))
@@ -79,7 +84,6 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
                 break
             outputfile.write(buf)
             sent += len(buf)
-        self._count(sent)
 
 
 class Server(http.server.ThreadingHTTPServer):

@@ -33,6 +33,7 @@ import h5py
 import numpy as np
 import yaml
 
+from walrus_jax.data import filesystem as fsys
 from walrus_jax.data.fields import flattened_names
 from walrus_jax.data.well import FIELD_GROUPS, WellFormatError, inspect_file
 from walrus_jax.errors import DataError, PathError, UserError, run_command, verbose_requested
@@ -171,9 +172,11 @@ def _to_yaml(v: np.ndarray):
 # ----------------------------------------------------------------------------------- reading
 def _stats_path(path) -> tuple[str, str | None]:
     path = os.fspath(path)
-    if os.path.isdir(path):
-        return os.path.join(path, "stats.yaml"), path
-    return path, os.path.dirname(path)
+    if fsys.is_remote(path) and path.endswith((".yaml", ".yml")):  # a file URL: no directory check
+        return path, fsys.dirname(path)
+    if fsys.isdir(path):
+        return fsys.join(path, "stats.yaml"), path
+    return path, fsys.dirname(path)
 
 
 def _dim_names(dataset_dir: str | None) -> tuple[str, ...] | None:
@@ -181,8 +184,8 @@ def _dim_names(dataset_dir: str | None) -> tuple[str, ...] | None:
     if not dataset_dir:
         return None
     for split in ("train", "valid", "test"):
-        files = sorted(glob.glob(os.path.join(dataset_dir, "data", split, "*.hdf5"))
-                       + glob.glob(os.path.join(dataset_dir, "data", split, "*.h5")))
+        folder = fsys.join(dataset_dir, "data", split)
+        files = fsys.list_files(folder) if fsys.isdir(folder) else []
         if files:
             try:
                 return tuple(inspect_file(files[0])["spatial_dims"])
@@ -214,11 +217,11 @@ def load_stats(path, field_names: Sequence[str], *, keys: Sequence[str] = ("rms"
       PathError if stats.yaml is missing, DataError naming the key or channel that is not in it.
     """
     stats_file, dataset_dir = _stats_path(path)
-    if not os.path.isfile(stats_file):
+    if not fsys.isfile(stats_file):
         raise PathError(f"{stats_file}: no such file (compute it with `python -m walrus_jax.data.stats "
                         f"{dataset_dir or '<dataset folder>'}`)")
     try:
-        with open(stats_file) as fh:
+        with fsys.open_text(stats_file) as fh:
             stats = yaml.safe_load(fh)
     except yaml.YAMLError as e:
         raise DataError(f"{stats_file}: not valid YAML ({e})") from None
