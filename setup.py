@@ -17,6 +17,7 @@ setup(
         "orbax-checkpoint>=0.11",
         "grain>=0.2.10",
         "h5py>=3.10",
+        "fsspec>=2024.6",  # data paths: local, gs://, s3://, hf://, http(s):// (walrus_jax/data/filesystem.py)
         "numpy>=1.26",
         "ml_collections>=1.0",
         "chex>=0.1.90",
@@ -26,8 +27,11 @@ setup(
         "tensorboardX>=2.6",
     ],
     extras_require={
+        # the stores' fsspec implementations, only where data lives there
+        "remote": ["gcsfs", "s3fs", "huggingface_hub", "aiohttp"],
         "test": [
             "pytest>=8",
+            "aiohttp>=3.9",  # tests/test_data_remote.py reads through a local HTTP server
             "pyyaml>=6.0",
             "torch==2.13.0",
             "safetensors>=0.4",
