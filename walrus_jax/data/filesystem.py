@@ -223,6 +223,8 @@ class RemoteFile(io.RawIOBase):
             self.size = int(self._fs.size(self._path))
         self.block_size, self.max_blocks = int(block_size), int(max_blocks)
         self._blocks: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+        self._ahead: dict[int, bytes] = {}  # start -> bytes fetched ahead for the read in progress
+        self._ahead_lock = threading.Lock()
         self._pos = 0
         self.error: BaseException | None = None
 
@@ -255,13 +257,54 @@ class RemoteFile(io.RawIOBase):
         fetch_counts["bytes"] += len(data)
         return data
 
+    @contextlib.contextmanager
+    def reading_ahead(self, ranges: Sequence[tuple[int, int]]) -> Iterator[None]:
+        """Fetches the byte ranges [start, end) concurrently (one round trip for all of them), serves
+        the reads that fall inside them while the block runs, then drops them."""
+        ranges = [(int(a), int(b)) for a, b in ranges if b > a]
+        if not ranges:
+            yield
+            return
+        try:
+            with errors(self.url):
+                got = self._fs.cat_ranges([self._path] * len(ranges), [a for a, _ in ranges],
+                                          [b for _, b in ranges], on_error="raise")
+        except BaseException as e:
+            self.error = e
+            raise
+        for (a, b), data in zip(ranges, got):
+            if len(data) != b - a:
+                self.error = DataError(f"{self.url}: asked for bytes {a}-{b - 1} and got {len(data)} bytes; the "
+                                       "server must support HTTP range requests")
+                raise self.error
+        fetch_counts["requests"] += len(ranges)
+        fetch_counts["bytes"] += sum(b - a for a, b in ranges)
+        with self._ahead_lock:
+            self._ahead.update({a: data for (a, _), data in zip(ranges, got)})
+        try:
+            yield
+        finally:
+            with self._ahead_lock:
+                for a, _ in ranges:
+                    self._ahead.pop(a, None)
+
+    def _from_ahead(self, start: int, n: int):
+        with self._ahead_lock:
+            for a, data in self._ahead.items():
+                if a <= start and start + n <= a + len(data):
+                    return memoryview(data)[start - a:start - a + n]
+        return None
+
     def readinto(self, b) -> int:
         start = self._pos
         n = max(0, min(len(b), self.size - start))
         if n == 0:
             return 0
         out = memoryview(b).cast("B")
-        if n >= self.block_size:
+        ahead = self._from_ahead(start, n) if self._ahead else None
+        if ahead is not None:
+            out[:n] = ahead
+        elif n >= self.block_size:
             out[:n] = self._fetch(start, start + n)
         else:
             bs = self.block_size
@@ -311,8 +354,8 @@ def _remote_h5(url: str):
         raise DataError(f"{url}: not an HDF5 file or cannot be opened as one ({e})") from None
     with _open_lock:
         _open_files[url] = (f, raw)
-        while len(_open_files) > MAX_OPEN:
-            _open_files.popitem(last=False)[1][0].close()
+        while len(_open_files) > MAX_OPEN:  # not closed here: another thread may be reading it;
+            _open_files.popitem(last=False)  # the file closes when its last user drops it
     return f, raw
 
 
@@ -339,6 +382,17 @@ def open_h5(path) -> Iterator["h5py.File"]:  # noqa: F821
         raise
 
 
+def read_ahead(path, ranges: Sequence[tuple[int, int]]):
+    """Inside `open_h5(path)`: a context in which the byte ranges [start, end) of a remote file were
+    fetched concurrently (one round trip) and serve h5py's reads; for a local file nothing (the OS
+    reads ahead)."""
+    if not is_remote(path):
+        return contextlib.nullcontext()
+    with _open_lock:
+        entry = _open_files.get(os.fspath(path))
+    return contextlib.nullcontext() if entry is None else entry[1].reading_ahead(ranges)
+
+
 def close_all() -> None:
     """Closes this process's cached remote HDF5 files (tests; freeing memory)."""
     with _open_lock:
@@ -347,4 +401,4 @@ def close_all() -> None:
 
 
 __all__ = ["is_remote", "join", "basename", "dirname", "isdir", "isfile", "listdir", "list_files", "open_text",
-           "open_h5", "RemoteFile", "errors", "close_all", "fetch_counts", "BLOCK_SIZE", "MAX_OPEN"]
+           "open_h5", "read_ahead", "RemoteFile", "errors", "close_all", "fetch_counts", "BLOCK_SIZE", "MAX_OPEN"]

@@ -16,6 +16,7 @@ never runs inside the data workers).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 import sys
@@ -59,6 +60,7 @@ def _dataset_name_of(path: str, split: str | None) -> str:
 
 
 BLOCK = 4096  # batches per block of dataset draws (BatchSource.dataset_of)
+REMOTE_READ_THREADS = 16  # windows of a batch read at once from a remote store
 
 
 class BatchSource:
@@ -156,12 +158,16 @@ class BatchSource:
         d = p["dataset"]
         ds = self.datasets[d]
         rows = self.rows(k)
-        samples = []
-        for i, dt in zip(p["indices"][rows], p["strides"][rows]):
-            s = ds.read(int(i), int(dt))
-            if p["rotation"] >= 0:
-                s = T.rotate(s, self.rotations[d][p["rotation"]])
-            samples.append(s)
+        jobs = [(int(i), int(dt)) for i, dt in zip(p["indices"][rows], p["strides"][rows])]
+        if fsys.is_remote(ds.path) and len(jobs) > 1:
+            # A remote window waits on the network outside h5py's lock (data.filesystem's read-ahead),
+            # so reading the batch's windows in threads overlaps their round trips.
+            with concurrent.futures.ThreadPoolExecutor(min(len(jobs), REMOTE_READ_THREADS)) as ex:
+                samples = list(ex.map(lambda job: ds.read(*job), jobs))
+        else:
+            samples = [ds.read(i, dt) for i, dt in jobs]
+        if p["rotation"] >= 0:
+            samples = [T.rotate(s, self.rotations[d][p["rotation"]]) for s in samples]
         s0 = samples[0]
         return {
             "input_fields": np.stack([s["input_fields"] for s in samples]),
