@@ -142,3 +142,32 @@ def test_remote_file_blocks_and_direct_reads(served):
     assert f.read(9000) == data[10_000:19_000]
     assert srv.reset_counts() == {"requests": 1, "bytes": 9000}
     assert len(f._blocks) == 2  # LRU bound
+
+
+def test_window_read_ahead_fetches_exactly_its_frames_at_once(served):
+    """A window of contiguous fields costs one concurrent request per run of adjacent frames and
+    exactly their bytes (no block overfetch); the file's metadata is fetched once, when opened."""
+    _, srv = served
+    ds = WellDataset(f"{srv.url}/flow_a", 4, 1, 1, 2, split="train")
+    ds.read(0, 1)  # opens the file, caches its metadata blocks and small arrays
+    frame = 16 * 16 * 4  # float32 pressure; velocity: twice that
+    srv.reset_counts()
+    ds.read(8, 1)  # trajectory 1, t0 0: 5 adjacent frames per field
+    assert srv.reset_counts() == {"requests": 2, "bytes": 5 * frame * 3}
+    ds.read(9, 2)  # t0 1, stride 2: 5 separate frames per field, fetched together
+    assert srv.reset_counts() == {"requests": 10, "bytes": 5 * frame * 3}
+
+
+def test_grain_workers_read_over_http(served):
+    """Worker processes open their own remote files (the per-process cache starts empty in them)."""
+    local, srv = served
+    kw = dict(batch_size=2, n_steps_input=4, max_dt_stride=2, seed=1, cfg=None, process_index=0, process_count=1)
+    disk = make_train_pipeline([os.path.join(local, "flow_a")], **kw)
+    web = make_train_pipeline([f"{srv.url}/flow_a"], **kw, worker_count=1)
+    try:
+        for _ in range(4):
+            a, b = next(disk), next(web)
+            np.testing.assert_array_equal(a["input_fields"], b["input_fields"])
+            np.testing.assert_array_equal(a["output_fields"], b["output_fields"])
+    finally:
+        web.close()
