@@ -94,9 +94,12 @@ A *batch* holds one dataset (one shape) and one rotation:
 
 B and T_in are per dataset: B_d = max(1, int(batch_size * batch_downsample_factor)),
 T_in,d = max(1, int(n_steps_input * step_downsample_factor)) (the released 3D datasets: 0.5, 0.5).
-Batch k (global index, host h of P reads k = h, h + P, ...) is a pure function of (seed, k): the
-dataset is drawn uniformly (or by weight), then B_d windows uniformly, a stride per window, one
-rotation, and the jitter from `sample_jitter(fold_in(PRNGKey(seed), k), cfg, spatial, bcs)`.
+Batch k (global index) is a pure function of (seed, k): the dataset is drawn uniformly (or by
+weight), then B_d windows uniformly, a stride per window, one rotation, and the jitter from
+`sample_jitter(fold_in(PRNGKey(seed), k), cfg, spatial, bcs)`. Host h of P (process_index /
+process_count) steps through every k but reads only rows [h·B_d/P, (h+1)·B_d/P) of it: its arrays
+are (B_d/P, ...), and the hosts' rows stacked in host order are the one-host batch. Paths may be
+URLs (gs://, s3://, hf://, http(s)://: `filesystem.py`).
 
 Your own arrays (`from_arrays.py`) and statistics (`stats.py`)::
 
