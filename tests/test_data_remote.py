@@ -108,6 +108,10 @@ def test_remote_errors_name_the_url(served, monkeypatch):
         WellDataset(f"{srv.url}/nothing", 2, 1, split="train")
     with pytest.raises(PathError, match=f"{srv.url}/private/a.hdf5: access denied; check this store's credentials"):
         WellDataset(f"{srv.url}/private/a.hdf5", 2, 1)
+    with open(os.path.join(served[0], "junk.hdf5"), "w") as fh:
+        fh.write("not HDF5\n" * 100)
+    with pytest.raises(ValueError, match=f"{srv.url}/junk.hdf5: not an HDF5 file"):
+        WellDataset(f"{srv.url}/junk.hdf5", 2, 1)
     with pytest.raises(FileNotFoundError, match=r"data.root='http://127.0.0.1:1/none' does not exist|"
                                                 r"http://127.0.0.1:1/none: cannot be read"):
         train.resolve_data(main.load_config(TINY, ["data.root=http://127.0.0.1:1/none"]))

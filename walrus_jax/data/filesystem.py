@@ -13,15 +13,18 @@ ones (application-default credentials for GCS, the AWS environment / profile for
 
 Local paths take the same code as before this layer existed (os.path, glob, `h5py.File(path)`),
 so they are not slower. Remote HDF5 files are opened from a `RemoteFile` (a seekable, read-only
-file object that h5py reads through its file-object driver):
+file object that h5py reads through its file-object driver). Its reads are shaped by how a Well
+window is read (each request to a store costs a round trip of tens of milliseconds):
 
-* small reads (< block_size: HDF5's superblock, object headers, B-tree nodes and heaps, small
-  datasets, strided frames of low-resolution fields) go through an LRU of aligned blocks, so a
-  file's metadata costs a few requests once and neighbouring small reads share one request
-  (read-ahead of one block);
-* large reads (the frames of a window: contiguous runs of >= block_size bytes) are fetched exactly,
-  in one request, and not cached: a window is read once per pass, so caching it would only evict
-  the metadata.
+* read-ahead: before h5py reads a window, `read_ahead` fetches the byte ranges of the window's
+  frames in the contiguous field datasets (WellDataset computes them from the datasets' offsets)
+  concurrently, in one round trip; h5py's reads are then served from memory, and the ranges
+  dropped. Exactly the window's bytes are fetched, so bytes per host follow the rows it reads;
+* small reads outside it (< block_size: HDF5's superblock, object headers, B-tree nodes and heaps,
+  scalars, chunked datasets' small chunks) go through an LRU of aligned blocks, so a file's
+  metadata costs a few requests once and neighbouring small reads share one request;
+* other large reads (chunked datasets) are fetched exactly, in one request, and not cached: a
+  window is read once per pass, so caching it would only evict the metadata.
 
 Opened remote files are kept open per process (an LRU of MAX_OPEN handles), so reading a window
 does not re-fetch the file's metadata; the cache is per process id (grain workers start empty).
@@ -47,9 +50,6 @@ HDF5_SUFFIXES = (".hdf5", ".h5")
 # protocol -> the package that implements it (the ConfigError's hint)
 _PACKAGES = {"gs": "gcsfs", "gcs": "gcsfs", "s3": "s3fs", "s3a": "s3fs", "hf": "huggingface_hub",
              "http": "aiohttp", "https": "aiohttp"}
-
-# Per-process counters of remote reads (benchmarks; tests): requests and bytes fetched.
-fetch_counts = {"requests": 0, "bytes": 0}
 
 
 # ---------------------------------------------------------------------------------- paths
@@ -253,8 +253,6 @@ class RemoteFile(io.RawIOBase):
             self.error = DataError(f"{self.url}: asked for bytes {start}-{end - 1} and got {len(data)} bytes; the "
                                    "server must support HTTP range requests")
             raise self.error
-        fetch_counts["requests"] += 1
-        fetch_counts["bytes"] += len(data)
         return data
 
     @contextlib.contextmanager
@@ -277,8 +275,6 @@ class RemoteFile(io.RawIOBase):
                 self.error = DataError(f"{self.url}: asked for bytes {a}-{b - 1} and got {len(data)} bytes; the "
                                        "server must support HTTP range requests")
                 raise self.error
-        fetch_counts["requests"] += len(ranges)
-        fetch_counts["bytes"] += sum(b - a for a, b in ranges)
         with self._ahead_lock:
             self._ahead.update({a: data for (a, _), data in zip(ranges, got)})
         try:
@@ -401,4 +397,4 @@ def close_all() -> None:
 
 
 __all__ = ["is_remote", "join", "basename", "dirname", "isdir", "isfile", "listdir", "list_files", "open_text",
-           "open_h5", "read_ahead", "RemoteFile", "errors", "close_all", "fetch_counts", "BLOCK_SIZE", "MAX_OPEN"]
+           "open_h5", "read_ahead", "RemoteFile", "errors", "close_all", "BLOCK_SIZE", "MAX_OPEN"]
