@@ -180,3 +180,20 @@ def test_frame_attention_equals_materialised(causal):
     for a, b in zip(jax.grad(loss(f), argnums=(0, 1, 2, 3))(q, k, v, bias),
                     jax.grad(loss(reference), argnums=(0, 1, 2, 3))(q, k, v, bias)):
         assert rel_err(a, b) <= 1e-5
+
+
+def test_channel_ops_gradients():
+    """add_channels / scale_channels (bias and scale with the channel sum as a product) have the
+    plain broadcast ops' values and gradients."""
+    from walrus_jax.models.layers import add_channels, scale_channels
+
+    kx, kb, kw = jax.random.split(jax.random.key(2), 3)
+    x = jax.random.normal(kx, (3, 5, 7, 6))
+    b = jax.random.normal(kb, (6,))
+    w = jax.random.normal(kw, x.shape)
+    for op, plain in ((add_channels, lambda x, b: x + b), (scale_channels, lambda x, b: x * b)):
+        np.testing.assert_array_equal(op(x, b), plain(x, b))
+        got = jax.grad(lambda x, b: jnp.sum(jnp.sin(op(x, b)) * w), argnums=(0, 1))(x, b)
+        want = jax.grad(lambda x, b: jnp.sum(jnp.sin(plain(x, b)) * w), argnums=(0, 1))(x, b)
+        for a, c in zip(got, want):
+            assert rel_err(a, c) <= 1e-6

@@ -11,7 +11,7 @@ from flax import nnx
 from walrus_jax.models import positional
 from walrus_jax.models.blocked_attention import blocked_attention
 from walrus_jax.models.config import LAYER_NORM_EPS, ModelConfig
-from walrus_jax.models.layers import RMSGroupNorm, drop_path
+from walrus_jax.models.layers import RMSGroupNorm, add_channels, drop_path, scale_channels
 
 SPATIAL = (2, 3, 4)  # token axes (h, w, d) of a (B, T, h, w, d, C) tensor
 
@@ -32,7 +32,7 @@ class Dense(nnx.Module):
         y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), self.kernel[...].astype(self.dtype))
         y = y.reshape(lead + (y.shape[-1],))
         if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
+            y = add_channels(y, self.bias[...].astype(self.dtype))
         return y
 
 
@@ -48,7 +48,8 @@ class HeadLayerNorm(nnx.Module):
         mean = jnp.mean(xf, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
         y = (xf - mean) * jax.lax.rsqrt(var + LAYER_NORM_EPS)
-        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+        y = add_channels(scale_channels(y, self.scale[...].astype(jnp.float32)), self.bias[...].astype(jnp.float32))
+        return y.astype(x.dtype)
 
 
 def _attention(q, k, v, bias=None, is_causal=False):
