@@ -28,6 +28,7 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
     """SimpleHTTPRequestHandler plus single byte ranges, latency, counters and forbidden paths."""
 
     server: "Server"
+    protocol_version = "HTTP/1.1"  # keep-alive: a client's range requests reuse their connections
 
     def log_message(self, *args):  # quiet: tests and benchmarks
         pass

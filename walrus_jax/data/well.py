@@ -246,7 +246,7 @@ def resolve_files(path: str, split: str | None = None, include_filters=(), exclu
     if fsys.is_remote(data_path) and data_path.endswith(fsys.HDF5_SUFFIXES):
         files = [data_path]  # a URL of a file (an HTTP "directory" check would fetch it)
     elif fsys.isfile(data_path):
-        files = [data_path]
+        files = [data_path if fsys.is_remote(data_path) else fsys.local(data_path)]
     elif fsys.isdir(data_path):
         files = fsys.list_files(data_path)
     else:
