@@ -70,6 +70,16 @@ def _logits(q_blk, k):
     return jnp.dot(qs, k.T, preferred_element_type=jnp.float32), qs
 
 
+def _row_max(logits):
+    """max over the last axis. XLA:CPU lowers a row reduction through a windowed reduction that ran
+    at ~1/3 of the exponential pass's speed (the largest single cost of the small forward pass);
+    folding the row in halves with elementwise maxima first is ~25% faster attention, same value."""
+    while logits.shape[-1] > 16 and logits.shape[-1] % 2 == 0:
+        half = logits.shape[-1] // 2
+        logits = jnp.maximum(logits[..., :half], logits[..., half:])
+    return jnp.max(logits, axis=-1)
+
+
 def _forward(qb, kp, vp):
     """o (P, n_blk, rows, D) and the float32 log-sum-exp of each query row (P, n_blk, rows), which
     the backward pass needs; P = frames x heads."""
@@ -79,7 +89,7 @@ def _forward(qb, kp, vp):
 
         def block(q_blk):
             logits, _ = _logits(q_blk, k)
-            row_max = jnp.max(logits, axis=-1)
+            row_max = _row_max(logits)
             e = jnp.exp(logits - row_max[:, None])
             row_sum = jnp.sum(e, axis=-1)
             out = jnp.dot(e.astype(v.dtype), v, preferred_element_type=jnp.float32)
