@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from walrus_jax import main, train
-from walrus_jax.data import WellDataset, filesystem, make_train_pipeline
+from walrus_jax.data import BatchSource, WellDataset, filesystem, make_train_pipeline
 from walrus_jax.data.serve import serving
 from walrus_jax.data.stats import compute_stats, load_stats
 from walrus_jax.data.writer import WellField, axis_boundaries, write_well_file
@@ -175,3 +175,23 @@ def test_grain_workers_read_over_http(served):
             np.testing.assert_array_equal(a["output_fields"], b["output_fields"])
     finally:
         web.close()
+
+
+def test_bytes_per_host_fall_as_one_over_processes(served):
+    """Host p of P fetches exactly the frames of its B/P rows of every global batch: with the files'
+    metadata cached, 1, 2 and 4 hosts fetch 4, 2 and 1 windows' bytes per batch, and the hosts'
+    bytes add up to the one host's."""
+    _, srv = served
+    ds = WellDataset(f"{srv.url}/flow_a", 4, 1, 1, 3, split="train")
+    ds.read(0), ds.read(len(ds) - 1)  # open both files: metadata and small arrays cached
+    window = 5 * 3 * 16 * 16 * 4  # (4 + 1) frames of pressure + velocity (2 components), float32
+    n_batches = 6
+    for n_proc in (1, 2, 4):
+        per_host = []
+        for p in range(n_proc):
+            src = BatchSource([ds], [4], [1.0], ds.vocab, seed=2, rotate=False, process_index=p, process_count=n_proc)
+            srv.reset_counts()
+            for k in range(n_batches):
+                assert src.load(k)["input_fields"].shape[0] == 4 // n_proc
+            per_host.append(srv.reset_counts()["bytes"])
+        assert per_host == [n_batches * (4 // n_proc) * window] * n_proc, (n_proc, per_host)
