@@ -8,9 +8,9 @@ original's sampler), a stride per window (uniform over the strides that fit, as 
 them) and one rotation; `BatchSource.load(k)` reads and collates. Every host h of P steps through
 the same global batches k = 0, 1, 2, ... (so all hosts agree on the dataset, hence the shapes, of
 each batch) and reads only its rows [h·B/P, (h+1)·B/P) of the plan's windows: I/O per host falls
-as 1/P, and the P hosts' rows, stacked in host order, are the one-process batch. Grain's `mp_prefetch` hands consecutive
-elements to workers round-robin and returns them in order, so any worker count yields the same
-stream, and the iterator state (`get_state` / `set_state`) resumes it exactly. The jitter is drawn
+as 1/P, and the P hosts' rows, stacked in host order, are the one-process batch. Grain's
+`mp_prefetch` hands consecutive elements to workers round-robin and returns them in order, so any
+worker count yields the same stream, and the iterator state (`get_state` / `set_state`) resumes it exactly. The jitter is drawn
 in the consuming process with `sample_jitter(fold_in(PRNGKey(seed), k), cfg, spatial, bcs)` (JAX
 never runs inside the data workers).
 """
