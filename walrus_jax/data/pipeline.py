@@ -10,9 +10,10 @@ the same global batches k = 0, 1, 2, ... (so all hosts agree on the dataset, hen
 each batch) and reads only its rows [h·B/P, (h+1)·B/P) of the plan's windows: I/O per host falls
 as 1/P, and the P hosts' rows, stacked in host order, are the one-process batch. Grain's
 `mp_prefetch` hands consecutive elements to workers round-robin and returns them in order, so any
-worker count yields the same stream, and the iterator state (`get_state` / `set_state`) resumes it exactly. The jitter is drawn
-in the consuming process with `sample_jitter(fold_in(PRNGKey(seed), k), cfg, spatial, bcs)` (JAX
-never runs inside the data workers).
+worker count yields the same stream, and the iterator state (`get_state` / `set_state`) resumes it
+exactly. The jitter is drawn in the consuming process with
+`sample_jitter(fold_in(PRNGKey(seed), k), cfg, spatial, bcs)` (JAX never runs inside the data
+workers). Paths may be URLs (`filesystem`); a remote batch's windows are read in threads.
 """
 from __future__ import annotations
 
