@@ -129,7 +129,7 @@ def main(argv=None):
     ap.add_argument("--data", default=None, help="miniwell folder (default: generate --quick in a temp dir)")
     ap.add_argument("--workers", default="1,2,4")
     ap.add_argument("--batches", type=int, default=200)
-    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=None, help="default 2; --remote: 4 (divisible by 4 processes)")
     ap.add_argument("--n-steps-input", type=int, default=6)
     ap.add_argument("--reads", type=int, default=100_000)
     ap.add_argument("--remote", action="store_true", help="local disk vs a local HTTP server (module doc)")
@@ -138,9 +138,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
     if args.remote:
-        if args.batch_size == 2:
-            args.batch_size = 4  # divisible by 4 processes
+        args.batch_size = args.batch_size or 4
         return main_remote(args)
+    args.batch_size = args.batch_size or 2
     data = args.data
     if data is None or not os.path.isdir(data):
         from walrus_jax.data import miniwell
