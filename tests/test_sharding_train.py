@@ -66,8 +66,9 @@ MESH_SCRIPT = textwrap.dedent(r"""
              for (path, a), b in zip(p1, p8)}
     specs = {"/".join(str(k.key) for k in path): [list(x) if isinstance(x, tuple) else x for x in a.sharding.spec]
              for path, a in jax.tree_util.tree_flatten_with_path(s8["params"])[0]}
-    mu = s8["opt_state"][1][0].mu  # chain(clip, adamw): adamw's ScaleByAdamState
-    mu_same = all(a.sharding == b.sharding for a, b in zip(jax.tree.leaves(mu), p8))
+    mu = s8["opt_state"]["adam"]["mu"]  # nested like the params (walrus_jax.optim.init)
+    mu_same = jax.tree.structure(mu) == jax.tree.structure(s8["params"]) and all(
+        a.sharding == b.sharding for a, b in zip(jax.tree.leaves(mu), p8))
     print(json.dumps({"l1": l1, "l8": l8, "diffs": diffs, "specs": specs, "mu_same": mu_same,
                       "batch_spec": [list(x) if isinstance(x, tuple) else x for x in gb["input_fields"].sharding.spec],
                       "mesh": dict(mesh.shape), "param_max": float(max(np.abs(np.asarray(a)).max() for a in p8))}))

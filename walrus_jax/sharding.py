@@ -187,9 +187,10 @@ def _dict_suffix(path) -> tuple:
 
 
 def like_params(tree, params, param_shardings, mesh: Mesh):
-    """Shardings for a tree that embeds params-shaped subtrees (an optax state: moments,
-    accumulated gradients, masked nodes): a leaf whose trailing dict-key path and shape match a
-    parameter gets that parameter's sharding; everything else (counters, scalars) is replicated."""
+    """Shardings for a tree that embeds params-shaped subtrees (an optimizer state: moments,
+    accumulated gradients): a leaf whose trailing dict-key path and shape match a parameter (e.g.
+    opt_state/adam/mu/<parameter path>) gets that parameter's sharding; everything else (counters,
+    per-parameter step counts and flags, scalars) is replicated."""
     p_flat = jax.tree_util.tree_flatten_with_path(params)[0]
     s_flat = jax.tree.leaves(param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
     by_path = {tuple(k.key for k in path): (tuple(np.shape(v) if not hasattr(v, "shape") else v.shape), s)
@@ -197,9 +198,11 @@ def like_params(tree, params, param_shardings, mesh: Mesh):
     rep = replicated(mesh)
 
     def pick(path, leaf):
-        hit = by_path.get(_dict_suffix(path))
-        if hit is not None and tuple(getattr(leaf, "shape", ())) == hit[0]:
-            return hit[1]
+        keys = _dict_suffix(path)
+        for i in range(len(keys)):  # the longest trailing key path that names a parameter
+            hit = by_path.get(keys[i:])
+            if hit is not None:
+                return hit[1] if tuple(getattr(leaf, "shape", ())) == hit[0] else rep
         return rep
 
     return jax.tree_util.tree_map_with_path(pick, tree)
