@@ -1,13 +1,16 @@
-"""The released recipe (SPEC §14, oracle/walrus_extended_config.yaml): the 1.3B architecture,
-AdamW lr 2e-4 / wd 1e-4 / eps 1e-10, clip 10, 4 accumulated micro-batches, warmup 10 and
-cooldown 10 of 200 pseudo-epochs of 2000 micro-batches (here counted in optimizer updates:
-200 x 2000 / 4 = 100k updates, 5k warmup, 5k cooldown), loss x100, T_in 6 with time strides 1-5,
-rotations of the cube, HSDP with 4-device fsdp groups.
+"""The released recipe (the released extended_config.yaml and the original's trainer): the 1.3B
+architecture, AdamW lr 2e-4 / wd 1e-4 / eps 1e-10, clip 10, 4 accumulated micro-batches, loss x100,
+the InverseSqrtLinearWarmupSqrtCooldown schedule stepped per pseudo-epoch of 2000 micro-batches
+(500 updates): warmup 10 and cooldown 10 of 200 pseudo-epochs = 100k updates; T_in 6 with time
+strides 1-5, 2D inflated to 3D, rotations of the cube, HSDP with 4-device fsdp groups; validation
+rollouts of up to 100 steps (windows 1-20, 21-60) with jitter.
 
     python -m walrus_jax.main --config configs/walrus_1p3b.py --workdir runs/w13 \
         --config.data.root=/path/to/the_well/datasets --config.mesh.fsdp=4
 
 data.batch_size is the *global* micro-batch: 2 per device as released (set it to 2 x devices).
+data.dataset_draws = mesh.data mixes one dataset draw per fsdp group, as the original does, when
+the per-device batch allows it (see configs/common.py).
 """
 import importlib.util
 import os
