@@ -56,13 +56,22 @@ def _settings(meta: dict):
     sched = optim.Schedule(base_lr=float(o["lr"]), max_epochs=int(s["max_epochs"]),
                            warmup_epochs=int(s["warmup_epochs"]), cooldown_epochs=int(s["cooldown_epochs"]),
                            steps_per_epoch=int(s.get("step_mult_factor", 1)) if per_update else
-                           int(s.get("steps_per_epoch", 1)),
+                           _steps_per_epoch(s, t),
                            per_update=per_update, warmup_factor=float(s["warmup_lr_factor"]),
                            offset=float(s.get("offset", 128)), exponent=float(s.get("exponent", 0.5)))
     opts = steps.StepOptions(loss_multiplier=float(t["loss_multiplier"]),
                              eps=float(t.get("epsilon (model_epsilon)", 1e-5)), jitter=False,
                              minimum_context=int(t.get("minimum_context", 1)), grad_accum=k)
     return cfg, opt, sched, opts, int(t["micro_batches"]), k
+
+
+def _steps_per_epoch(sched: dict, trainer: dict) -> int:
+    """Updates per pseudo-epoch of a schedule stepped per epoch (1 when the file does not say)."""
+    for where in (sched, trainer):
+        for key in ("steps_per_epoch", "updates_per_epoch", "optimizer_steps_per_epoch"):
+            if key in where:
+                return int(where[key])
+    return 1
 
 
 def _batches(f, meta) -> list[dict]:
@@ -108,6 +117,8 @@ def run(path: str, verbose: bool = False) -> tuple[bool, list[tuple[str, float, 
     meta = json.loads(str(f["config_json"]))
     cfg, opt, sched, opts, n_micro, k = _settings(meta)
     w0 = {n[3:]: f[n] for n in f.files if n.startswith("w0/")}
+    # the weights decide what the YAML cannot: vocabulary size, block count, learnable RoPE, APE
+    cfg = convert.infer_config({n: v.shape for n, v in w0.items()}, cfg)
     values = convert.assemble_params(w0.items(), cfg, source=f"{path}: w0")
     abstract = nnx.eval_shape(lambda: Walrus(cfg, rngs=nnx.Rngs(0)))
     graphdef, p_abs, r_abs = nnx.split(abstract, nnx.Param, ...)
