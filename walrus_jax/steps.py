@@ -52,7 +52,7 @@ class StepOptions:
     jitter: bool = True  # apply patch/token jitter in training (the release: jitter_patches=True)
     minimum_context: int = 1  # leading causal predictions not scored
     grad_accum: int = 1  # each micro-batch's loss is divided by this before differentiation
-    global_eps: float = 1e-8  # with dataset statistics in the batch: x / (rms + eps), deltas / (rms_delta + eps)
+    global_eps: float = normalization.GLOBAL_EPS  # with dataset statistics: x / (rms + eps), deltas / (rms_delta + eps)
 
 
 # ---------------------------------------------------------------------------------- formatting
@@ -94,8 +94,7 @@ def compute_loss(model, batch: Mapping[str, jax.Array], key: jax.Array | None, *
                  train: bool) -> tuple[jax.Array, dict]:
     """Loss of `model` on one micro-batch (module docstring). bcs: static (n_dims, 2) tuple.
 
-    Returns (loss, aux) with aux {"mae": (B, T − minimum_context, C_var), "pred": normalized
-    prediction of the variable channels (B, T, *sp, C_var) as scored (padded channels zeroed)}.
+    Returns (loss, aux) with aux {"mae": (B, T − minimum_context, C_var), the scored the_well MAE}.
     """
     inp = batch["input_fields"]
     c_var, n_t = inp.shape[-1], inp.shape[1]
