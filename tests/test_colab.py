@@ -2,28 +2,14 @@
 without walrus.pt: it then builds a random-weight checkpoint through the converter."""
 import os
 
-import nbformat
-import pytest
+from conftest import execute_notebook
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "colabs", "walrus_inference.ipynb")
 
 
 def test_inference_notebook_executes(tmp_path, monkeypatch):
-    nbclient = pytest.importorskip("nbclient")
-    pytest.importorskip("ipykernel")
-    pytest.importorskip("torch")
-    monkeypatch.setenv("WALRUS_NOTEBOOK_TINY", "1")
-    monkeypatch.setenv("WALRUS_WORK", str(tmp_path / "work"))
-    monkeypatch.setenv("WALRUS_PT", str(tmp_path / "absent" / "walrus.pt"))
-    monkeypatch.setenv("WALRUS_JAX_REPO", ROOT)
-    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                     resources={"metadata": {"path": str(tmp_path)}})
-    client.execute()
-    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-                     if o.get("output_type") == "stream")
+    nb, text = execute_notebook(NOTEBOOK, tmp_path, monkeypatch, tmp_path / "work")
     assert "RANDOM-WEIGHT checkpoint" in text  # says so when walrus.pt is absent
     assert "converted ->" in text
     assert "steps/s" in text and "VRMSE" in text and "members" in text

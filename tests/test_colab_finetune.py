@@ -3,30 +3,17 @@ without walrus.pt (it then builds a random-weight checkpoint through the convert
 with a field the release does not know -> Well dataset -> stats.yaml -> fine-tuning -> rollouts."""
 import os
 
-import nbformat
-import pytest
 import yaml
+
+from conftest import execute_notebook
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "colabs", "finetune_your_data.ipynb")
 
 
 def test_finetune_notebook_executes(tmp_path, monkeypatch):
-    nbclient = pytest.importorskip("nbclient")
-    pytest.importorskip("ipykernel")
-    pytest.importorskip("torch")
     work = tmp_path / "work"
-    monkeypatch.setenv("WALRUS_NOTEBOOK_TINY", "1")
-    monkeypatch.setenv("WALRUS_WORK", str(work))
-    monkeypatch.setenv("WALRUS_PT", str(tmp_path / "absent" / "walrus.pt"))
-    monkeypatch.setenv("WALRUS_JAX_REPO", ROOT)
-    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                     resources={"metadata": {"path": str(tmp_path)}})
-    client.execute()
-    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-                     if o.get("output_type") == "stream")
+    nb, text = execute_notebook(NOTEBOOK, tmp_path, monkeypatch, work)
     assert "RANDOM-WEIGHT checkpoint" in text
     # The dataset folder the trainer reads, and the refused inputs named precisely.
     for split in ("train", "valid", "test"):

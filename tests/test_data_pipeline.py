@@ -1,12 +1,10 @@
 """Training pipeline: mixture frequencies, downsampling, determinism, exact resume, workers, hosts, jitter."""
-import os
-
 import jax
 import numpy as np
 import pytest
 
 from walrus_jax.data import BatchSource, DatasetSpec, WellDataset, make_eval_datasets, make_train_pipeline
-from walrus_jax.data.writer import WellField, axis_boundaries, write_well_file
+from conftest import write_test_dataset
 from walrus_jax.models.config import ModelConfig
 from walrus_jax.models.jitter import sample_jitter
 
@@ -14,18 +12,7 @@ WALL, OPEN, PERIODIC = 0, 1, 2
 
 
 def _write(root, name, shape, n_traj=2, n_steps=14, bcs=None, seed=0):
-    rng = np.random.default_rng(seed)
-    dims = "xyz"[:len(shape)]
-    bnd = {}
-    for d, n, (lo, hi) in zip(dims, shape, bcs or [("PERIODIC", "PERIODIC")] * len(shape)):
-        bnd.update(axis_boundaries(d, n, lo, hi))
-    write_well_file(os.path.join(root, name, "data", "train", f"{name}.hdf5"), dataset_name=name,
-                    n_trajectories=n_traj, time=np.arange(n_steps) * 0.1,
-                    coords={d: np.linspace(0, 1, n) for d, n in zip(dims, shape)},
-                    t0_fields={"pressure": WellField(rng.normal(size=(n_traj, n_steps) + shape))},
-                    t1_fields={"velocity": WellField(rng.normal(size=(n_traj, n_steps) + shape + (len(shape),)))},
-                    boundaries=bnd)
-    return os.path.join(root, name)
+    return write_test_dataset(root, name, shape, n_traj=n_traj, n_steps=n_steps, bcs=bcs, seed=seed)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from walrus_jax import main, train
 from walrus_jax.data import BatchSource, WellDataset, filesystem, make_train_pipeline
 from walrus_jax.data.serve import serving
 from walrus_jax.data.stats import compute_stats, load_stats
-from walrus_jax.data.writer import WellField, axis_boundaries, write_well_file
+from conftest import write_test_dataset
 from walrus_jax.errors import ConfigError, PathError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,19 +19,7 @@ TINY = os.path.join(REPO, "configs", "tiny.py")
 
 
 def _write(root, name, shape, n_files=2, n_traj=2, n_steps=12, seed=0):
-    rng = np.random.default_rng(seed)
-    dims = "xyz"[:len(shape)]
-    bnd = {}
-    for d, n in zip(dims, shape):
-        bnd.update(axis_boundaries(d, n, "PERIODIC", "PERIODIC"))
-    for i in range(n_files):
-        write_well_file(os.path.join(root, name, "data", "train", f"{name}_{i}.hdf5"), dataset_name=name,
-                        n_trajectories=n_traj, time=np.arange(n_steps) * 0.1,
-                        coords={d: np.linspace(0, 1, n) for d, n in zip(dims, shape)},
-                        t0_fields={"pressure": WellField(rng.normal(size=(n_traj, n_steps) + shape))},
-                        t1_fields={"velocity": WellField(rng.normal(size=(n_traj, n_steps) + shape + (len(shape),)))},
-                        boundaries=bnd)
-    return os.path.join(root, name)
+    return write_test_dataset(root, name, shape, n_files=n_files, n_traj=n_traj, n_steps=n_steps, seed=seed)
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +52,8 @@ def test_windows_and_trajectories_over_http_equal_disk(served):
         _same_sample(web.read(i, dt), disk.read(i, dt))
     np.testing.assert_array_equal(web.trajectory(3)["fields"], disk.trajectory(3)["fields"])
     # one file, by URL, with no split
-    one = WellDataset(f"{srv.url}/flow_b/data/train/flow_b_0.hdf5", 2, 1)
-    _same_sample(one[3], WellDataset(os.path.join(local, "flow_b", "data", "train", "flow_b_0.hdf5"), 2, 1)[3])
+    one = WellDataset(f"{srv.url}/flow_b/data/train/flow_b.hdf5", 2, 1)
+    _same_sample(one[3], WellDataset(os.path.join(local, "flow_b", "data", "train", "flow_b.hdf5"), 2, 1)[3])
 
 
 def test_training_batches_over_http_equal_disk_on_two_hosts(served):

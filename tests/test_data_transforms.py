@@ -1,5 +1,4 @@
 """Rotations (group, tensor laws, BCs), 2D->3D inflation, field transforms and the vocabulary."""
-import itertools
 
 import numpy as np
 import pytest

@@ -1,8 +1,6 @@
 """The training objective, the optimizer / schedule and the jitted train step, against the
 original trainer's numbers (tests/fixtures/train_oracle_*.npz, recorded from its own code)."""
-import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp

@@ -104,13 +104,13 @@ def _to_torch_names(cfg, tree) -> dict[str, np.ndarray]:
     return out
 
 
-def run(path: str, verbose: bool = False) -> tuple[bool, list[tuple[str, float, float, bool]]]:
+def run(path: str) -> tuple[bool, list[tuple[str, float, float, bool]]]:
     """Runs the check on one file. Returns (passed, rows of (quantity, error, bound, ok))."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from walrus_jax import convert, optim, steps
+    from walrus_jax import convert, steps
     from walrus_jax.models import Walrus
 
     f = np.load(path)
@@ -228,7 +228,7 @@ def main(argv=None) -> int:
     ok_all = True
     for path in args.files:
         try:
-            ok, rows = run(path, args.verbose)
+            ok, rows = run(path)
         except (OSError, KeyError, ValueError) as e:
             print(f"error: {path}: {e}", file=sys.stderr)
             return 2

@@ -12,7 +12,6 @@ import dataclasses
 import re
 from typing import Callable, Iterable, Mapping
 
-import jax
 import numpy as np
 from flax import nnx
 

@@ -32,10 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from walrus_jax import normalization, optim, xla_options
+from walrus_jax import normalization, optim, rollouts, xla_options
 from walrus_jax.models.jitter import Jitter, normalize_bcs, sample_jitter
-
-OBJECT_MASK_FIELD = "mask"  # a constant field of this name marks an object excluded from the loss
 
 # Batch entries that are arrays with a leading batch axis (sharded over the mesh).
 BATCH_KEYS = ("input_fields", "output_fields", "constant_fields", "object_mask")
@@ -133,14 +131,12 @@ def object_mask(constant_fields, field_names) -> np.ndarray | None:
 
     constant_fields (B, *sp, C_con); field_names: the C_var + C_con flattened names, constants last.
     """
-    if constant_fields is None or field_names is None:
+    if constant_fields is None or field_names is None or np.shape(constant_fields)[-1] == 0:
         return None
     names = [str(n) for n in np.asarray(field_names).reshape(-1)]
-    c_con = np.shape(constant_fields)[-1]
-    con_names = names[len(names) - c_con:] if c_con else []
-    if OBJECT_MASK_FIELD not in con_names:
-        return None
-    return np.asarray(np.asarray(constant_fields)[..., con_names.index(OBJECT_MASK_FIELD)], np.float32)
+    # the same rule as the rollouts' (which force the masked points to 0 in every prediction)
+    mask = rollouts.mask_from_constants(constant_fields, names[len(names) - np.shape(constant_fields)[-1]:])
+    return None if mask is None else mask.astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------ state

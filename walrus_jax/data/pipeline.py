@@ -83,6 +83,8 @@ class BatchSource:
             self.n_windows.append(int(n))
         # Per dataset {"rms": (C,), "rms_delta": (C,)} from its stats.yaml (global normalization), or None.
         self.norm_stats = None if norm_stats is None else [dict(s) for s in norm_stats]
+        # draws_before's memo: draw counts per dataset before each block of BLOCK batches
+        self._block_counts = [np.zeros(len(self.datasets), np.int64)]
         self.batch_sizes = [int(b) for b in batch_sizes]
         # Host split: every process plans the same global batch k and reads only its rows.
         self.process_index, self.process_count = int(process_index), int(process_count)
@@ -115,7 +117,7 @@ class BatchSource:
 
     def draws_before(self, k: int) -> np.ndarray:
         """(n_datasets,) how many batches before batch k drew each dataset (memoized per block)."""
-        cache = self.__dict__.setdefault("_block_counts", [np.zeros(len(self.datasets), np.int64)])
+        cache = self._block_counts
         b = k // BLOCK
         while len(cache) <= b:
             cache.append(cache[-1] + np.bincount(self._choices(len(cache) - 1), minlength=len(self.datasets)))
