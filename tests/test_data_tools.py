@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from walrus_jax.data import stats as st
+from walrus_jax.data import stats as data_stats
 from walrus_jax.data.from_arrays import split_trajectories, write_dataset, write_arrays
 from walrus_jax.data.well import WellDataset
 from walrus_jax.errors import DataError, PathError, UserError
@@ -71,7 +71,7 @@ def test_dataset_layout_and_stats_match_numpy(tmp_path):
     np.testing.assert_array_equal(WellDataset(d, split="valid", allow_new_fields=True).trajectory(0)["fields"][..., 0],
                                   fields["my_tracer"][3])
     stats = yaml.safe_load(open(os.path.join(d, "stats.yaml")))
-    assert list(stats) == list(st.STAT_KEYS)
+    assert list(stats) == list(data_stats.STAT_KEYS)
     tr = fields["my_tracer"][:3].astype(np.float64)
     vel = fields["velocity"][0][:3].astype(np.float64)
     stress = fields["stress"][0][:3].astype(np.float64)
@@ -96,10 +96,10 @@ def test_stats_streams_in_slabs(tmp_path, monkeypatch):
     """Tiny slabs (2 frames) give the same statistics as whole trajectories."""
     fields, _ = _arrays(t=7)
     write_arrays(tmp_path / "d" / "data" / "train" / "a.hdf5", fields, **KW)
-    whole = st.compute_stats(tmp_path / "d", out="")
-    monkeypatch.setattr(st, "SLAB_ELEMENTS", 8 * 6 * 4)
-    sliced = st.compute_stats(tmp_path / "d", out="")
-    for k in st.STAT_KEYS:
+    whole = data_stats.compute_stats(tmp_path / "d", out="")
+    monkeypatch.setattr(data_stats, "SLAB_ELEMENTS", 8 * 6 * 4)
+    sliced = data_stats.compute_stats(tmp_path / "d", out="")
+    for k in data_stats.STAT_KEYS:
         for name in whole[k]:
             np.testing.assert_allclose(sliced[k][name], whole[k][name], rtol=1e-12, atol=1e-15)
 
@@ -110,28 +110,28 @@ def test_load_stats_per_channel(tmp_path):
                       **{k: v for k, v in KW.items() if k != "dataset_name"})
     stats = yaml.safe_load(open(os.path.join(d, "stats.yaml")))
     names = ["my_tracer", "velocity_x", "velocity_y", "velocity_z", "stress_yx", "speed_of_sound", "zeros_like_density"]
-    got = st.load_stats(d, names, padded_field_mask=[True, True, True, False, True])
+    got = data_stats.load_stats(d, names, padded_field_mask=[True, True, True, False, True])
     assert got["rms"].dtype == np.float32 and got["rms"].shape == (7,)
     np.testing.assert_allclose(got["rms"], [stats["rms"]["my_tracer"], *stats["rms"]["velocity"], 0.0,
                                             stats["rms"]["stress"][1][0], stats["rms"]["speed_of_sound"], 0.0], rtol=1e-7)
     np.testing.assert_allclose(got["rms_delta"], [stats["rms_delta"]["my_tracer"], *stats["rms_delta"]["velocity"], 0.0,
                                                   stats["rms_delta"]["stress"][1][0], 0.0, 0.0], rtol=1e-7)
-    same = st.load_stats(os.path.join(d, "stats.yaml"), ["velocity_y"], keys=("mean",))
+    same = data_stats.load_stats(os.path.join(d, "stats.yaml"), ["velocity_y"], keys=("mean",))
     np.testing.assert_allclose(same["mean"], [stats["mean"]["velocity"][1]], rtol=1e-7)
     with pytest.raises(DataError, match=r"rms has no entry for channel 'pressure'"):
-        st.load_stats(d, ["my_tracer", "pressure"])
+        data_stats.load_stats(d, ["my_tracer", "pressure"])
     # 2D data inflated to 3D: the added components are recognized by name (constant fields too).
-    inflated = st.load_stats(d, ["velocity_z", "stress_xz", "stress_zz", "wind_z", "wind_x"])
+    inflated = data_stats.load_stats(d, ["velocity_z", "stress_xz", "stress_zz", "wind_z", "wind_x"])
     np.testing.assert_array_equal(inflated["rms"], [0, 0, 0, 0, np.float32(stats["rms"]["wind"][0])])
     np.testing.assert_array_equal(inflated["rms_delta"], [0, 0, 0, 0, 0])
     with pytest.raises(DataError, match="no entry for channel 'velocity_w'"):
-        st.load_stats(d, ["velocity_w"])
+        data_stats.load_stats(d, ["velocity_w"])
     with pytest.raises(PathError, match="stats.yaml: no such file"):
-        st.load_stats(tmp_path, ["my_tracer"])
+        data_stats.load_stats(tmp_path, ["my_tracer"])
     with open(tmp_path / "partial.yaml", "w") as f:
         yaml.safe_dump({"rms": {"my_tracer": 1.0}}, f)
     with pytest.raises(DataError, match="missing top-level key 'rms_delta'"):
-        st.load_stats(tmp_path / "partial.yaml", ["my_tracer"])
+        data_stats.load_stats(tmp_path / "partial.yaml", ["my_tracer"])
 
 
 def _bad(match, **changes):
@@ -282,12 +282,12 @@ def test_stats_refuses_nan_and_bad_files(tmp_path):
         f["t0_fields/my_tracer"][1, 2, 3, 4] = np.nan
     with pytest.raises(DataError, match=r"a.hdf5: field 'my_tracer' holds NaN/Inf at trajectory 1 time step 2 "
                                         r"position \(3, 4\)"):
-        st.compute_stats(tmp_path / "d")
+        data_stats.compute_stats(tmp_path / "d")
     assert not os.path.exists(tmp_path / "d" / "stats.yaml")
     os.remove(p)
     open(tmp_path / "d" / "data" / "train" / "b.hdf5", "w").write("not hdf5")
     with pytest.raises(DataError, match="b.hdf5: not an HDF5 file"):
-        st.compute_stats(tmp_path / "d")
+        data_stats.compute_stats(tmp_path / "d")
 
 
 def test_cli_single_file_with_time_coords_and_dim_names(tmp_path, capsys):
@@ -325,7 +325,7 @@ def test_stats_of_fields_stored_without_trajectory_axis(tmp_path):
                     time=np.arange(5.0), coords={"x": np.arange(4.0), "y": np.arange(3.0)}, boundaries=bcs,
                     t0_fields={"forcing": WellField(shared.astype(np.float32), sample_varying=False),
                                "u": WellField(own.astype(np.float32))})
-    stats = st.compute_stats(tmp_path / "d", out="")
+    stats = data_stats.compute_stats(tmp_path / "d", out="")
     f32 = shared.astype(np.float32).astype(np.float64)
     np.testing.assert_allclose(stats["std"]["forcing"], f32.std(), rtol=1e-12)
     np.testing.assert_allclose(stats["rms_delta"]["forcing"], np.sqrt((np.diff(f32, axis=0) ** 2).mean()), rtol=1e-12)

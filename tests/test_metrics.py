@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from walrus_jax import metrics as M
+from walrus_jax import metrics
 
 
 def test_spatial_metrics_hand_computed():
@@ -15,28 +15,28 @@ def test_spatial_metrics_hand_computed():
     mean_sq = (1 + 4 + 9 + 16) / 4.0  # 7.5
     var_unbiased = ((1 - 2.5) ** 2 + (2 - 2.5) ** 2 + (3 - 2.5) ** 2 + (4 - 2.5) ** 2) / 3.0  # 5/3
     eps = 1e-7
-    np.testing.assert_allclose(M.mse(pred, target), [[[mse]]], rtol=1e-6)
-    np.testing.assert_allclose(M.rmse(pred, target), [[[0.5]]], rtol=1e-6)
-    np.testing.assert_allclose(M.nmse(pred, target), [[[mse / (mean_sq + eps)]]], rtol=1e-6)
-    np.testing.assert_allclose(M.nrmse(pred, target), [[[math.sqrt(mse / (mean_sq + eps))]]], rtol=1e-6)
-    np.testing.assert_allclose(M.vmse(pred, target), [[[mse / (var_unbiased + eps)]]], rtol=1e-6)
-    np.testing.assert_allclose(M.vrmse(pred, target), [[[math.sqrt(mse / (var_unbiased + eps))]]], rtol=1e-6)
+    np.testing.assert_allclose(metrics.mse(pred, target), [[[mse]]], rtol=1e-6)
+    np.testing.assert_allclose(metrics.rmse(pred, target), [[[0.5]]], rtol=1e-6)
+    np.testing.assert_allclose(metrics.nmse(pred, target), [[[mse / (mean_sq + eps)]]], rtol=1e-6)
+    np.testing.assert_allclose(metrics.nrmse(pred, target), [[[math.sqrt(mse / (mean_sq + eps))]]], rtol=1e-6)
+    np.testing.assert_allclose(metrics.vmse(pred, target), [[[mse / (var_unbiased + eps)]]], rtol=1e-6)
+    np.testing.assert_allclose(metrics.vrmse(pred, target), [[[math.sqrt(mse / (var_unbiased + eps))]]], rtol=1e-6)
 
 
 def test_epsilon_is_the_wells():
     # A constant target has zero variance: VRMSE = sqrt(MSE / 1e-7).
     target = np.full((1, 1, 4, 4, 1), 3.0, np.float32)
     pred = target + 1e-3
-    np.testing.assert_allclose(M.vrmse(pred, target), [[[math.sqrt(1e-6 / 1e-7)]]], rtol=1e-4)
+    np.testing.assert_allclose(metrics.vrmse(pred, target), [[[math.sqrt(1e-6 / 1e-7)]]], rtol=1e-4)
     # Zero target: NRMSE = sqrt(MSE / 1e-7).
-    np.testing.assert_allclose(M.nrmse(pred - 3.0, np.zeros_like(target)), [[[math.sqrt(1e-6 / 1e-7)]]], rtol=1e-4)
+    np.testing.assert_allclose(metrics.nrmse(pred - 3.0, np.zeros_like(target)), [[[math.sqrt(1e-6 / 1e-7)]]], rtol=1e-4)
 
 
 def test_reduces_only_space_per_batch_time_channel():
     rng = np.random.default_rng(0)
     pred = rng.normal(size=(2, 3, 4, 5, 6, 2)).astype(np.float32)  # 3D spatial
     target = rng.normal(size=pred.shape).astype(np.float32)
-    out = np.asarray(M.vrmse(pred, target))
+    out = np.asarray(metrics.vrmse(pred, target))
     assert out.shape == (2, 3, 2)
     p, t = pred.astype(np.float64), target.astype(np.float64)
     for b in range(2):
@@ -46,23 +46,23 @@ def test_reduces_only_space_per_batch_time_channel():
                 v = t[b, s, ..., c].var(ddof=1)
                 assert out[b, s, c] == pytest.approx(math.sqrt(e / (v + 1e-7)), rel=1e-5)
     # Explicit n_spatial_dims for a (B, *spatial, C) layout.
-    one = np.asarray(M.mse(pred[:, 0], target[:, 0], n_spatial_dims=3))
-    np.testing.assert_allclose(one, np.asarray(M.mse(pred, target))[:, 0], rtol=1e-6)
+    one = np.asarray(metrics.mse(pred[:, 0], target[:, 0], n_spatial_dims=3))
+    np.testing.assert_allclose(one, np.asarray(metrics.mse(pred, target))[:, 0], rtol=1e-6)
 
 
 def test_shape_errors():
     with pytest.raises(ValueError, match="pred shape"):
-        M.mse(np.zeros((1, 1, 4, 4, 2)), np.zeros((1, 1, 4, 4, 3)))
+        metrics.mse(np.zeros((1, 1, 4, 4, 2)), np.zeros((1, 1, 4, 4, 3)))
     with pytest.raises(ValueError, match="spatial"):
-        M.mse(np.zeros((4, 2)), np.zeros((4, 2)))
+        metrics.mse(np.zeros((4, 2)), np.zeros((4, 2)))
 
 
 def test_spectral_bin_edges_and_counts():
-    edges = M.spectral_bin_edges((8, 8))
+    edges = metrics.spectral_bin_edges((8, 8))
     expect = np.logspace(np.log10(2 * np.pi / 8), np.log10(np.pi * np.sqrt(2) + 1e-6), 4)
     expect[0] = 0
     np.testing.assert_allclose(edges, expect)
-    idx, counts = M.wavenumber_bins((8, 8))
+    idx, counts = metrics.wavenumber_bins((8, 8))
     # Every one of the 64 modes has |k| <= pi*sqrt(2) < last edge: nothing in the discarded bin.
     assert counts.sum() == 64 and counts[-1] == 0
     # edges for 8x8: 0, 1.399, 2.493, 4.443. Bin 0 holds k=0, the 4 modes at |k| = pi/4 and the
@@ -84,11 +84,11 @@ def test_spectral_single_mode_lands_in_its_bin_and_parseval():
     pred = target + resid
     pred = pred.reshape(1, 1, n, n, 1).astype(np.float32)
     target = target.reshape(1, 1, n, n, 1).astype(np.float32)
-    edges = M.spectral_bin_edges((n, n))
+    edges = metrics.spectral_bin_edges((n, n))
     assert edges[2] <= 2 * np.pi * 6 / n < edges[3]
-    spec = M.binned_spectral_mse(pred, target)
+    spec = metrics.binned_spectral_mse(pred, target)
     res = np.asarray(spec["mse"])[0, 0, :, 0]
-    mse = float(np.asarray(M.mse(pred, target))[0, 0, 0])  # = mean cos^2 = 0.5
+    mse = float(np.asarray(metrics.mse(pred, target))[0, 0, 0])  # = mean cos^2 = 0.5
     assert mse == pytest.approx(0.5, rel=1e-5)
     np.testing.assert_allclose(res, [0, 0, 0.5], atol=1e-6)
     # Target energy (mean square): the mean 2 gives 4.0 at k = 0 (bin 0); the cosine at
@@ -103,9 +103,9 @@ def test_spectral_parseval_random_and_matches_torch_reference():
     rng = np.random.default_rng(1)
     pred = rng.normal(size=(2, 2, 12, 20, 3)).astype(np.float32)
     target = rng.normal(size=pred.shape).astype(np.float32)
-    spec = M.binned_spectral_mse(pred, target)
+    spec = metrics.binned_spectral_mse(pred, target)
     # Parseval: with no mode beyond the last edge, the bins sum to the MSE (up to counts/(counts+1e-7)).
-    np.testing.assert_allclose(np.asarray(spec["mse"]).sum(-2), np.asarray(M.mse(pred, target)), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(spec["mse"]).sum(-2), np.asarray(metrics.mse(pred, target)), rtol=1e-5)
 
     # The the_well formula written in torch (bucketize, one-hot, counts + 1e-7), float64.
     def torch_binned(x, y):
@@ -117,7 +117,7 @@ def test_spectral_parseval_random_and_matches_torch_reference():
         k1 = 2 * np.pi * torch.fft.fftfreq(shape[1], dtype=torch.float64)
         wn = wn + k0[:, None] ** 2 + k1[None, :] ** 2
         wn = wn.sqrt().flatten()
-        bins = torch.from_numpy(M.spectral_bin_edges(shape))
+        bins = torch.from_numpy(metrics.spectral_bin_edges(shape))
         ind = torch.bucketize(wn, bins, right=True) - 1
         onehot = torch.nn.functional.one_hot(ind, num_classes=len(bins)).double()
         counts = onehot.sum(0)
@@ -138,14 +138,14 @@ def test_spectral_parseval_random_and_matches_torch_reference():
 
 def test_horizon_windows():
     per_step = np.arange(1, 31, dtype=np.float32).reshape(1, 30, 1)  # value = step number
-    hw = M.horizon_windows(per_step, M.DOWNSTREAM_WINDOWS)
+    hw = metrics.horizon_windows(per_step, metrics.DOWNSTREAM_WINDOWS)
     assert set(hw) == {"1", "1-10", "11-30"}
     assert float(hw["1"][0, 0]) == 1.0
     assert float(hw["1-10"][0, 0]) == pytest.approx(5.5)
     assert float(hw["11-30"][0, 0]) == pytest.approx(20.5)
     with pytest.raises(ValueError, match="21-60 needs 60 rollout steps"):
-        M.horizon_windows(per_step, M.PAPER_WINDOWS)
-    assert set(M.horizon_windows(per_step, M.PAPER_WINDOWS, skip_incomplete=True)) == {"1", "1-20"}
+        metrics.horizon_windows(per_step, metrics.PAPER_WINDOWS)
+    assert set(metrics.horizon_windows(per_step, metrics.PAPER_WINDOWS, skip_incomplete=True)) == {"1", "1-20"}
 
 
 def test_summarize_report():
@@ -153,7 +153,7 @@ def test_summarize_report():
     a = np.zeros((3, 4, 2))
     a[:, :, 0] = np.array([1.0, 2.0, 6.0])[:, None]  # per trajectory constant over steps
     a[:, :, 1] = 100.0
-    rep = M.summarize({"vrmse": a}, ["u", "pad"], windows=((1, 1), (1, 4), (1, 10)), valid_fields=[True, False])
+    rep = metrics.summarize({"vrmse": a}, ["u", "pad"], windows=((1, 1), (1, 4), (1, 10)), valid_fields=[True, False])
     v = rep["vrmse"]
     assert v["per_step"]["u"] == [3.0] * 4
     assert v["per_step_mean"] == [3.0] * 4  # padded field excluded
@@ -169,6 +169,6 @@ def test_compute_all_keys_and_jit():
     rng = np.random.default_rng(2)
     pred = rng.normal(size=(1, 2, 8, 8, 2)).astype(np.float32)
     target = rng.normal(size=pred.shape).astype(np.float32)
-    out = jax.jit(M.compute_all)(pred, target)
+    out = jax.jit(metrics.compute_all)(pred, target)
     assert {"mse", "nrmse", "vrmse", "spectral_nmse_bin2"} <= set(out)
     assert all(v.shape == (1, 2, 2) for v in out.values())

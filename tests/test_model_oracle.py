@@ -11,7 +11,7 @@ from flax import nnx
 
 import walrus_jax as wj
 from walrus_jax import convert
-from walrus_jax.models import jitter as jit_lib
+from walrus_jax.models import patching
 from walrus_jax.models.layers import RMSGroupNorm
 from walrus_jax.models import positional
 from conftest import from_well, oracle, oracle_meta, rel_err, small_weights, to_well
@@ -100,10 +100,10 @@ def test_paddings_and_strides_match_oracle(name):
     x = c["x"]
     spatial = x.shape[3:]
     spatial3 = tuple(spatial) + (1,) * (3 - len(spatial))
-    bcs3 = jit_lib.pad_bcs3(jit_lib.normalize_bcs(c["bcs"][0]))
-    assert [list(s) for s in jit_lib.choose_strides(spatial3)] == c["stride_kernels"].tolist()
-    for tag, jit_on in [("nojitter", False), ("jitter", True)]:
-        plans = jit_lib.plan_axes(spatial3, bcs3, (8, 4), jitter=jit_on)
+    bcs3 = patching.pad_bcs3(patching.normalize_bcs(c["bcs"][0]))
+    assert [list(s) for s in patching.choose_strides(spatial3)] == c["stride_kernels"].tolist()
+    for tag, jitter_on in [("nojitter", False), ("jitter", True)]:
+        plans = patching.plan_axes(spatial3, bcs3, (8, 4), jitter=jitter_on)
         # torch F.pad order: [D_lo, D_hi, W_lo, W_hi, H_lo, H_hi]
         const = sum([[p.const_pad, p.const_pad] for p in reversed(plans)], [])
         per = sum([[p.periodic_pad, p.periodic_pad] for p in reversed(plans)], [])
@@ -123,7 +123,7 @@ def test_sample_jitter_ranges_match_recorded_draws(name):
     rolled = [d - 3 for d, q in zip(c["jitter_roll_dims"], c["jitter_roll_quantities"])]
     calls = iter(c["jitter_randint_calls"].tolist())
     for axis in range(3):
-        plans = jit_lib.plan_axes(tuple(spatial) + (1,) * (3 - len(spatial)), jit_lib.pad_bcs3(jit_lib.normalize_bcs(bcs)), (8, 4), True)
+        plans = patching.plan_axes(tuple(spatial) + (1,) * (3 - len(spatial)), patching.pad_bcs3(patching.normalize_bcs(bcs)), (8, 4), True)
         if plans[axis].rolls:
             lo, hi, _ = next(calls)
             assert ps[:, axis].min() == lo and ps[:, axis].max() == hi - 1, axis

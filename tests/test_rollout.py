@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from walrus_jax import rollouts as R
+from walrus_jax import rollouts
 from walrus_jax import xla_options
 from walrus_jax.models.config import OPEN, PERIODIC, WALL, ModelConfig
 from walrus_jax.models.jitter import Jitter
@@ -93,7 +93,7 @@ def setup():
 
 def test_matches_numpy_reference(setup):
     model, data, kw = setup
-    preds = np.asarray(R.rollout(model, data["input_fields"], constant_fields=data["constant_fields"], n_steps=4, **kw))
+    preds = np.asarray(rollouts.rollout(model, data["input_fields"], constant_fields=data["constant_fields"], n_steps=4, **kw))
     assert preds.shape == (B, 4, H, W, C_VAR) and preds.dtype == np.float32
     ref = numpy_reference(np.asarray(model.a[...], np.float64), np.asarray(model.b[...], np.float64),
                           data["input_fields"], data["constant_fields"], kw["field_indices"], kw["padded_field_mask"],
@@ -107,15 +107,15 @@ def test_equals_python_loop_of_single_steps(setup):
     model, data, kw = setup
     n = 5
     key = jax.random.key(3)
-    scan = np.asarray(R.rollout(model, data["input_fields"], constant_fields=data["constant_fields"], n_steps=n,
+    scan = np.asarray(rollouts.rollout(model, data["input_fields"], constant_fields=data["constant_fields"], n_steps=n,
                                 jitter=key, **kw))
-    step = xla_options.jit(lambda w, j: R.predict_next(model, w, kw["field_indices"], R.normalize_bcs(BCS, 2),
+    step = xla_options.jit(lambda w, j: rollouts.predict_next(model, w, kw["field_indices"], rollouts.normalize_bcs(BCS, 2),
                                                jnp.asarray(data["constant_fields"]), jnp.asarray(kw["mask"]),
                                                jnp.asarray(kw["padded_field_mask"]), j))  # as the scan: top level
     win = jnp.asarray(data["input_fields"])
     loop = []
     for t in range(n):
-        j = R.sample_jitter(jax.random.fold_in(key, t), model.cfg, (H, W), BCS)
+        j = rollouts.sample_jitter(jax.random.fold_in(key, t), model.cfg, (H, W), BCS)
         nxt = step(win, j)
         loop.append(np.asarray(nxt))
         win = jnp.concatenate([win[:, 1:], nxt[:, None]], axis=1)
@@ -124,7 +124,7 @@ def test_equals_python_loop_of_single_steps(setup):
 
 def test_key_determinism(setup):
     model, data, kw = setup
-    run = lambda k: np.asarray(R.rollout(model, data["input_fields"], constant_fields=data["constant_fields"],  # noqa
+    run = lambda k: np.asarray(rollouts.rollout(model, data["input_fields"], constant_fields=data["constant_fields"],  # noqa
                                          n_steps=3, jitter=k, **kw))
     a, a2, b = run(jax.random.key(0)), run(jax.random.key(0)), run(jax.random.key(1))
     np.testing.assert_array_equal(a, a2)
@@ -137,18 +137,18 @@ def test_one_compilation_per_shape_and_n_steps(setup):
     model, data, kw = setup
     x = data["input_fields"]
     kwargs = dict(constant_fields=data["constant_fields"], n_steps=2, **kw)
-    R.rollout(model, x, **kwargs)
-    before = R.TRACE_COUNT["scan"]
-    R.rollout(model, x * 2.0, **kwargs)
-    R.rollout(model, x + 1.0, **{**kwargs, "constant_fields": data["constant_fields"] * 3})
+    rollouts.rollout(model, x, **kwargs)
+    before = rollouts.TRACE_COUNT["scan"]
+    rollouts.rollout(model, x * 2.0, **kwargs)
+    rollouts.rollout(model, x + 1.0, **{**kwargs, "constant_fields": data["constant_fields"] * 3})
     # New weights (same graph) do not retrace either.
     m2 = FakeWalrus(nnx.Rngs(5))
-    R.rollout(m2, x, **kwargs)
-    assert R.TRACE_COUNT["scan"] == before
-    R.rollout(model, x, **{**kwargs, "n_steps": 3})
-    assert R.TRACE_COUNT["scan"] == before + 1
-    R.rollout(model, x[:1], **{**kwargs, "constant_fields": data["constant_fields"][:1], "mask": kw["mask"][:1]})
-    assert R.TRACE_COUNT["scan"] == before + 2
+    rollouts.rollout(m2, x, **kwargs)
+    assert rollouts.TRACE_COUNT["scan"] == before
+    rollouts.rollout(model, x, **{**kwargs, "n_steps": 3})
+    assert rollouts.TRACE_COUNT["scan"] == before + 1
+    rollouts.rollout(model, x[:1], **{**kwargs, "constant_fields": data["constant_fields"][:1], "mask": kw["mask"][:1]})
+    assert rollouts.TRACE_COUNT["scan"] == before + 2
 
 
 def test_chunked_equals_unchunked(setup, tmp_path):
@@ -156,21 +156,21 @@ def test_chunked_equals_unchunked(setup, tmp_path):
     n = 7
     common = dict(constant_fields=data["constant_fields"], n_steps=n, **kw)
     for jitter in (None, jax.random.key(11)):
-        full = np.asarray(R.rollout(model, data["input_fields"], jitter=jitter, **common))
-        chunked = R.rollout(model, data["input_fields"], jitter=jitter, chunk_size=3, **common)
+        full = np.asarray(rollouts.rollout(model, data["input_fields"], jitter=jitter, **common))
+        chunked = rollouts.rollout(model, data["input_fields"], jitter=jitter, chunk_size=3, **common)
         assert isinstance(chunked, np.ndarray)
         np.testing.assert_array_equal(chunked, full)
     # Stacked jitter, streamed into an HDF5 dataset.
     j = Jitter(jnp.asarray(np.tile([[2, 0, 0]], (n, 1)) * np.arange(n)[:, None], jnp.int32),
                jnp.zeros((n, model.cfg.n_blocks, 3), jnp.int32))
-    full = np.asarray(R.rollout(model, data["input_fields"], jitter=j, **common))
+    full = np.asarray(rollouts.rollout(model, data["input_fields"], jitter=j, **common))
     with h5py.File(tmp_path / "preds.h5", "w") as f:
         dset = f.create_dataset("pred", (B, n, H, W, C_VAR), np.float32)
-        R.rollout(model, data["input_fields"], jitter=j, chunk_size=2, sink=dset, **common)
+        rollouts.rollout(model, data["input_fields"], jitter=j, chunk_size=2, sink=dset, **common)
     with h5py.File(tmp_path / "preds.h5", "r") as f:
         np.testing.assert_array_equal(f["pred"][...], full)
     # The stacked jitter is really used per step: a constant one differs.
-    const = np.asarray(R.rollout(model, data["input_fields"], jitter=Jitter(j.patch_shift[1], j.token_shift[1]), **common))
+    const = np.asarray(rollouts.rollout(model, data["input_fields"], jitter=Jitter(j.patch_shift[1], j.token_shift[1]), **common))
     assert np.abs(const - full).max() > 1e-3
 
 
@@ -178,21 +178,21 @@ def test_ensemble_is_vmap_over_keys(setup):
     model, data, kw = setup
     keys = jax.random.split(jax.random.key(7), 3)
     common = dict(constant_fields=data["constant_fields"], n_steps=3, **kw)
-    ens = np.asarray(R.rollout_ensemble(model, data["input_fields"], keys, **common))
+    ens = np.asarray(rollouts.rollout_ensemble(model, data["input_fields"], keys, **common))
     assert ens.shape == (3, B, 3, H, W, C_VAR)
     for e in range(3):
-        assert_f32_close(ens[e], np.asarray(R.rollout(model, data["input_fields"], jitter=keys[e], **common)),
+        assert_f32_close(ens[e], np.asarray(rollouts.rollout(model, data["input_fields"], jitter=keys[e], **common)),
                          n_steps=common["n_steps"])
     assert np.abs(ens[0] - ens[1]).max() > 1e-3
-    chunked = R.rollout_ensemble(model, data["input_fields"], keys, chunk_size=2, **common)
+    chunked = rollouts.rollout_ensemble(model, data["input_fields"], keys, chunk_size=2, **common)
     assert_f32_close(chunked, ens, n_steps=common["n_steps"])
 
 
 def test_plain_callable_model(setup):
     model, data, kw = setup
     fn = lambda x, fi, bcs, jitter=None: model(x, fi, bcs, jitter=jitter)  # noqa: E731
-    a = np.asarray(R.rollout(fn, data["input_fields"], constant_fields=data["constant_fields"], n_steps=2, **kw))
-    b = np.asarray(R.rollout(model, data["input_fields"], constant_fields=data["constant_fields"], n_steps=2, **kw))
+    a = np.asarray(rollouts.rollout(fn, data["input_fields"], constant_fields=data["constant_fields"], n_steps=2, **kw))
+    b = np.asarray(rollouts.rollout(model, data["input_fields"], constant_fields=data["constant_fields"], n_steps=2, **kw))
     np.testing.assert_array_equal(a, b)
 
 
@@ -200,36 +200,36 @@ def test_bad_inputs(setup):
     model, data, kw = setup
     x, c = data["input_fields"], data["constant_fields"]
     with pytest.raises(ValueError, match="T_in=3 frames .* needs at least 6"):
-        R.rollout(model, x, constant_fields=c, n_steps=2, min_input_steps=6, **kw)
+        rollouts.rollout(model, x, constant_fields=c, n_steps=2, min_input_steps=6, **kw)
     with pytest.raises(ValueError, match="field_indices has 3 entries but the data has 3 variable \\+ 1 constant"):
-        R.rollout(model, x, constant_fields=c, n_steps=2, **{**kw, "field_indices": np.array([4, 7, 5])})
+        rollouts.rollout(model, x, constant_fields=c, n_steps=2, **{**kw, "field_indices": np.array([4, 7, 5])})
     with pytest.raises(ValueError, match="padded_field_mask must have shape"):
-        R.rollout(model, x, constant_fields=c, n_steps=2, **{**kw, "padded_field_mask": np.array([True, False])})
+        rollouts.rollout(model, x, constant_fields=c, n_steps=2, **{**kw, "padded_field_mask": np.array([True, False])})
     with pytest.raises(ValueError, match="constant_fields shape"):
-        R.rollout(model, x, constant_fields=c[:, :16], n_steps=2, **kw)
+        rollouts.rollout(model, x, constant_fields=c[:, :16], n_steps=2, **kw)
     bad = x.copy()
     bad[1, 2, 5, 6, 0] = np.nan
     with pytest.raises(ValueError, match=r"input_fields contains 1 non-finite .* index \(1, 2, 5, 6, 0\)"):
-        R.rollout(model, bad, constant_fields=c, n_steps=2, **kw)
+        rollouts.rollout(model, bad, constant_fields=c, n_steps=2, **kw)
     with pytest.raises(ValueError, match="out of the model's vocabulary \\[0, 12\\)"):
-        R.rollout(model, x, constant_fields=c, n_steps=2, **{**kw, "field_indices": np.array([4, 7, 5, 40])})
+        rollouts.rollout(model, x, constant_fields=c, n_steps=2, **{**kw, "field_indices": np.array([4, 7, 5, 40])})
     with pytest.raises(ValueError, match="bcs has 3 rows"):
-        R.rollout(model, x, constant_fields=c, n_steps=2, **{**kw, "bcs": np.zeros((3, 2), int)})
+        rollouts.rollout(model, x, constant_fields=c, n_steps=2, **{**kw, "bcs": np.zeros((3, 2), int)})
     with pytest.raises(ValueError, match="not supported by the stride table"):
-        R.rollout(model, x[:, :, :20], constant_fields=c[:, :20], n_steps=2, **{**kw, "mask": None})
+        rollouts.rollout(model, x[:, :, :20], constant_fields=c[:, :20], n_steps=2, **{**kw, "mask": None})
     with pytest.raises(ValueError, match="stacked Jitter"):
-        R.rollout(model, x, constant_fields=c, n_steps=2, jitter=Jitter.zeros(2).replace(
+        rollouts.rollout(model, x, constant_fields=c, n_steps=2, jitter=Jitter.zeros(2).replace(
             patch_shift=jnp.zeros((5, 3), jnp.int32), token_shift=jnp.zeros((5, 2, 3), jnp.int32)), **kw)
 
 
 def test_mask_from_constants_and_step_count():
     c = np.zeros((1, 4, 4, 2), np.float32)
     c[0, 1, 2, 1] = 1.0
-    assert R.mask_from_constants(c, ["k", "other"]) is None
-    m = R.mask_from_constants(c, ["k", "mask"])
+    assert rollouts.mask_from_constants(c, ["k", "other"]) is None
+    m = rollouts.mask_from_constants(c, ["k", "mask"])
     assert m.shape == (1, 4, 4) and m.sum() == 1 and m[0, 1, 2]
-    assert R.n_rollout_steps(100, 6) == 100
-    assert R.n_rollout_steps(500, 6) == 205  # max_rollout_steps + T_in - 1, as the original
+    assert rollouts.n_rollout_steps(100, 6) == 100
+    assert rollouts.n_rollout_steps(500, 6) == 205  # max_rollout_steps + T_in - 1, as the original
 
 
 def test_rollout_with_global_normalization_statistics():
@@ -241,7 +241,7 @@ def test_rollout_with_global_normalization_statistics():
     def model(x, field_indices, bcs, jitter=None):
         return 0.5 * x
 
-    preds = R.rollout(model, x0, field_indices=np.array([4, 5]), bcs=((2, 2), (2, 2)), n_steps=3,
+    preds = rollouts.rollout(model, x0, field_indices=np.array([4, 5]), bcs=((2, 2), (2, 2)), n_steps=3,
                        normalization_stats={"rms": rms, "rms_delta": rms_delta})
     win = x0.astype(np.float64)
     for t in range(3):
@@ -249,5 +249,5 @@ def test_rollout_with_global_normalization_statistics():
         np.testing.assert_allclose(np.asarray(preds[:, t]), nxt, rtol=1e-5, atol=1e-6)
         win = np.concatenate([win[:, 1:], nxt[:, None]], axis=1)
     with pytest.raises(ValueError, match="one value per channel"):
-        R.rollout(model, x0, field_indices=np.array([4, 5]), bcs=((2, 2), (2, 2)), n_steps=1,
+        rollouts.rollout(model, x0, field_indices=np.array([4, 5]), bcs=((2, 2), (2, 2)), n_steps=1,
                    normalization_stats=(rms[:1], rms_delta))

@@ -14,7 +14,7 @@ from flax import nnx
 
 import walrus_jax as wj
 from walrus_jax import normalization
-from walrus_jax import rollouts as R
+from walrus_jax import rollouts
 from walrus_jax.inference import cast_model, model_from_state_dict
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -40,7 +40,7 @@ def oracle():
 
 
 def _rollout(model, case, **kw):
-    return np.asarray(R.rollout(model, case["input_fields"], field_indices=case["field_indices"],
+    return np.asarray(rollouts.rollout(model, case["input_fields"], field_indices=case["field_indices"],
                                 bcs=case["boundary_conditions"], n_steps=case["output_fields_reference"].shape[1],
                                 constant_fields=case["constant_fields"],
                                 padded_field_mask=case["padded_field_mask"], eps=1e-5, **kw))
@@ -80,7 +80,7 @@ def test_step1_intermediates(oracle, preds_f32):
     assert rel_err(stat_layout(s_rms), case["step1_sample_rms"]) <= 1e-6
     assert rel_err(stat_layout(d_rms), case["step1_delta_rms"]) <= 1e-6
     assert rel_err(to_model_layout(np.asarray(xn)), case["step1_normalized_input"]) <= 1e-6
-    bcs = R.normalize_bcs(case["boundary_conditions"], 2)
+    bcs = rollouts.normalize_bcs(case["boundary_conditions"], 2)
     # nnx.jit: the model's nnx.scan over blocks needs its variables at the jit's trace level.
     y = nnx.jit(lambda m, v: m(v, case["field_indices"], bcs))(model, xn)
     y = np.asarray(y)

@@ -38,7 +38,8 @@ from flax import nnx
 
 from walrus_jax import normalization, xla_options
 from walrus_jax.errors import DataError, UserError
-from walrus_jax.models.jitter import Jitter, choose_strides, normalize_bcs, sample_jitter
+from walrus_jax.models.jitter import Jitter, sample_jitter
+from walrus_jax.models.patching import choose_strides, normalize_bcs
 
 DEFAULT_EPS = normalization.DEFAULT_EPS
 DEFAULT_MAX_ROLLOUT_STEPS = 200
@@ -170,7 +171,7 @@ def predict_next(model, window, field_indices, bcs, constant_fields=None, mask=N
     return nxt
 
 
-def _scan_body(get_model, st: _Static, window, consts, mask, pmask, jit_xs, key, start, stats=None):
+def _scan_body(get_model, st: _Static, window, consts, mask, pmask, jitter_xs, key, start, stats=None):
     """The lax.scan step. `get_model()` builds the model inside the step's trace: NNX graph
     transforms inside the model (nnx.scan over blocks) refuse variables created at an outer trace
     level, so an nnx model is merged from (graphdef, state) here rather than outside the scan."""
@@ -180,12 +181,12 @@ def _scan_body(get_model, st: _Static, window, consts, mask, pmask, jit_xs, key,
     def step(carry, xs):
         win, t = carry
         if st.jitter_mode == "key":
-            jit = sample_jitter(jax.random.fold_in(key, t), st.cfg, spatial, st.bcs)
+            jitter = sample_jitter(jax.random.fold_in(key, t), st.cfg, spatial, st.bcs)
         elif st.jitter_mode == "stacked":
-            jit = xs
+            jitter = xs
         else:
-            jit = None
-        nxt = predict_next(get_model(), win, fi, st.bcs, consts, mask, pmask, jit, st.eps, stats)
+            jitter = None
+        nxt = predict_next(get_model(), win, fi, st.bcs, consts, mask, pmask, jitter, st.eps, stats)
         win = jnp.concatenate([win[:, 1:], nxt[:, None].astype(win.dtype)], axis=1)
         finite = jnp.isfinite(nxt).all(axis=tuple(range(1, nxt.ndim - 1)))  # (B, C_var)
         return (win, t + 1), (nxt, finite)
@@ -201,13 +202,13 @@ def _compiled(graphdef, fn, st: _Static, n: int, ensemble: bool):
     a plain callable comes as `fn` and is closed over (the cache holds it by identity).
     """
 
-    def run(state, window, consts, mask, pmask, jit_xs, key, start, stats):
+    def run(state, window, consts, mask, pmask, jitter_xs, key, start, stats):
         TRACE_COUNT["scan"] += 1  # runs at trace time only
         get_model = (lambda: nnx.merge(graphdef, state, copy=True)) if graphdef is not None else (lambda: fn)
 
         def one(window, key):
-            step = _scan_body(get_model, st, window, consts, mask, pmask, jit_xs, key, start, stats)
-            (win, _), (preds, finite) = jax.lax.scan(step, (window, start), jit_xs, length=n)
+            step = _scan_body(get_model, st, window, consts, mask, pmask, jitter_xs, key, start, stats)
+            (win, _), (preds, finite) = jax.lax.scan(step, (window, start), jitter_xs, length=n)
             return win, jnp.moveaxis(preds, 0, 1), jnp.moveaxis(finite, 0, 1)  # (n, B, ...) -> (B, n, ...)
 
         if ensemble:
@@ -282,7 +283,7 @@ def _prepare(model, input_fields, field_indices, bcs, n_steps, constant_fields, 
             _check_finite("constant_fields", constant_fields)
 
     if jitter is None:
-        mode, jit_xs, key = "none", None, None
+        mode, jitter_xs, key = "none", None, None
     elif isinstance(jitter, Jitter):
         ps, ts = jnp.asarray(jitter.patch_shift), jnp.asarray(jitter.token_shift)
         if ps.ndim == 1:  # one Jitter reused at every step
@@ -290,19 +291,19 @@ def _prepare(model, input_fields, field_indices, bcs, n_steps, constant_fields, 
         if ps.shape[0] != n_steps or ts.ndim != 3 or ts.shape[0] != n_steps or ps.shape[1:] != (3,):
             raise ValueError(f"a stacked Jitter needs patch_shift (n_steps, 3) and token_shift (n_steps, n_blocks, 3) "
                              f"with n_steps={n_steps}; got {ps.shape} and {ts.shape}")
-        mode, jit_xs, key = "stacked", Jitter(ps.astype(jnp.int32), ts.astype(jnp.int32)), None
+        mode, jitter_xs, key = "stacked", Jitter(ps.astype(jnp.int32), ts.astype(jnp.int32)), None
     elif _is_key(jitter):
         if mcfg is None:
             raise ValueError("jitter given as a PRNG key needs the model config (n_blocks, kernel sizes) to draw "
                              "draws: the model has no `cfg` attribute; pass cfg=ModelConfig(...)")
-        mode, jit_xs, key = "key", None, jitter
+        mode, jitter_xs, key = "key", None, jitter
     else:
         raise TypeError(f"jitter must be None, a PRNG key or a (stacked) Jitter; got {type(jitter).__name__}")
 
     st = _Static(tuple(int(v) for v in fi), bcs_t, int(n_var), mode, constant_fields is not None,
                  mask is not None, float(eps), mcfg if mode == "key" else None)
     consts = None if constant_fields is None else jnp.asarray(constant_fields, jnp.float32)
-    return st, consts, mask, padded_field_mask, jit_xs, key
+    return st, consts, mask, padded_field_mask, jitter_xs, key
 
 
 def _split(model):
@@ -350,12 +351,12 @@ def rollout(model, input_fields, *, field_indices, bcs, n_steps: int, constant_f
     global statistics {"rms", "rms_delta"} / (rms, rms_delta), each (C_var + C_con,), for a model
     fine-tuned with data.normalization='global' (`walrus_jax.data.load_stats`).
     """
-    st, consts, mask, pmask, jit_xs, key = _prepare(model, input_fields, field_indices, bcs, n_steps,
+    st, consts, mask, pmask, jitter_xs, key = _prepare(model, input_fields, field_indices, bcs, n_steps,
                                                    constant_fields, padded_field_mask, mask, jitter, cfg, eps,
                                                    min_input_steps, check_finite)
     _check_on_nonfinite(on_nonfinite)
     window = jnp.asarray(input_fields, jnp.float32)
-    return _drive(model, st, window, consts, mask, pmask, jit_xs, key, int(n_steps), chunk_size, sink,
+    return _drive(model, st, window, consts, mask, pmask, jitter_xs, key, int(n_steps), chunk_size, sink,
                   ensemble=False, on_nonfinite=on_nonfinite, return_finite=return_finite,
                   stats=_global_stats(normalization_stats, len(st.field_indices)))
 
@@ -420,13 +421,13 @@ def _report_nonfinite(finite, n_steps: int, on_nonfinite: str, preds) -> None:
     warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
 
-def _drive(model, st, window, consts, mask, pmask, jit_xs, key, n_steps, chunk_size, sink, ensemble,
+def _drive(model, st, window, consts, mask, pmask, jitter_xs, key, n_steps, chunk_size, sink, ensemble,
            on_nonfinite="warn", return_finite=False, stats=None):
     graphdef, fn, state = _split(model)
     start0 = jnp.zeros((), jnp.int32)
     if chunk_size is None and sink is None:
         _, preds, finite = _compiled(graphdef, fn, st, n_steps, ensemble)(state, window, consts, mask, pmask,
-                                                                         jit_xs, key, start0, stats)
+                                                                         jitter_xs, key, start0, stats)
         if on_nonfinite != "ignore" or return_finite:
             finite = np.asarray(finite)
             _report_nonfinite(finite, n_steps, on_nonfinite, preds)
@@ -447,7 +448,7 @@ def _drive(model, st, window, consts, mask, pmask, jit_xs, key, n_steps, chunk_s
     while a < n_steps:
         b = min(a + chunk_size, n_steps)
         fn_ab = _compiled(graphdef, fn, st, b - a, ensemble)
-        window, preds, finite = fn_ab(state, window, consts, mask, pmask, _slice_jitter(jit_xs, a, b), key,
+        window, preds, finite = fn_ab(state, window, consts, mask, pmask, _slice_jitter(jitter_xs, a, b), key,
                                       jnp.asarray(a, jnp.int32), stats)
         if pending is not None and not _write(sink, finite_all, t_axis, *pending) and on_nonfinite == "raise":
             pending = None  # stop: the chunk just written holds NaN/Inf

@@ -33,7 +33,8 @@ import numpy as np
 from flax import nnx
 
 from walrus_jax import normalization, optim, rollouts, xla_options
-from walrus_jax.models.jitter import Jitter, normalize_bcs, sample_jitter
+from walrus_jax.models.jitter import Jitter, sample_jitter
+from walrus_jax.models.patching import normalize_bcs
 
 # Batch entries that are arrays with a leading batch axis (sharded over the mesh).
 BATCH_KEYS = ("input_fields", "output_fields", "constant_fields", "object_mask")

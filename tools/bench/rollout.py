@@ -42,7 +42,7 @@ def bench_one(preset: str, dtype: str, hw: int, t_in: int, steps: int, batch: in
     import jax.numpy as jnp
     from flax import nnx
 
-    from walrus_jax import rollouts as R
+    from walrus_jax import rollouts
     from walrus_jax.inference import model_from_params, random_params
     from walrus_jax.models.config import ModelConfig
     from walrus_jax.models.jitter import Jitter, sample_jitter
@@ -64,10 +64,10 @@ def bench_one(preset: str, dtype: str, hw: int, t_in: int, steps: int, batch: in
            "device": str(dev.device_kind)}
 
     # ---------------- scan: the library's compiled lax.scan
-    st, consts, mask, pmask, jit_xs, key_ = R._prepare(model, x, fi, bcs, steps, None, None, None, key, None,
+    st, consts, mask, pmask, jit_xs, key_ = rollouts._prepare(model, x, fi, bcs, steps, None, None, None, key, None,
                                                       1e-5, 1, True)
-    graphdef, _, state = R._split(model)
-    fn = R._compiled(graphdef, None, st, steps, False)
+    graphdef, _, state = rollouts._split(model)
+    fn = rollouts._compiled(graphdef, None, st, steps, False)
     win = jnp.asarray(x)
     start = jnp.zeros((), jnp.int32)
     t0 = time.time()
@@ -85,7 +85,7 @@ def bench_one(preset: str, dtype: str, hw: int, t_in: int, steps: int, batch: in
     out["scan_peak_device_bytes"] = _peak_bytes(dev)
     # The public entry point (validation + dispatch) on top: same program, cached.
     t0 = time.time()
-    jax.block_until_ready(R.rollout(model, x, field_indices=fi, bcs=bcs, n_steps=steps, jitter=key))
+    jax.block_until_ready(rollouts.rollout(model, x, field_indices=fi, bcs=bcs, n_steps=steps, jitter=key))
     out["rollout_api_steps_per_s"] = round(steps / (time.time() - t0), 3)
 
     # ---------------- loop: a Python loop of one jitted step
@@ -94,7 +94,7 @@ def bench_one(preset: str, dtype: str, hw: int, t_in: int, steps: int, batch: in
     def one_step(state, window, k):
         m = nnx.merge(graphdef, state, copy=True)
         jit_ = None if k is None else sample_jitter(k, cfg, (hw, hw), bcs)
-        nxt = R.predict_next(m, window, fi_j, bcs, jitter=jit_)
+        nxt = rollouts.predict_next(m, window, fi_j, bcs, jitter=jit_)
         return jnp.concatenate([window[:, 1:], nxt[:, None]], axis=1), nxt
 
     step = xla_options.jit(one_step)

@@ -29,7 +29,7 @@ from flax import nnx
 
 from walrus_jax import optim, steps
 from walrus_jax.models import ModelConfig, Walrus
-from walrus_jax.models.jitter import choose_strides
+from walrus_jax.models.patching import choose_strides
 
 
 def matmul_rate(dtype=jnp.float32, n: int | None = None, reps: int = 5) -> float:

@@ -26,7 +26,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from walrus_jax.data import filesystem as fsys
-from walrus_jax.data import transforms as T
+from walrus_jax.data import transforms
 from walrus_jax.data.fields import RELEASED_DATASET_OPTIONS, FieldVocabulary
 from walrus_jax.data.well import WellDataset, WellFormatError
 from walrus_jax.errors import ConfigError
@@ -103,7 +103,7 @@ class BatchSource:
         self.seed = int(seed)
         self.rotate = bool(rotate)
         self.field_indices = [vocab.indices(ds.field_names, ds.path) for ds in self.datasets]
-        self.rotations = [T.proper_rotations(ds.n_spatial_dims) if rotate and ds.metadata.grid_type == "cartesian"
+        self.rotations = [transforms.proper_rotations(ds.n_spatial_dims) if rotate and ds.metadata.grid_type == "cartesian"
                           else None for ds in self.datasets]
 
     def dataset_of(self, k: int) -> int:
@@ -170,7 +170,7 @@ class BatchSource:
         else:
             samples = [ds.read(i, dt) for i, dt in jobs]
         if p["rotation"] >= 0:
-            samples = [T.rotate(s, self.rotations[d][p["rotation"]]) for s in samples]
+            samples = [transforms.rotate(s, self.rotations[d][p["rotation"]]) for s in samples]
         s0 = samples[0]
         return {
             "input_fields": np.stack([s["input_fields"] for s in samples]),

@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 
 from walrus_jax.data import filesystem as fsys
-from walrus_jax.data import transforms as T
+from walrus_jax.data import transforms
 from walrus_jax.data.fields import FieldVocabulary, flattened_names, normalize_field_transforms
 from walrus_jax.errors import DataError, PathError
 from walrus_jax.models.config import OPEN, PERIODIC, WALL
@@ -413,9 +413,9 @@ class WellDataset:
     def _postprocess(self, sample: dict) -> dict:
         # Order as in walrus' InflatedWellDataset: inflate, then field transforms (then rotation, elsewhere).
         if self.inflate:
-            sample = T.inflate_to_3d(sample)
+            sample = transforms.inflate_to_3d(sample)
         if self.field_transforms:
-            sample = T.apply_field_transforms(sample, self.field_transforms)
+            sample = transforms.apply_field_transforms(sample, self.field_transforms)
         return sample
 
     # ------------------------------------------------------------------ sizes and indices

@@ -3,26 +3,14 @@ stack into tokens, with the kernel columns chosen by the field labels."""
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from walrus_jax.models.config import FLAG_LABELS, ModelConfig
-from walrus_jax.models.convolution import conv3d
+from walrus_jax.models.convolution import SPATIAL3, conv3d, fold_singleton_axes
 from walrus_jax.models.layers import RMSGroupNorm
-
-SPATIAL3 = (1, 2, 3)  # spatial axes of an (N, H, W, D, C) tensor
-
-
-def fold_singleton_axes(w: jax.Array, in_shape: Sequence[int], reduce) -> jax.Array:
-    """Collapses kernel axes (first three of (kH, kW, kD, I, O)) whose input axis has size 1, with
-    `reduce` (jnp.sum in the encoder, jnp.mean in the decoder), so 2-D data runs through the 3-D
-    weights exactly as the original's adaptive kernels do."""
-    axes = tuple(a for a in range(3) if in_shape[a] == 1)
-    return reduce(w, axis=axes, keepdims=True) if axes else w
-
 
 class SpaceBagEncoder(nnx.Module):
     """proj1 (k1,k1,k1, n_states, inter) -> RMSGroupNorm -> SiLU -> proj2 (k2,k2,k2, inter, hid)

@@ -1,12 +1,10 @@
-"""Stride table, learned padding + boundary flags, patch jitter and un-jitter (SPEC §3, §5, §8).
+"""Patch jitter: the explicit random draws of one forward pass (SPEC §5.4, §8).
 
-Everything that decides a *shape* (strides, paddings, token counts) is plain Python on static
-shapes and boundary conditions. Everything random (the roll amounts) is carried by `Jitter`, a
-pytree of integer arrays that stays traced under `jit`: a new draw never recompiles.
+The roll amounts are carried by `Jitter`, a pytree of integer arrays that stays traced under `jit`:
+a new draw never recompiles. The shapes they apply to come from walrus_jax.models.patching.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Sequence
 
 import jax
@@ -14,117 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from walrus_jax.models.config import BC_NAMES, PERIODIC, ModelConfig
-
-# patch size -> (s1, s2), SPEC §3. 0 is used for singleton axes.
-STRIDE_TABLE = {0: (1, 1), 1: (1, 1), 4: (2, 2), 8: (4, 2), 12: (6, 2), 16: (4, 4), 24: (6, 4), 32: (8, 4)}
+from walrus_jax.models.config import PERIODIC, ModelConfig
+from walrus_jax.models.patching import normalize_bcs, pad_bcs3, plan_axes, token_grid
 
 
-def _target_tokens(n_non_singleton: int) -> int:
-    return 16 if n_non_singleton == 3 else 32
-
-
-def supported_sizes(n_non_singleton: int) -> list[int]:
-    target = _target_tokens(n_non_singleton)
-    return sorted(p * target for p in STRIDE_TABLE if p > 0)
-
-
-def normalize_bcs(bcs, n_dims: int | None = None) -> tuple[tuple[int, int], ...]:
-    """bcs (n_dims, 2) array / nested list -> tuple of (low, high) int pairs (static).
-
-    Raises a clear error for traced values (bcs decide shapes, so they must be concrete) and for
-    codes outside {WALL=0, OPEN=1, PERIODIC=2}.
-    """
-    if isinstance(bcs, jax.core.Tracer):
-        raise TypeError("bcs must be concrete (numpy / nested lists): boundary conditions decide padding "
-                        "shapes, so they cannot be traced; pass them as a static argument")
-    arr = np.asarray(bcs)
-    if arr.ndim == 3:  # (B, n_dims, 2) as datasets produce: the original uses only bcs[0]
-        if arr.shape[0] > 1 and not (arr == arr[:1]).all():
-            raise ValueError(f"bcs (B, n_dims, 2) = {arr.shape} differ across the batch; the model uses one "
-                             "set of boundary conditions per batch (the original reads only bcs[0])")
-        arr = arr[0]
-    if arr.ndim != 2 or arr.shape[1] != 2:
-        raise ValueError(f"bcs must have shape (n_spatial_dims, 2) = [low, high] per axis, got {arr.shape}")
-    if n_dims is not None and arr.shape[0] != n_dims:
-        raise ValueError(f"bcs has {arr.shape[0]} rows but the input has {n_dims} spatial axes; "
-                         "expected shape ({n_dims}, 2)")
-    if not np.isin(arr, list(BC_NAMES)).all():
-        raise ValueError(f"bcs codes must be WALL=0, OPEN=1 or PERIODIC=2, got {arr.tolist()}")
-    return tuple((int(lo), int(hi)) for lo, hi in arr)
-
-
-def pad_bcs3(bcs: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
-    """Extends a BC list to 3 axes with PERIODIC (only ever used for singleton axes)."""
-    return tuple(bcs) + ((PERIODIC, PERIODIC),) * (3 - len(bcs))
-
-
-def choose_strides(spatial3: Sequence[int]) -> tuple[tuple[int, int], ...]:
-    """(H, W, D) -> ((s1, s2),) * 3 from the deterministic stride table (SPEC §3)."""
-    n_ns = sum(1 for n in spatial3 if n > 1)
-    target = _target_tokens(n_ns)
-    out = []
-    for axis, n in enumerate(spatial3):
-        if n == 1:
-            out.append(STRIDE_TABLE[0])
-            continue
-        patch = n // target
-        if n % target or patch not in STRIDE_TABLE or patch == 0:
-            raise ValueError(
-                f"spatial size {n} on axis {axis} of shape {tuple(spatial3)} is not supported by the stride "
-                f"table: with {n_ns} non-singleton axes the supported sizes are {supported_sizes(n_ns)} (or 1)")
-        out.append(STRIDE_TABLE[patch])
-    return tuple(out)
-
-
-@dataclasses.dataclass(frozen=True)
-class AxisPlan:
-    """Static padding plan for one spatial axis."""
-
-    size: int  # unpadded length
-    s1: int
-    s2: int
-    periodic: bool
-    const_pad: int  # zeros on each side (non-periodic axes)
-    periodic_pad: int  # circular padding on each side (periodic axes)
-    rolls: bool  # whether a jitter roll is drawn for this axis
-
-    @property
-    def padded(self) -> int:
-        return self.size + 2 * self.const_pad + 2 * self.periodic_pad
-
-    @property
-    def stride(self) -> int:
-        return self.s1 * self.s2
-
-
-def plan_axes(spatial3: Sequence[int], bcs3, kernel_sizes=(8, 4), jitter: bool = False) -> tuple[AxisPlan, ...]:
-    """Padding per axis (SPEC §5.1). `jitter` adds S//2 zeros on each side of non-periodic axes."""
-    k1, k2 = kernel_sizes
-    plans = []
-    for n, (s1, s2), (lo, _hi) in zip(spatial3, choose_strides(spatial3), bcs3):
-        if n == 1:
-            plans.append(AxisPlan(1, 1, 1, lo == PERIODIC, 0, 0, False))
-            continue
-        patch, stride = k1 + s1 * (k2 - 1), s1 * s2
-        extra = (patch - stride) // 2
-        if lo == PERIODIC:
-            plans.append(AxisPlan(n, s1, s2, True, 0, extra, jitter and stride > 1))
-        else:
-            plans.append(AxisPlan(n, s1, s2, False, extra + (stride // 2 if jitter else 0), 0, jitter and stride > 1))
-    return tuple(plans)
-
-
-def conv_out(n: int, k: int, s: int) -> int:
-    return (n - k) // s + 1 if n > 1 else 1
-
-
-def token_grid(plans: Sequence[AxisPlan], kernel_sizes=(8, 4)) -> tuple[int, ...]:
-    k1, k2 = kernel_sizes
-    return tuple(conv_out(conv_out(p.padded, k1, p.s1), k2, p.s2) if p.size > 1 else 1 for p in plans)
-
-
-# --------------------------------------------------------------------------------------- Jitter
 @struct.dataclass
 class Jitter:
     """Explicit random draws of one forward pass (SPEC §5.4, §8). A pytree of int32 arrays.
@@ -164,50 +55,3 @@ def sample_jitter(key: jax.Array, cfg: ModelConfig, spatial_shape: Sequence[int]
     tok = jax.random.randint(k_tok, (cfg.n_blocks, 3), 0, np.asarray(tokens, np.int32))
     token_shift = jnp.where(jnp.asarray(periodic)[None], tok, 0).astype(jnp.int32)
     return Jitter(patch_shift, token_shift)
-
-
-# ------------------------------------------------------------------------- padding and flags
-def pad_and_flag(x: jax.Array, plans: Sequence[AxisPlan], bcs3, patch_shift: jax.Array | None) -> jax.Array:
-    """Learned padding, boundary flags, roll, periodic padding (SPEC §5.2, §5.3).
-
-    x: (N, H, W, D, C) channels-last -> (N, H', W', D', C + 3) with flag channels
-    [bias, wall, open] appended after the C fields.
-    """
-    n = x.shape[0]
-    widths = [(0, 0)] + [(p.const_pad, p.const_pad) for p in plans] + [(0, 0)]
-    x = jnp.pad(x, widths)
-    shape = x.shape[1:4]
-    # Flags are built in numpy: they depend only on static shapes and BCs.
-    flags = np.zeros(shape + (3,), np.float32)
-    flags[..., 0] = 1.0
-    for a, (p, (lo, hi)) in enumerate(zip(plans, bcs3)):
-        if p.periodic or p.size == 1:
-            continue
-        for code, side in ((lo, "low"), (hi, "high")):
-            idx = [slice(None)] * 3
-            # Quirk (SPEC §5.3): a high pad of 0 selects the whole axis via `[-0:]`.
-            idx[a] = slice(0, p.const_pad) if side == "low" else slice(-p.const_pad, None)
-            sl = tuple(idx)
-            flags[sl + (1 + code,)] += 1.0
-            flags[sl + (0,)] = 0.0
-    x = jnp.concatenate([x, jnp.broadcast_to(jnp.asarray(flags, x.dtype), (n,) + flags.shape)], axis=-1)
-    if patch_shift is not None:
-        for a, p in enumerate(plans):
-            if p.rolls:
-                x = jnp.roll(x, patch_shift[a], axis=1 + a)
-    pwidths = [(0, 0)] + [(p.periodic_pad, p.periodic_pad) for p in plans] + [(0, 0)]
-    if any(w != (0, 0) for w in pwidths):
-        x = jnp.pad(x, pwidths, mode="wrap")
-    return x
-
-
-def unjitter(y: jax.Array, plans: Sequence[AxisPlan], patch_shift: jax.Array | None) -> jax.Array:
-    """Inverse of the padding / roll on the decoder output (SPEC §5.5). y: (N, H', W', D', C)."""
-    sl = [slice(None)] + [slice(p.periodic_pad, p.padded - p.periodic_pad) for p in plans] + [slice(None)]
-    y = y[tuple(sl)]
-    if patch_shift is not None:
-        for a, p in enumerate(plans):
-            if p.rolls:
-                y = jnp.roll(y, -patch_shift[a], axis=1 + a)
-    sl = [slice(None)] + [slice(p.const_pad, p.const_pad + p.size) for p in plans] + [slice(None)]
-    return y[tuple(sl)]

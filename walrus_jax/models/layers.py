@@ -1,11 +1,12 @@
-"""Small layers shared by the encoder, decoder and blocks: RMSGroupNorm and drop path."""
+"""Small layers shared by the encoder, decoder and blocks: Dense, HeadLayerNorm, RMSGroupNorm and
+drop path, with the channel add / scale whose gradients XLA:CPU runs fast."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from walrus_jax.models.config import RMS_NORM_EPS
+from walrus_jax.models.config import LAYER_NORM_EPS, RMS_NORM_EPS
 
 
 def _channel_sum(a: jax.Array) -> jax.Array:
@@ -49,6 +50,42 @@ def _scale_channels_bwd(res, g):
 
 
 scale_channels.defvjp(_scale_channels_fwd, _scale_channels_bwd)
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel (+ bias), kernel (in, out), with logical axis names and a compute dtype."""
+
+    def __init__(self, n_in: int, n_out: int, axes: tuple[str, str], *, use_bias: bool = True,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+        self.kernel = nnx.Param(init(rngs.params(), (n_in, n_out), param_dtype), logical_axes=axes)
+        self.bias = nnx.Param(jnp.zeros((n_out,), param_dtype), logical_axes=(axes[1],)) if use_bias else None
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # As one 2-D product: XLA:CPU runs a dot with many batch-like leading axes ~20% slower.
+        lead = x.shape[:-1]
+        y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), self.kernel[...].astype(self.dtype))
+        y = y.reshape(lead + (y.shape[-1],))
+        if self.bias is not None:
+            y = add_channels(y, self.bias[...].astype(self.dtype))
+        return y
+
+
+class HeadLayerNorm(nnx.Module):
+    """torch.nn.LayerNorm(head_dim) (eps 1e-5, weight and bias), statistics in float32."""
+
+    def __init__(self, dim: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=("head_dim",))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), logical_axes=("head_dim",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + LAYER_NORM_EPS)
+        y = add_channels(scale_channels(y, self.scale[...].astype(jnp.float32)), self.bias[...].astype(jnp.float32))
+        return y.astype(x.dtype)
 
 
 class RMSGroupNorm(nnx.Module):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from walrus_jax.models import jitter as jit_lib
+from walrus_jax.models import patching
 from walrus_jax.models.config import PERIODIC, ModelConfig
 from walrus_jax.models.decoder import Decoder
 from walrus_jax.models.encoder import SpaceBagEncoder
@@ -82,7 +82,7 @@ class Walrus(nnx.Module):
         if x.ndim not in (4, 5, 6):
             raise ValueError(f"x must be (B, T, *spatial, C) with 1 to 3 spatial axes, got shape {x.shape}")
         n_dims = x.ndim - 3
-        bcs_t = jit_lib.normalize_bcs(bcs, n_dims)
+        bcs_t = patching.normalize_bcs(bcs, n_dims)
         fi_shape = np.shape(field_indices)
         if fi_shape != (x.shape[-1],):
             raise ValueError(f"field_indices has shape {fi_shape} but x has {x.shape[-1]} channels "
@@ -117,13 +117,13 @@ class Walrus(nnx.Module):
                 raise ValueError(f"resize_66_to_64 needs a last spatial axis of 66, got {out_spatial}")
             x = resize_last_axis(x, 64, axis=4)
         spatial3 = x.shape[2:5]
-        bcs3 = jit_lib.pad_bcs3(bcs_t)
-        strides = jit_lib.choose_strides(spatial3)
+        bcs3 = patching.pad_bcs3(bcs_t)
+        strides = patching.choose_strides(spatial3)
         dim_key = sum(1 for n in spatial3 if n > 1)
         if dim_key not in cfg.include_d:
             raise ValueError(f"input with spatial shape {tuple(out_spatial)} has {dim_key} non-singleton axes, "
                              f"but the model only has encoders for include_d={cfg.include_d}")
-        plans = jit_lib.plan_axes(spatial3, bcs3, cfg.kernel_sizes, jitter=jitter is not None)
+        plans = patching.plan_axes(spatial3, bcs3, cfg.kernel_sizes, jitter=jitter is not None)
         inter: dict[str, Any] = {}
 
         if key is not None:
@@ -138,7 +138,7 @@ class Walrus(nnx.Module):
         x = x * self.encoder_dummy[...].astype(jnp.float32)
 
         patch_shift = None if jitter is None else jnp.asarray(jitter.patch_shift, jnp.int32)
-        xp = jit_lib.pad_and_flag(x.reshape((B * T,) + spatial3 + (C,)), plans, bcs3, patch_shift)
+        xp = patching.pad_and_flag(x.reshape((B * T,) + spatial3 + (C,)), plans, bcs3, patch_shift)
         inter["encoder_input"] = xp
         tokens = self.embed[f"d{dim_key}"](xp, field_indices, strides)
         tokens = tokens.reshape((B, T) + tokens.shape[1:])
@@ -158,7 +158,7 @@ class Walrus(nnx.Module):
         T_out = tokens.shape[1]
         periodic = [lo == PERIODIC for lo, _ in bcs3]
         y = self.debed[f"d{dim_key}"](tokens.reshape((B * T_out,) + tokens.shape[2:]), field_indices, strides, periodic)
-        y = jit_lib.unjitter(y, plans, patch_shift).astype(jnp.float32)
+        y = patching.unjitter(y, plans, patch_shift).astype(jnp.float32)
         y = y.reshape((B, T_out) + spatial3 + (C,))
         if resize_66_to_64:
             y = resize_last_axis(y, 66, axis=4)
