@@ -13,31 +13,6 @@ from ml_collections import config_dict
 
 from walrus_jax.models.config import ModelConfig
 
-# Logical axis names used by walrus_jax.models -> mesh axes. Parameters are sharded over 'fsdp'
-# along their hidden (embed) dimension, everything else is replicated; the fsdp axis is used at
-# most once per weight and only where it divides the dimension (walrus_jax.sharding.spec_for).
-DEFAULT_RULES = (
-    ("embed", "fsdp"),
-    ("layers", None),
-    ("qkv", None),
-    ("fused", None),
-    ("attn", None),
-    ("mlp", None),
-    ("heads", None),
-    ("head_dim", None),
-    ("buckets", None),
-    ("inter", None),
-    ("vocab", None),
-    ("kh", None),
-    ("kw", None),
-    ("kd", None),
-    ("rope", None),
-    ("rope_axes", None),
-    ("tok_h", None),
-    ("tok_w", None),
-    ("tok_d", None),
-)
-
 
 def model_section(cfg: ModelConfig) -> config_dict.ConfigDict:
     d = cfg.to_dict()
@@ -120,7 +95,9 @@ def base_config() -> config_dict.ConfigDict:
     c.mesh.fsdp = -1  # -1: every remaining device
 
     c.sharding = config_dict.ConfigDict()
-    c.sharding.rules = DEFAULT_RULES
+    # Overrides of walrus_jax.sharding.DEFAULT_RULES ('embed' over 'fsdp', everything else replicated):
+    # ((logical axis name, 'fsdp' or None), ...) for the names to map differently.
+    c.sharding.rules = ()
 
     c.checkpoint = config_dict.ConfigDict()
     c.checkpoint.every = 200

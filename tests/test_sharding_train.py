@@ -31,9 +31,7 @@ MESH_SCRIPT = textwrap.dedent(r"""
     from walrus_jax import optim, sharding, steps, train
     from walrus_jax.models import ModelConfig
 
-    spec = importlib.util.spec_from_file_location("c", os.path.join(sys.argv[1], "configs", "common.py"))
-    common = importlib.util.module_from_spec(spec); spec.loader.exec_module(common)
-    rules = common.DEFAULT_RULES
+    rules = ()  # sharding.DEFAULT_RULES as they are: embed over fsdp, everything else replicated
     cfg = ModelConfig.tiny(drop_path=0.1)  # hidden 32: divisible by fsdp = 4
     opt = optim.AdamWConfig(eps=1e-4)
     sched = optim.Schedule(base_lr=1e-3, max_epochs=10, warmup_epochs=0, cooldown_epochs=0)

@@ -310,19 +310,16 @@ def model_vocabulary(directory: str):
 
 
 def _rules_for(model_state, mesh, rules) -> dict[str, Any]:
-    """Logical-axis -> mesh-axis rules: `rules` if given, else walrus_jax.sharding's table if it has
-    one, else 'embed' over 'fsdp' (the HSDP layout of DESIGN.md) and everything else replicated."""
+    """Logical-axis -> mesh-axis rules: walrus_jax.sharding.DEFAULT_RULES ('embed' over 'fsdp', the
+    rest replicated) with `rules` applied on top, checked against the mesh's axis names."""
     from walrus_jax import sharding
 
-    if rules is None:
-        rules = getattr(sharding, "DEFAULT_RULES", None)
-    if rules is None:
-        if "fsdp" not in mesh.axis_names:
-            raise ValueError(f"load_pretrained: the mesh has axes {mesh.axis_names} and no 'fsdp' axis; pass "
-                             "rules={logical axis name: mesh axis or None} (names: "
-                             f"{sorted(_logical_names(model_state))})")
-        rules = {name: ("fsdp" if name == "embed" else None) for name in _logical_names(model_state)}
-    rules = dict(rules.items() if isinstance(rules, Mapping) else (tuple(r) for r in rules))
+    if rules is None and "fsdp" not in mesh.axis_names:
+        raise ValueError(f"load_pretrained: the mesh has axes {mesh.axis_names} and no 'fsdp' axis; pass "
+                         "rules={logical axis name: mesh axis or None} (names: "
+                         f"{sorted(_logical_names(model_state))})")
+    rules = {} if rules is None else rules
+    rules = dict(sharding.DEFAULT_RULES) | dict(rules.items() if isinstance(rules, Mapping) else (tuple(r) for r in rules))
     for name, axis in rules.items():
         axes = axis if isinstance(axis, (tuple, list)) else (axis,)
         for a in axes:
@@ -386,9 +383,9 @@ def load_pretrained(directory: str, *, dtype: str | None = None, mesh: jax.shard
       storage and the compute dtype; the fixed RoPE frequency buffer stays float32 as the model
       creates it). Stored arrays are cast while they are read.
     mesh: restore every array directly with its NamedSharding over this mesh (no full host copy per
-      device). Shardings come from the weights' logical axis names (nnx metadata `logical_axes`)
-      through `rules` ({logical name: mesh axis or None}, or a sequence of pairs; default: 'embed'
-      over 'fsdp', everything else replicated). None: everything on the default device.
+      device). Shardings come from the weights' logical axis names (nnx `out_sharding` metadata)
+      through walrus_jax.sharding.DEFAULT_RULES ('embed' over 'fsdp', everything else replicated)
+      with `rules` ({logical name: mesh axis or None}, or a sequence of pairs) applied on top. None: everything on the default device.
     overrides: further ModelConfig fields that do not change parameter shapes (remat, scan_layers,
       drop_path, input_field_drop, jitter_patches).
     The model's `vocab` attribute is the checkpoint's field vocabulary (or None), as

@@ -1,10 +1,12 @@
-"""HSDP mesh, logical-axis rules and global-batch assembly (DESIGN.md, Sharding).
+"""HSDP mesh, logical-axis rules and global-batch assembly.
 
 Mesh axes ('data', 'fsdp'): `fsdp` spans the devices of one group (a host / node), `data` spans
-groups. Parameters and optimizer state are sharded over `fsdp` and replicated over `data`; the
-batch is sharded over both. Every weight carries logical axis names as NNX metadata
-(`logical_axes`, as walrus_jax.models writes them; `out_sharding` / `sharding_names` are also read); the mapping from logical
-names to mesh axes is a rules table that lives in the config only (`config.sharding.rules`).
+groups. Parameters and optimizer state are sharded over `fsdp` and replicated over `data` (an
+all-gather inside a host per use, a gradient all-reduce across hosts per step); the batch is sharded
+over both. Every weight carries one logical axis name per dimension as Flax's `out_sharding`
+metadata (walrus_jax.models.layers.param; the stacked blocks' leading axis is named "layers" by
+nnx.vmap). `DEFAULT_RULES` below maps logical names to mesh axes; a config's `sharding.rules` lists
+only the names it maps differently.
 """
 from __future__ import annotations
 
@@ -12,7 +14,6 @@ import math
 from typing import Any, Iterable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -20,7 +21,17 @@ from walrus_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
-_METADATA_KEYS = ("logical_axes", "out_sharding", "sharding_names", "sharding")
+
+# Logical axis names of walrus_jax.models' weights -> mesh axis (None: replicated). Parameters are
+# sharded over 'fsdp' along their hidden (embed) dimension only; `spec_for` uses a mesh axis at most
+# once per weight and only where it divides the dimension.
+DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (("embed", "fsdp"),) + tuple((name, None) for name in (
+    "layers",  # the stacked blocks' leading axis
+    "qkv", "fused", "attn", "mlp",  # attention / MLP projection outputs and inputs
+    "heads", "head_dim", "buckets",  # per-head norms and the relative-position bias table
+    "inter", "vocab", "kh", "kw", "kd",  # encoder / decoder convolutions
+    "rope", "rope_axes", "tok_h", "tok_w", "tok_d",  # RoPE frequencies, absolute position grid
+))
 
 
 # ------------------------------------------------------------------------------------ mesh
@@ -55,24 +66,18 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
     return Mesh(np.asarray(devices, dtype=object).reshape(data, fsdp), MESH_AXES)
 
 
-def check_batch_divides(mesh: Mesh, global_batch: int, what: str = "data.batch_size") -> None:
-    n = mesh.shape["data"] * mesh.shape["fsdp"]
-    if global_batch % n:
-        raise ConfigError(f"{what}={global_batch} is not divisible by the mesh's {n} devices "
-                         f"(mesh.data={mesh.shape['data']} × mesh.fsdp={mesh.shape['fsdp']}): the batch is "
-                         "sharded over both axes")
-    if global_batch % jax.process_count():
-        raise ConfigError(f"{what}={global_batch} is not divisible by the {jax.process_count()} processes")
-
-
 # ------------------------------------------------------------------------------ rules
-def rules_dict(rules: Iterable[Sequence[Any]]) -> dict[str, Any]:
-    """Rules table [(logical name, mesh axis or None), ...] -> dict, with validation."""
-    out = {}
+def rules_dict(rules: Iterable[Sequence[Any]] = ()) -> dict[str, Any]:
+    """`DEFAULT_RULES` with the overrides `rules` [(logical name, mesh axis or None), ...] applied
+    (a config's `sharding.rules`), validated."""
+    out = dict(DEFAULT_RULES)
     for i, rule in enumerate(rules):
         if len(rule) != 2:
             raise ConfigError(f"sharding.rules[{i}] = {rule!r}: expected a (logical_name, mesh_axis) pair")
         name, axis = rule
+        if name not in out:
+            raise ConfigError(f"sharding.rules[{i}]: {name!r} is not a logical axis name of the model "
+                              f"(known: {sorted(out)})")
         if axis is not None and axis not in MESH_AXES:
             raise ConfigError(f"sharding.rules[{i}]: mesh axis {axis!r} for {name!r} is not one of {MESH_AXES} or None")
         if axis == "data":
@@ -83,13 +88,9 @@ def rules_dict(rules: Iterable[Sequence[Any]]) -> dict[str, Any]:
 
 
 def logical_names(variable) -> tuple | None:
-    """The logical axis names stored on an NNX Variable, or None if it has none."""
-    meta = variable.get_metadata() if hasattr(variable, "get_metadata") else {}
-    for key in _METADATA_KEYS:
-        names = meta.get(key)
-        if names is not None:
-            return tuple(names)
-    return None
+    """The logical axis names of an NNX Variable (its `out_sharding` metadata), or None."""
+    names = variable.get_metadata().get("out_sharding") if hasattr(variable, "get_metadata") else None
+    return None if names is None else tuple(names)
 
 
 def spec_for(names: Sequence[str | None] | None, shape: Sequence[int], rules: Mapping[str, Any],
@@ -102,9 +103,6 @@ def spec_for(names: Sequence[str | None] | None, shape: Sequence[int], rules: Ma
     """
     if names is None:
         return P()
-    if len(names) == len(shape) - 1:
-        # Blocks stacked by nnx.vmap get a leading layer axis that their per-block names lack.
-        names = (None,) + tuple(names)
     if len(names) != len(shape):
         raise ConfigError(f"weight {path}: {len(names)} logical axis names {tuple(names)} for shape {tuple(shape)}")
     used, out = set(), []
@@ -113,7 +111,7 @@ def spec_for(names: Sequence[str | None] | None, shape: Sequence[int], rules: Ma
             out.append(None)
             continue
         if n not in rules:
-            raise ConfigError(f"weight {path}: logical axis name {n!r} has no entry in config sharding.rules "
+            raise ConfigError(f"weight {path}: logical axis name {n!r} has no entry in the sharding rules "
                            f"(known: {sorted(rules)})")
         axis = rules[n]
         if axis is None or axis in used or size % mesh.shape[axis]:

@@ -11,7 +11,7 @@ from flax import nnx
 from walrus_jax.models import positional
 from walrus_jax.models.blocked_attention import blocked_attention
 from walrus_jax.models.config import ModelConfig
-from walrus_jax.models.layers import Dense, HeadLayerNorm, RMSGroupNorm, drop_path
+from walrus_jax.models.layers import Dense, HeadLayerNorm, RMSGroupNorm, drop_path, param
 
 SPATIAL = (2, 3, 4)  # token axes (h, w, d) of a (B, T, h, w, d, C) tensor
 
@@ -54,8 +54,8 @@ class TimeAttention(nnx.Module):
         self.qkv = Dense(hid, 3 * hid, ("embed", "qkv"), dtype=dt, param_dtype=pdt, rngs=rngs)
         self.q_norm = HeadLayerNorm(cfg.head_dim, param_dtype=pdt, rngs=rngs)
         self.k_norm = HeadLayerNorm(cfg.head_dim, param_dtype=pdt, rngs=rngs)
-        self.rel_bias = nnx.Param(0.02 * jax.random.normal(rngs.params(), (cfg.rel_pos_buckets, nh), pdt),
-                                  logical_axes=("buckets", "heads"))
+        self.rel_bias = param(0.02 * jax.random.normal(rngs.params(), (cfg.rel_pos_buckets, nh), pdt),
+                                  ("buckets", "heads"))
         self.out = Dense(hid, hid, ("attn", "embed"), dtype=dt, param_dtype=pdt, rngs=rngs)
 
     def __call__(self, x: jax.Array, rate=0.0, key: jax.Array | None = None) -> jax.Array:
@@ -124,11 +124,11 @@ class SpaceAttention(nnx.Module):
         base = jnp.asarray(positional.rope_base_freqs(cfg.head_dim, cfg.rope_max_freq))
         if cfg.learned_rope == "none":
             # A buffer in the original (saved in the state_dict, never trained).
-            self.rope_freqs = RopeFreqs(base, logical_axes=("rope",))
+            self.rope_freqs = param(base, ("rope",), kind=RopeFreqs)
         elif cfg.learned_rope == "shared":
-            self.rope_freqs = nnx.Param(base, logical_axes=("rope",))
+            self.rope_freqs = param(base, ("rope",))
         else:
-            self.rope_freqs = nnx.Param(jnp.tile(base[None], (3, 1)), logical_axes=("rope_axes", "rope"))
+            self.rope_freqs = param(jnp.tile(base[None], (3, 1)), ("rope_axes", "rope"))
 
     def __call__(self, x: jax.Array, rate=0.0, key: jax.Array | None = None) -> jax.Array:
         """x (B, T, h, w, d, hid) -> same."""

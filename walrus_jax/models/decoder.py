@@ -10,7 +10,7 @@ from flax import nnx
 
 from walrus_jax.models.config import ModelConfig
 from walrus_jax.models.convolution import SPATIAL3, conv_transpose3d
-from walrus_jax.models.layers import RMSGroupNorm
+from walrus_jax.models.layers import RMSGroupNorm, param
 
 
 class Decoder(nnx.Module):
@@ -22,12 +22,12 @@ class Decoder(nnx.Module):
         pdt = jnp.dtype(cfg.param_dtype)
         init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1, 2, 3), out_axis=4)
         self.cfg = cfg
-        self.proj1 = nnx.Param(init(rngs.params(), (k2, k2, k2, cfg.hidden_dim, cfg.intermediate_dim), pdt),
-                               logical_axes=("kh", "kw", "kd", "embed", "inter"))
+        self.proj1 = param(init(rngs.params(), (k2, k2, k2, cfg.hidden_dim, cfg.intermediate_dim), pdt),
+                               ("kh", "kw", "kd", "embed", "inter"))
         self.norm1 = RMSGroupNorm(cfg.intermediate_dim, param_dtype=pdt, rngs=rngs, logical_axis="inter")
-        self.proj2 = nnx.Param(init(rngs.params(), (k1, k1, k1, cfg.intermediate_dim, cfg.n_states), pdt),
-                               logical_axes=("kh", "kw", "kd", "inter", "vocab"))
-        self.proj2_bias = nnx.Param(jnp.zeros((cfg.n_states,), pdt), logical_axes=("vocab",))
+        self.proj2 = param(init(rngs.params(), (k1, k1, k1, cfg.intermediate_dim, cfg.n_states), pdt),
+                               ("kh", "kw", "kd", "inter", "vocab"))
+        self.proj2_bias = param(jnp.zeros((cfg.n_states,), pdt), ("vocab",))
 
     def __call__(self, z: jax.Array, field_indices: jax.Array, strides, periodic: Sequence[bool]) -> jax.Array:
         """z (N, h, w, d, hid) -> (N, H', W', D', C) on the padded grid."""

@@ -9,6 +9,14 @@ from flax import nnx
 from walrus_jax.models.config import LAYER_NORM_EPS, RMS_NORM_EPS
 
 
+def param(value: jax.Array, axes: tuple[str | None, ...], kind: type[nnx.Variable] = nnx.Param) -> nnx.Variable:
+    """A weight (an `nnx.Param`, or `kind`) carrying one logical axis name per dimension as Flax's
+    `out_sharding` metadata (read by `nnx.get_partition_spec` and updated by `nnx.vmap` / `nnx.scan`'s
+    `transform_metadata`). eager_sharding=False: the names are mapped to mesh axes later, by
+    walrus_jax.sharding's rules table, when the weights are placed, so a model builds without a mesh."""
+    return kind(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
 def _channel_sum(a: jax.Array) -> jax.Array:
     """(..., C) -> (C,): the sum over every other axis, as a vector-matrix product."""
     a2 = a.reshape(-1, a.shape[-1])
@@ -58,8 +66,8 @@ class Dense(nnx.Module):
     def __init__(self, n_in: int, n_out: int, axes: tuple[str, str], *, use_bias: bool = True,
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-        self.kernel = nnx.Param(init(rngs.params(), (n_in, n_out), param_dtype), logical_axes=axes)
-        self.bias = nnx.Param(jnp.zeros((n_out,), param_dtype), logical_axes=(axes[1],)) if use_bias else None
+        self.kernel = param(init(rngs.params(), (n_in, n_out), param_dtype), axes)
+        self.bias = param(jnp.zeros((n_out,), param_dtype), (axes[1],)) if use_bias else None
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -76,8 +84,8 @@ class HeadLayerNorm(nnx.Module):
     """torch.nn.LayerNorm(head_dim) (eps 1e-5, weight and bias), statistics in float32."""
 
     def __init__(self, dim: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=("head_dim",))
-        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), logical_axes=("head_dim",))
+        self.scale = param(jnp.ones((dim,), param_dtype), ("head_dim",))
+        self.bias = param(jnp.zeros((dim,), param_dtype), ("head_dim",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
@@ -97,7 +105,7 @@ class RMSGroupNorm(nnx.Module):
     """
 
     def __init__(self, channels: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs, logical_axis: str = "embed"):
-        self.scale = nnx.Param(jnp.ones((channels,), param_dtype), logical_axes=(logical_axis,))
+        self.scale = param(jnp.ones((channels,), param_dtype), (logical_axis,))
 
     def __call__(self, x: jax.Array, spatial_axes: tuple[int, ...]) -> jax.Array:
         """x (..., C) channels-last; `spatial_axes` are the axes reduced."""

@@ -15,6 +15,10 @@ REMAT_POLICIES = {
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 TOKEN_AXES = (2, 3, 4)  # (h, w, d) of a (B, T, h, w, d, hid) tensor
+# The blocks' weights are stacked along a leading axis named "layers": nnx.vmap prepends the name to
+# every weight's logical axis names (out_sharding metadata), and nnx.scan removes it inside each step
+# and restores it after, so a block always sees its own per-block names.
+STACKED = {nnx.PARTITION_NAME: "layers"}
 
 
 class Block(nnx.Module):
@@ -42,17 +46,11 @@ class Processor(nnx.Module):
         self.cfg = cfg
 
         @nnx.split_rngs(splits=cfg.n_blocks)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=STACKED)
         def create(r: nnx.Rngs) -> Block:
             return Block(cfg, rngs=r)
 
         self.blocks = create(rngs)
-        # The stacked weights gain a leading "layers" axis: record it in their logical names.
-        for _, var in nnx.iter_graph(self.blocks):
-            if isinstance(var, nnx.Variable):
-                names = var.get_metadata().get("logical_axes")
-                if names is not None and len(names) == var[...].ndim - 1:
-                    var.set_metadata(logical_axes=("layers",) + tuple(names))
 
     def __call__(self, x: jax.Array, token_shift: jax.Array | None = None, key: jax.Array | None = None) -> jax.Array:
         """x (B, T, h, w, d, hid) tokens. token_shift (n_blocks, 3): roll before each block, undone
@@ -74,7 +72,7 @@ class Processor(nnx.Module):
             step = nnx.remat(step, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
 
         if cfg.scan_layers:
-            @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry)
+            @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata=STACKED)
             def run(block, x, xs):
                 return step(block, x, xs)
 

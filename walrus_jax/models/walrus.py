@@ -14,6 +14,7 @@ from walrus_jax.models.decoder import Decoder
 from walrus_jax.models.encoder import SpaceBagEncoder
 from walrus_jax.models.init import init_values
 from walrus_jax.models.jitter import Jitter
+from walrus_jax.models.layers import param
 from walrus_jax.models.processor import Processor
 
 
@@ -38,14 +39,14 @@ def resize_last_axis(x: jax.Array, n_out: int, axis: int) -> jax.Array:
 
 def _build_parts(cfg: ModelConfig, rngs: nnx.Rngs):
     pdt = jnp.dtype(cfg.param_dtype)
-    encoder_dummy = nnx.Param(jnp.ones((1,), pdt), logical_axes=(None,))
+    encoder_dummy = param(jnp.ones((1,), pdt), (None,))
     embed = nnx.Dict({f"d{d}": SpaceBagEncoder(cfg, rngs=rngs) for d in cfg.include_d})
     processor = Processor(cfg, rngs=rngs)
     debed = nnx.Dict({f"d{d}": Decoder(cfg, rngs=rngs) for d in cfg.include_d})
     ape = None
     if cfg.ape_grid is not None:
-        ape = nnx.Param(0.02 * jax.random.normal(rngs.params(), tuple(cfg.ape_grid) + (cfg.hidden_dim,), pdt),
-                        logical_axes=("tok_h", "tok_w", "tok_d", "embed"))
+        ape = param(0.02 * jax.random.normal(rngs.params(), tuple(cfg.ape_grid) + (cfg.hidden_dim,), pdt),
+                        ("tok_h", "tok_w", "tok_d", "embed"))
     return nnx.Dict(encoder_dummy=encoder_dummy, embed=embed, processor=processor, debed=debed, ape=ape)
 
 
