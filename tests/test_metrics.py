@@ -1,4 +1,4 @@
-"""walrus_jax.metrics against hand computations (the_well definitions, SPEC §14)."""
+"""walrus_jax.metrics against hand computations (the_well definitions)."""
 import math
 
 import numpy as np

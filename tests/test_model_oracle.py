@@ -89,7 +89,8 @@ def test_block0_output():
 
 
 def test_causal_mask_hypothesis_is_distinguishable():
-    """The oracle output without the causal mask differs by far more than our error (SPEC §6.3)."""
+    """The oracle output without the causal time mask differs by far more than our error, so the
+    (inferred) mask is what the oracle computed (docs/original.md)."""
     y, _ = run_case("case_2d_periodic", False)
     assert rel_err(from_well(y), oracle("case_2d_periodic")["y_nojitter_nocausalmask"]) > 0.1
 

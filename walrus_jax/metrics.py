@@ -1,4 +1,4 @@
-"""Evaluation metrics as the_well defines them (SPEC §14), in JAX.
+"""Evaluation metrics as the_well defines them, in JAX.
 
 Every metric takes `pred` and `target` in the Well's channels-last layout (..., *spatial, C),
 typically (B, T, *spatial, C), and reduces over the spatial axes only, keeping every leading axis

@@ -1,4 +1,4 @@
-"""Asymmetric reversible RMS normalization (SPEC §11, the original's SamplewiseRevNormalization).
+"""Asymmetric reversible RMS normalization (the original's SamplewiseRevNormalization).
 
 Inputs are divided by the per-sample, per-channel RMS over (time, space); the model predicts a
 delta normalized by the RMS of the window's consecutive differences. Nothing is centered.
@@ -54,7 +54,7 @@ def deltas(window: jax.Array, next_frame: jax.Array) -> jax.Array:
 
 
 def normalized_delta_targets(window: jax.Array, next_frame: jax.Array, eps: float = DEFAULT_EPS) -> jax.Array:
-    """Training targets with causal_in_time (SPEC §14): for each input frame t the delta to frame
+    """Training targets with causal_in_time: for each input frame t the delta to frame
     t+1 (the last one to `next_frame`), divided by the window's delta RMS.
 
     window (B, T, *spatial, C), next_frame (B, 1, *spatial, C) -> (B, T, *spatial, C).

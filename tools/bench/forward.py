@@ -6,7 +6,7 @@ machine's measured float32 matmul rate, peak memory; float32 and bf16.
     python tools/bench/forward.py --compile-scaling                # compile time vs number of blocks
 
 FLOPs are counted analytically (tools/bench/flops.py: matmuls, attention, convolutions). The matmul reference is numpy's
-float32 4096x4096 dot on CPU (the issue's yardstick), or a jitted jnp.dot on an accelerator.
+float32 4096x4096 dot on CPU (the machine-speed yardstick), or a jitted jnp.dot on an accelerator.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@
     python -m tools.bench.side_by_side --reference /path/to/reference
 
 The original is a measuring stick only: it is looked for at run time (`--reference`, else
-$WALRUS_REFERENCE, else ../shared/reference beside the checkout) and run in its own processes with its
+$WALRUS_REFERENCE, else the reference folder next to the checkout, see find_reference) and run in its own processes with its
 own scripts (`bench_side.py` for forward / rollout on the same random weights, `train_step_orig.py`
 for the training step); walrus_jax never imports it. Without it this prints one line and exits 2.
 
@@ -32,7 +32,7 @@ TRAIN_NAMES = {"S": "small", "M": "medium", "tiny": "tiny"}
 
 
 def find_reference(given: str | None) -> str | None:
-    """--reference if given, else $WALRUS_REFERENCE if set, else ../shared/reference beside the checkout."""
+    """--reference if given, else $WALRUS_REFERENCE if set, else the 'reference' folder of the checkout's sibling 'shared'."""
     candidates = [given] if given else [os.environ.get("WALRUS_REFERENCE")] if os.environ.get("WALRUS_REFERENCE") \
         else [os.path.join(ROOT, "..", "shared", "reference")]
     for d in candidates:

@@ -5,7 +5,7 @@
 
 For each model it times one jitted train step (the real `walrus_jax.steps.train_step` with AdamW,
 clipping, donation) on a synthetic 2D batch (B, T, S, S, C) with periodic boundaries, jitter off
-(as the original's step in ../shared/reference/train_step_orig.py; `--jitter` turns it on):
+(as the original's step that tools.bench.side_by_side runs beside it; `--jitter` turns it on):
   compile_s      lower + compile of the step
   step_ms        median wall time of `--steps` steps after one warm-up step
   tokens/s       B · T · (space tokens per frame) / step time (the processor's token count)

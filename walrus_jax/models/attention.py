@@ -1,4 +1,4 @@
-"""Time attention (SPEC §6) and space attention (SPEC §7): the two halves of every block.
+"""Time attention and space attention: the two halves of every block (docs/original.md).
 
 Tokens are channels-last, (B, T, h, w, d, hidden). Both modules return x + drop_path(branch)."""
 from __future__ import annotations
@@ -43,14 +43,15 @@ def _attention(q, k, v, bias=None, is_causal=False):
 
 
 class TimeAttention(nnx.Module):
-    """AxialTimeAttention: per token, attention over the T frames with a T5 relative bias (SPEC §6)."""
+    """AxialTimeAttention: per token, attention over the T frames with a T5 relative bias."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         hid, nh = cfg.hidden_dim, cfg.num_heads
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         self.cfg = cfg
         self.norm = RMSGroupNorm(hid, param_dtype=pdt, rngs=rngs)
-        # qkv channels are head-major with q|k|v interleaved inside each head (SPEC §6.2).
+        # qkv channels are head-major with q|k|v interleaved inside each head:
+        # head j's channels [3 hd j, 3 hd j + hd) are q, the next hd k, the next hd v.
         self.qkv = Dense(hid, 3 * hid, ("embed", "qkv"), dtype=dt, param_dtype=pdt, rngs=rngs)
         self.q_norm = HeadLayerNorm(cfg.head_dim, param_dtype=pdt, rngs=rngs)
         self.k_norm = HeadLayerNorm(cfg.head_dim, param_dtype=pdt, rngs=rngs)
@@ -108,14 +109,14 @@ def frame_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, c
 
 
 class SpaceAttention(nnx.Module):
-    """FullAttention: parallel attention + SwiGLU MLP over all tokens of a frame (SPEC §7)."""
+    """FullAttention: parallel attention + SwiGLU MLP over all tokens of a frame."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         hid = cfg.hidden_dim
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         self.cfg = cfg
         self.norm = RMSGroupNorm(hid, param_dtype=pdt, rngs=rngs)
-        # output features: [ff (4 hid), q (hid), k (hid), v (hid)] (SPEC §7.2)
+        # output features in the original's order: [ff (4 hid), q (hid), k (hid), v (hid)]
         self.fused = Dense(hid, 7 * hid, ("embed", "fused"), dtype=dt, param_dtype=pdt, rngs=rngs)
         self.ff_out = Dense(2 * hid, hid, ("mlp", "embed"), dtype=dt, param_dtype=pdt, rngs=rngs)
         self.attn_out = Dense(hid, hid, ("attn", "embed"), use_bias=False, dtype=dt, param_dtype=pdt, rngs=rngs)
@@ -142,7 +143,7 @@ class SpaceAttention(nnx.Module):
         angles = positional.rope_angles(self.rope_freqs[...], (h, w, d)).reshape(L, -1)
         q, k = positional.apply_rope(q, angles), positional.apply_rope(k, angles)
         o = _attention(q, k, v.reshape(B * T, L, nh, hd)).reshape(B * T, L, hid)
-        value, gate = jnp.split(ff, 2, axis=-1)  # first half value, second half gate (SPEC §7.4)
+        value, gate = jnp.split(ff, 2, axis=-1)  # the original's SwiGLU: first half value, second half gate
         branch = self.attn_out(o) + self.ff_out(jax.nn.silu(gate) * value)
         return x + drop_path(branch.reshape(x.shape).astype(x.dtype), rate, key, draw_axes=(0, 1))
 

@@ -1,5 +1,5 @@
 """Model configuration: a frozen dataclass the model sees, with presets and a reader for the
-released `extended_config.yaml` model section (SPEC §13, oracle/walrus_extended_config.yaml)."""
+released `extended_config.yaml` model section."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,7 +16,7 @@ RMS_NORM_EPS = float(np.finfo(np.float32).eps)
 LAYER_NORM_EPS = 1e-5
 
 # The three flag channels appended by the jitterer are labelled with these vocabulary rows
-# (bias_correction, closed_boundary, open_boundary), SPEC §4.
+# (bias_correction, closed_boundary, open_boundary) of the released field vocabulary.
 FLAG_LABELS = (2, 0, 1)
 
 LEARNED_ROPE_CHOICES = ("none", "shared", "per_axis")
@@ -114,7 +114,7 @@ class ModelConfig:
     # ----------------------------------------------------------------- presets
     @classmethod
     def walrus_1p3b(cls, **overrides) -> "ModelConfig":
-        """The released 1.3B architecture (SPEC preamble)."""
+        """The released 1.3B architecture (the defaults of this class)."""
         return cls(**overrides)
 
     @classmethod

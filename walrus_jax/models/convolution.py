@@ -119,7 +119,7 @@ def conv_transpose3d(x: jax.Array, w: jax.Array, strides: Sequence[int], periodi
     tokens and p * s samples are cropped from each side of the output.
 
     The original crops k - s instead of p * s, which is the same whenever s divides k - s and
-    loses 4 samples for kernel 8 / stride 6 (SPEC §9). walrus_jax uses p * s (the fix).
+    loses 4 samples for kernel 8 / stride 6 (384 -> 380). walrus_jax uses p * s (the fix; docs/original.md).
 
     x (N, n1, n2, n3, I), w (k1, k2, k3, I, O) -> (N, (n - 1) * s + k per axis, O).
     Singleton axes use the kernel averaged over that axis and stride 1.

@@ -1,4 +1,4 @@
-"""Decoder (SPEC §9): two transposed 3-D convolutions back to the padded grid, output columns
+"""Decoder: two transposed 3-D convolutions back to the padded grid, output columns
 chosen by the field labels, with circular handling of periodic axes."""
 from __future__ import annotations
 

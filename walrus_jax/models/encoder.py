@@ -1,4 +1,4 @@
-"""Space-bag encoder (SPEC §4): the two strided 3-D convolutions that turn a padded, flagged field
+"""Space-bag encoder: the two strided 3-D convolutions that turn a padded, flagged field
 stack into tokens, with the kernel columns chosen by the field labels."""
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ class SpaceBagEncoder(nnx.Module):
         n_fields = x.shape[-1] - 3
         labels = jnp.concatenate([jnp.asarray(field_indices, jnp.int32), jnp.asarray(FLAG_LABELS, jnp.int32)])
         w1 = jnp.take(self.proj1[...], labels, axis=3)
-        # "Hack to match older weights" (SPEC §4.2): scale the field and bias columns, not wall/open.
+        # The original's "hack to match older weights": scale the field and bias columns, not wall/open.
         scale = jnp.concatenate([jnp.full((n_fields + 1,), math.sqrt((cfg.n_states - 3) / n_fields), w1.dtype),
                                  jnp.ones((2,), w1.dtype)])
         w1 = w1 * scale[:, None]

@@ -1,4 +1,4 @@
-"""Patch jitter: the explicit random draws of one forward pass (SPEC §5.4, §8).
+"""Patch jitter: the explicit random draws of one forward pass (docs/original.md, Randomness).
 
 The roll amounts are carried by `Jitter`, a pytree of integer arrays that stays traced under `jit`:
 a new draw never recompiles. The shapes they apply to come from walrus_jax.models.patching.
@@ -18,7 +18,7 @@ from walrus_jax.models.patching import normalize_bcs, pad_bcs3, plan_axes, token
 
 @struct.dataclass
 class Jitter:
-    """Explicit random draws of one forward pass (SPEC §5.4, §8). A pytree of int32 arrays.
+    """Explicit random draws of one forward pass. A pytree of int32 arrays.
 
     patch_shift: (3,) roll r applied to the padded input along (H, W, D) (element i -> i + r);
         0 where the axis is singleton or its patch is 1.
@@ -40,8 +40,8 @@ def sample_jitter(key: jax.Array, cfg: ModelConfig, spatial_shape: Sequence[int]
 
     spatial_shape: (H, W) or (H, W, D). bcs: (n_dims, 2).
     patch_shift[a] ~ U{-(half-1), ..., half-1}, half = the high-side zero padding for WALL/OPEN
-    axes, or size // 2 for periodic axes; 0 where the patch is 1 (SPEC §5.4).
-    token_shift[i, a] ~ U{0, ..., n_tokens_a - 1} on axes whose low BC is PERIODIC (SPEC §8).
+    axes, or size // 2 for periodic axes; 0 where the patch is 1.
+    token_shift[i, a] ~ U{0, ..., n_tokens_a - 1} on axes whose low BC is PERIODIC.
     """
     spatial3 = tuple(spatial_shape) + (1,) * (3 - len(spatial_shape))
     bcs_t = normalize_bcs(bcs, len(spatial_shape))

@@ -97,7 +97,7 @@ class HeadLayerNorm(nnx.Module):
 
 
 class RMSGroupNorm(nnx.Module):
-    """The original's RMSGroupNorm (SPEC §2): each channel of each (time, batch) element is divided by
+    """The original's RMSGroupNorm: each channel of each (time, batch) element is divided by
     its own RMS over all spatial positions (the group reshape has no effect), times a learned scale.
 
     eps is float32 machine epsilon (the original calls rms_norm without eps). Statistics are always

@@ -1,5 +1,5 @@
 """The static patching plan: stride table, boundary-condition checks, padding per axis and token
-grid, and the padding / flagging of the input and its inverse on the decoder output (SPEC §3, §5).
+grid, and the padding / flagging of the input and its inverse on the decoder output (docs/original.md).
 
 Everything that decides a *shape* (strides, paddings, token counts) is plain Python on static
 shapes and boundary conditions; the only traced input is the patch roll of a `Jitter`.
@@ -15,7 +15,8 @@ import numpy as np
 
 from walrus_jax.models.config import BC_NAMES, PERIODIC
 
-# patch size -> (s1, s2), SPEC §3. 0 is used for singleton axes.
+# patch size -> (s1, s2) of the two encoder convolutions (the decoder uses them in reverse). 0 is
+# used for singleton axes.
 STRIDE_TABLE = {0: (1, 1), 1: (1, 1), 4: (2, 2), 8: (4, 2), 12: (6, 2), 16: (4, 4), 24: (6, 4), 32: (8, 4)}
 
 
@@ -59,7 +60,8 @@ def pad_bcs3(bcs: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
 
 
 def choose_strides(spatial3: Sequence[int]) -> tuple[tuple[int, int], ...]:
-    """(H, W, D) -> ((s1, s2),) * 3 from the deterministic stride table (SPEC §3)."""
+    """(H, W, D) -> ((s1, s2),) * 3 from the deterministic stride table: the target is
+    32 tokens per axis with one or two non-singleton axes, 16 with three; patch = size // target."""
     n_ns = sum(1 for n in spatial3 if n > 1)
     target = _target_tokens(n_ns)
     out = []
@@ -98,7 +100,9 @@ class AxisPlan:
 
 
 def plan_axes(spatial3: Sequence[int], bcs3, kernel_sizes=(8, 4), jitter: bool = False) -> tuple[AxisPlan, ...]:
-    """Padding per axis (SPEC §5.1). `jitter` adds S//2 zeros on each side of non-periodic axes."""
+    """Padding per axis: with effective patch P = k1 + s1 (k2 - 1) and stride S = s1 s2, extra =
+    (P - S) // 2 circular (periodic axes) or zero (WALL/OPEN) samples per side. `jitter` adds S//2
+    zeros on each side of non-periodic axes."""
     k1, k2 = kernel_sizes
     plans = []
     for n, (s1, s2), (lo, _hi) in zip(spatial3, choose_strides(spatial3), bcs3):
@@ -125,7 +129,8 @@ def token_grid(plans: Sequence[AxisPlan], kernel_sizes=(8, 4)) -> tuple[int, ...
 
 # ------------------------------------------------------------------------- padding and flags
 def pad_and_flag(x: jax.Array, plans: Sequence[AxisPlan], bcs3, patch_shift: jax.Array | None) -> jax.Array:
-    """Learned padding, boundary flags, roll, periodic padding (SPEC §5.2, §5.3).
+    """Zero padding of non-periodic axes, boundary flags on that grid, roll, then circular padding of
+    periodic axes (the original's order, so the periodic wrap includes the rolled flags).
 
     x: (N, H, W, D, C) channels-last -> (N, H', W', D', C + 3) with flag channels
     [bias, wall, open] appended after the C fields.
@@ -142,7 +147,7 @@ def pad_and_flag(x: jax.Array, plans: Sequence[AxisPlan], bcs3, patch_shift: jax
             continue
         for code, side in ((lo, "low"), (hi, "high")):
             idx = [slice(None)] * 3
-            # Quirk (SPEC §5.3): a high pad of 0 selects the whole axis via `[-0:]`.
+            # The original's quirk, reproduced: a high pad of 0 selects the whole axis via `[-0:]`.
             idx[a] = slice(0, p.const_pad) if side == "low" else slice(-p.const_pad, None)
             sl = tuple(idx)
             flags[sl + (1 + code,)] += 1.0
@@ -159,7 +164,8 @@ def pad_and_flag(x: jax.Array, plans: Sequence[AxisPlan], bcs3, patch_shift: jax
 
 
 def unjitter(y: jax.Array, plans: Sequence[AxisPlan], patch_shift: jax.Array | None) -> jax.Array:
-    """Inverse of the padding / roll on the decoder output (SPEC §5.5). y: (N, H', W', D', C)."""
+    """Inverse of the padding / roll on the decoder output: crop the periodic padding, roll back,
+    crop the zero padding. y: (N, H', W', D', C)."""
     sl = [slice(None)] + [slice(p.periodic_pad, p.padded - p.periodic_pad) for p in plans] + [slice(None)]
     y = y[tuple(sl)]
     if patch_shift is not None:

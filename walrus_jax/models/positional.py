@@ -1,5 +1,5 @@
-"""Positional information: T5 relative-position buckets for time (SPEC §6.1) and axial RoPE for
-space (SPEC §7.1). Bucket tables and token positions depend only on static shapes, so they are
+"""Positional information: T5 relative-position buckets for time and axial RoPE for space
+(docs/original.md). Bucket tables and token positions depend only on static shapes, so they are
 computed in numpy at trace time; only the frequencies (possibly learned) are traced."""
 from __future__ import annotations
 

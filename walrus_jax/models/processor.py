@@ -1,5 +1,5 @@
 """The processor: N identical space-time blocks, created with nnx.vmap (one stacked set of weights)
-and applied with nnx.scan (one compiled block, not N), with an optional remat policy (SPEC §8)."""
+and applied with nnx.scan (one compiled block, not N), with an optional remat policy."""
 from __future__ import annotations
 
 import jax
@@ -54,7 +54,7 @@ class Processor(nnx.Module):
 
     def __call__(self, x: jax.Array, token_shift: jax.Array | None = None, key: jax.Array | None = None) -> jax.Array:
         """x (B, T, h, w, d, hid) tokens. token_shift (n_blocks, 3): roll before each block, undone
-        after the last one (SPEC §8); None for no roll. key: drop-path randomness (None: eval)."""
+        after the last one; None for no roll. key: drop-path randomness (None: eval)."""
         cfg = self.cfg
         rates = jnp.asarray(cfg.drop_path_rates())
         xs = {"rate": rates}

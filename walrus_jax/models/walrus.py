@@ -1,4 +1,4 @@
-"""Walrus: encoder -> scanned processor -> decoder (SPEC §1), in the Well's channels-last layout."""
+"""Walrus: encoder -> scanned processor -> decoder (docs/original.md), in the Well's channels-last layout."""
 from __future__ import annotations
 
 from typing import Any
