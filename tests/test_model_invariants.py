@@ -1,9 +1,10 @@
 """Model invariants: scan == unrolled, causality, jit with a key compiles once, remat, dtypes,
-fine-tuning variants, and clear errors for bad input."""
+fine-tuning variants, padding round trip with and without jit, and clear errors for bad input."""
 from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 from flax import nnx
 
 import walrus_jax as wj
+from walrus_jax.models import patching
 from walrus_jax.models.config import OPEN, PERIODIC, WALL
 from conftest import rel_err
 
@@ -235,3 +237,30 @@ def test_drop_path_draws_like_the_original():
     s = SpaceAttention(cfg, rngs=nnx.Rngs(0))
     kept = np.asarray(jnp.any(s(x, 0.5, jax.random.key(3)) != x, axis=(2, 3, 4, 5)))
     assert not (kept == kept[:1]).all()  # independent per sample
+
+
+def test_batched_jitter_is_refused_with_its_expected_shape():
+    model = tiny()
+    batched = jax.tree.map(lambda a: jnp.stack([a, a]), wj.Jitter.zeros(model.cfg.n_blocks))
+    with pytest.raises(AssertionError, match=r"jitter.patch_shift must be \(3,\)"):
+        model(inputs(), FI, BCS, batched)
+
+
+class PatchingRoundTrip(chex.TestCase):
+    """Padding + flags + roll, then its inverse, give back the fields exactly: with the roll amounts
+    concrete (no jit) and traced (jit, as every training step and rollout runs them)."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_unjitter_inverts_pad_and_flag(self):
+        spatial3, bcs3 = (32, 128, 1), ((PERIODIC, PERIODIC), (WALL, OPEN), (PERIODIC, PERIODIC))
+        plans = patching.plan_axes(spatial3, bcs3, (8, 4), jitter=True)
+        x = jax.random.normal(jax.random.key(0), (2,) + spatial3 + (3,))
+
+        @self.variant
+        def round_trip(x, shift):
+            padded = patching.pad_and_flag(x, plans, bcs3, shift)
+            chex.assert_shape(padded, (2,) + tuple(p.padded for p in plans) + (3 + 3,))
+            return patching.unjitter(padded[..., :3], plans, shift)
+
+        for shift in ([0, 0, 0], [7, -3, 0], [-15, 9, 0]):
+            np.testing.assert_array_equal(round_trip(x, jnp.asarray(shift, jnp.int32)), x)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,7 +79,7 @@ class Walrus(nnx.Module):
         self.processor, self.debed, self.ape = parts["processor"], parts["debed"], parts["ape"]
 
     # ------------------------------------------------------------------ validation
-    def _check_inputs(self, x, field_indices, bcs):
+    def _check_inputs(self, x, field_indices, bcs, jitter):
         cfg = self.cfg
         if x.ndim not in (4, 5, 6):
             raise ValueError(f"x must be (B, T, *spatial, C) with 1 to 3 spatial axes, got shape {x.shape}")
@@ -94,6 +95,10 @@ class Walrus(nnx.Module):
             if bad.size:
                 raise ValueError(f"field_indices {fi.tolist()} contain {bad.tolist()}, outside the model's "
                                  f"vocabulary [0, {cfg.n_states}) (n_states={cfg.n_states})")
+        if jitter is not None:  # one unbatched draw (a batched pipeline's Jitter has a leading batch axis)
+            chex.assert_shape(jitter.patch_shift, (3,), custom_message="jitter.patch_shift must be (3,)")
+            chex.assert_shape(jitter.token_shift, (cfg.n_blocks, 3),
+                              custom_message=f"jitter.token_shift must be (n_blocks={cfg.n_blocks}, 3)")
         return bcs_t
 
     # ------------------------------------------------------------------ forward
@@ -104,7 +109,7 @@ class Walrus(nnx.Module):
         after). `return_intermediates` also returns a dict of activations (encoder input, tokens after
         the encoder, after block 0 when not scanned, before the decoder)."""
         cfg = self.cfg
-        bcs_t = self._check_inputs(x, field_indices, bcs)
+        bcs_t = self._check_inputs(x, field_indices, bcs, jitter)
         if train and key is None and (cfg.drop_path > 0 or cfg.input_field_drop > 0):
             raise ValueError("train=True needs a PRNG `key` (drop path / input-field dropout)")
         if not train:
