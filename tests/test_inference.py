@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from walrus_jax import inference as I
-from walrus_jax import metrics as M
-from walrus_jax import rollouts as R
+from walrus_jax import inference
+from walrus_jax import metrics
+from walrus_jax import rollouts
 from walrus_jax.data.fields import FieldVocabulary
 from walrus_jax.data.writer import WellField, axis_boundaries, write_well_file
 from walrus_jax.models.config import ModelConfig
@@ -57,7 +57,7 @@ def job(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rollout_job")
     data = write_data(str(tmp / "data" / "toy.hdf5"))
     vocab = FieldVocabulary.released()
-    model = I.random_model(ModelConfig.tiny(n_states=len(vocab)), seed=1, scale=0.5)
+    model = inference.random_model(ModelConfig.tiny(n_states=len(vocab)), seed=1, scale=0.5)
     ckpt = save_checkpoint(str(tmp / "train_run"), model, vocab)
     config = load_config(os.path.join(ROOT, "configs", "rollout.py") + ":tiny",
                          [f"checkpoint={ckpt}", f"data={data}"])
@@ -101,19 +101,19 @@ def test_predictions_are_the_rollout_and_metrics_match(job):
     np.testing.assert_array_equal(pred_traj[0]["constant_fields"], truth_traj[0]["constant_fields"])
     np.testing.assert_array_equal(pred_traj[0]["boundary_conditions"], truth_traj[0]["boundary_conditions"])
     # The predictions equal a direct rollout of the same weights.
-    mask = R.mask_from_constants(consts, ["mask"])
-    direct = np.asarray(R.rollout(model, fields[:, :4], field_indices=truth_traj[0]["field_indices"],
+    mask = rollouts.mask_from_constants(consts, ["mask"])
+    direct = np.asarray(rollouts.rollout(model, fields[:, :4], field_indices=truth_traj[0]["field_indices"],
                                   bcs=truth_traj[0]["boundary_conditions"], n_steps=3, constant_fields=consts,
                                   mask=mask))
     np.testing.assert_allclose(written[:, 4:], direct, rtol=1e-5, atol=1e-5)
     assert (written[:, 4:, :3, :3] == 0).all()  # masked points
     # metrics.json = the metric of what was written, against the (masked) truth.
     truth = np.where(mask[:, None, ..., None], 0.0, fields[:, 4:7])
-    vr = np.asarray(M.vrmse(written[:, 4:], truth))  # (B, 3, C)
+    vr = np.asarray(metrics.vrmse(written[:, 4:], truth))  # (B, 3, C)
     rep = job["report"]["metrics"]["vrmse"]
     np.testing.assert_allclose(rep["per_step"]["pressure"], vr[..., 0].mean(0), rtol=1e-4)
     np.testing.assert_allclose(rep["windows"]["1"]["mean"], vr[:, 0].mean(), rtol=1e-4)
-    pers = np.asarray(M.vrmse(np.repeat(fields[:, 3:4], 3, 1), truth))
+    pers = np.asarray(metrics.vrmse(np.repeat(fields[:, 3:4], 3, 1), truth))
     np.testing.assert_allclose(job["report"]["persistence"]["vrmse"]["per_step_mean"], pers.mean((0, 2)), rtol=1e-4)
 
 
@@ -141,14 +141,14 @@ def test_missing_keys_are_clear_errors(tmp_path):
 
     config = load_config(os.path.join(ROOT, "configs", "rollout.py"), [])
     with pytest.raises(ValueError, match="config.checkpoint is required"):
-        I.run_rollout_job(config, str(tmp_path))
+        inference.run_rollout_job(config, str(tmp_path))
 
 
 def test_random_params_and_cast():
     cfg = ModelConfig.tiny(n_states=10)
-    m = I.random_model(cfg, seed=0)
+    m = inference.random_model(cfg, seed=0)
     assert float(m.encoder_dummy[...][0]) == 1.0
-    m16 = I.cast_model(m, "bfloat16")
+    m16 = inference.cast_model(m, "bfloat16")
     leaves = jax.tree.leaves(nnx.state(m16, nnx.Param))
     assert {str(v.dtype) for v in leaves} == {"bfloat16"}
     a = np.asarray(nnx.state(m, nnx.Param)["processor"]["blocks"]["space"]["fused"]["kernel"][...])

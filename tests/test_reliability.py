@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from walrus_jax import errors, main, workdir_lock
-from walrus_jax import rollouts as R
+from walrus_jax import rollouts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIX = os.path.join(ROOT, "tests", "fixtures")
@@ -297,23 +297,23 @@ def _diverging(x, fi, bcs, jitter=None):
 def test_rollout_api_reports_the_first_nonfinite_step():
     x = np.random.default_rng(0).normal(size=(2, 2, 32, 32, 3)).astype(np.float32)
     kw = dict(field_indices=np.array([0, 1, 2]), bcs=((2, 2), (2, 2)), n_steps=8)
-    p, finite = R.rollout(_diverging, x, on_nonfinite="ignore", return_finite=True, **kw)
+    p, finite = rollouts.rollout(_diverging, x, on_nonfinite="ignore", return_finite=True, **kw)
     p = np.asarray(p)
-    first = R.first_nonfinite(finite)
+    first = rollouts.first_nonfinite(finite)
     assert finite.shape == (2, 8, 3) and first is not None
     t = first[0]
     assert 0 < t < 8 and finite[:, :t].all() and np.isfinite(p[:, :t]).all()
     assert not np.isfinite(p[first[1][0], t, ..., first[2]]).all()
     np.testing.assert_array_equal(finite, np.isfinite(p).all(axis=(2, 3)))  # the in-scan flags are exact
     with pytest.warns(RuntimeWarning, match=f"prediction step {t + 1} of 8 holds NaN/Inf"):
-        R.rollout(_diverging, x, **kw)
-    with pytest.raises(R.NonFiniteRolloutError, match=f"step {t + 1} of 8") as e:
-        R.rollout(_diverging, x, on_nonfinite="raise", chunk_size=1, **kw)
+        rollouts.rollout(_diverging, x, **kw)
+    with pytest.raises(rollouts.NonFiniteRolloutError, match=f"step {t + 1} of 8") as e:
+        rollouts.rollout(_diverging, x, on_nonfinite="raise", chunk_size=1, **kw)
     assert e.value.step == t and e.value.predictions.shape == p.shape
     assert not e.value.finite[:, -1].any()  # stopped: the last steps never ran
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a finite rollout says nothing
-        R.rollout(lambda x, fi, bcs, jitter=None: 0.1 * x, x, **kw)
+        rollouts.rollout(lambda x, fi, bcs, jitter=None: 0.1 * x, x, **kw)
 
 
 def _toy_data(path, scale=1.0, n_frames=16):
@@ -338,16 +338,16 @@ def exploding_checkpoint(tmp_path_factory):
     values grow ~500x per step and the RMS statistics overflow float32 near step 8."""
     from test_inference import save_checkpoint
 
-    from walrus_jax import inference as I
+    from walrus_jax import inference
     from walrus_jax.data.fields import FieldVocabulary
     from walrus_jax.models.config import ModelConfig
 
     vocab = FieldVocabulary.released()
     cfg = ModelConfig.tiny(n_states=len(vocab))
-    params = I.random_params(cfg, seed=1, scale=0.5)
+    params = inference.random_params(cfg, seed=1, scale=0.5)
     params["debed"]["d2"]["proj2_bias"][:] = 1e3
     d = tmp_path_factory.mktemp("exploding")
-    return save_checkpoint(str(d / "ckpt"), I.model_from_params(cfg, params), vocab), str(d)
+    return save_checkpoint(str(d / "ckpt"), inference.model_from_params(cfg, params), vocab), str(d)
 
 
 def _rollout_config(ckpt, data, *overrides):

@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from walrus_jax import metrics as M
-from walrus_jax import rollouts as R
+from walrus_jax import metrics
+from walrus_jax import rollouts
 from walrus_jax.errors import ConfigError, DataError, PathError
 from walrus_jax.jsonio import write_json
 from walrus_jax.models.config import BC_NAMES, ModelConfig
@@ -310,20 +310,20 @@ def run_rollout_job(config, workdir: str) -> dict:
         consts = consts if consts.shape[-1] else None
         inputs = fields[:, start:start + t_in]
         truth = fields[:, start + t_in:start + t_in + n_steps]
-        mask = R.mask_from_constants(consts, mask_names) if consts is not None else None
+        mask = rollouts.mask_from_constants(consts, mask_names) if consts is not None else None
         t0 = time.time()
         try:
-            preds = R.rollout(model, inputs, field_indices=first["field_indices"], bcs=first["boundary_conditions"],
+            preds = rollouts.rollout(model, inputs, field_indices=first["field_indices"], bcs=first["boundary_conditions"],
                               n_steps=n_steps, constant_fields=consts, padded_field_mask=first["padded_field_mask"],
                               mask=mask, jitter=None if key is None else jax.random.fold_in(key, g),
                               eps=float(config.eps), chunk_size=int(config.chunk_size), min_input_steps=t_in,
                               on_nonfinite="raise", normalization_stats=norm_stats)
-        except R.NonFiniteRolloutError as e:  # stopped after the chunk holding the first NaN/Inf
+        except rollouts.NonFiniteRolloutError as e:  # stopped after the chunk holding the first NaN/Inf
             where = {"trajectory": int(ids[e.sample]), "step": int(e.step) + 1, "field": str(var_names[e.channel])}
             text = (f"the rollout of {config.checkpoint} on {config.data} diverged: trajectory {where['trajectory']}, "
                     f"field {where['field']!r} is NaN/Inf at prediction step {where['step']} of {n_steps}")
             if on_nonfinite == "error" or e.step == 0:
-                raise R.NonFiniteRolloutError(
+                raise rollouts.NonFiniteRolloutError(
                     f"{text}; nothing was written for it. Check the data's units and config.field_transforms, or "
                     "set --config.on_nonfinite=truncate to keep the steps before it", step=e.step,
                     sample=where["trajectory"], channel=e.channel) from None
@@ -357,19 +357,19 @@ def run_rollout_job(config, workdir: str) -> dict:
                     extra_attrs={"walrus_source_trajectory": int(j), "walrus_checkpoint": str(config.checkpoint)})
     valid = list(np.asarray(first["padded_field_mask"], bool))
     windows = tuple(tuple(int(v) for v in w) for w in config.windows)
-    skipped = {M.window_name(w): f"needs {w[1]} steps, the rollout has {n_steps}" for w in windows if w[1] > n_steps}
+    skipped = {metrics.window_name(w): f"needs {w[1]} steps, the rollout has {n_steps}" for w in windows if w[1] > n_steps}
     if skipped:
         log.warning("metrics windows %s skipped: longer than the rollout's %d steps", sorted(skipped), n_steps)
-    per = {k: np.asarray(v) for k, v in M.compute_all(preds, truth).items()}
-    base = {k: np.asarray(v) for k, v in M.compute_all(persist, truth, spectral=False).items()}
+    per = {k: np.asarray(v) for k, v in metrics.compute_all(preds, truth).items()}
+    base = {k: np.asarray(v) for k, v in metrics.compute_all(persist, truth, spectral=False).items()}
     report = {
         "checkpoint": str(config.checkpoint), "checkpoint_source": source, "data": str(config.data),
         "dataset": ds.dataset_name, "trajectories": traj_ids, "n_input_steps": t_in, "n_steps": n_steps,
         "n_steps_requested": n_requested, "nonfinite": nonfinite, "windows_skipped": skipped,
         "field_names": var_names, "padded_field_mask": [bool(v) for v in valid], "dtype": config.dtype,
         "jitter": bool(config.jitter), "seed": int(config.seed),
-        "metrics": M.summarize(per, var_names, windows, valid),
-        "persistence": M.summarize({k: base[k] for k in ("vrmse", "nrmse", "mse")}, var_names, windows, valid),
+        "metrics": metrics.summarize(per, var_names, windows, valid),
+        "persistence": metrics.summarize({k: base[k] for k in ("vrmse", "nrmse", "mse")}, var_names, windows, valid),
         "per_trajectory_vrmse": {str(j): np.asarray(per["vrmse"][i]).tolist() for i, j in enumerate(traj_ids)},
         "rollout_seconds": timings, "wall_seconds": time.time() - t_start,
     }

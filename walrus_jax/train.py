@@ -215,7 +215,7 @@ def load_batch(mesh, batch) -> tuple[dict, tuple]:
     [p·B/P, (p+1)·B/P), arrays (B/P, ...)) -> (global device arrays sharded over the mesh, static
     bcs). The rows are taken as they are: `jax.make_array_from_process_local_data` lays them out."""
     dbatch, bcs = steps.device_batch(batch)
-    jit = dbatch.pop("jitter", None)
+    jitter = dbatch.pop("jitter", None)
     n_proc = jax.process_count()
     b = np.shape(dbatch["input_fields"])[0] * n_proc  # the global batch size
     n_dev = sharding.n_devices(mesh)
@@ -228,10 +228,10 @@ def load_batch(mesh, batch) -> tuple[dict, tuple]:
         a = np.asarray(v, np.int32) if k == "field_indices" else np.asarray(v)
         local[k] = a
     out = sharding.global_batch(mesh, local, steps.BATCH_KEYS)
-    if jit is not None:
+    if jitter is not None:
         rep = sharding.replicated(mesh)
         out["jitter"] = jax.tree.map(
-            lambda a: jax.make_array_from_process_local_data(rep, np.asarray(a, np.int32), np.shape(a)), jit)
+            lambda a: jax.make_array_from_process_local_data(rep, np.asarray(a, np.int32), np.shape(a)), jitter)
     return out, bcs
 
 

@@ -64,21 +64,21 @@ def bench_one(preset: str, dtype: str, hw: int, t_in: int, steps: int, batch: in
            "device": str(dev.device_kind)}
 
     # ---------------- scan: the library's compiled lax.scan
-    st, consts, mask, pmask, jit_xs, key_ = rollouts._prepare(model, x, fi, bcs, steps, None, None, None, key, None,
+    st, consts, mask, pmask, jitter_xs, key_ = rollouts._prepare(model, x, fi, bcs, steps, None, None, None, key, None,
                                                       1e-5, 1, True)
     graphdef, _, state = rollouts._split(model)
     fn = rollouts._compiled(graphdef, None, st, steps, False)
     win = jnp.asarray(x)
     start = jnp.zeros((), jnp.int32)
     t0 = time.time()
-    compiled = fn.lower(state, win, consts, mask, pmask, jit_xs, key_, start).compile()
+    compiled = fn.lower(state, win, consts, mask, pmask, jitter_xs, key_, start).compile()
     out["scan_compile_s"] = round(time.time() - t0, 2)
     out["scan_program_bytes"] = _mem_analysis(compiled)
-    jax.block_until_ready(compiled(state, win, consts, mask, pmask, jit_xs, key_, start))  # warm-up
+    jax.block_until_ready(compiled(state, win, consts, mask, pmask, jitter_xs, key_, start))  # warm-up
     best = float("inf")
     for _ in range(repeats):
         t0 = time.time()
-        _, preds_scan = compiled(state, win, consts, mask, pmask, jit_xs, key_, start)
+        _, preds_scan = compiled(state, win, consts, mask, pmask, jitter_xs, key_, start)
         jax.block_until_ready(preds_scan)
         best = min(best, time.time() - t0)
     out["scan_steps_per_s"] = round(steps / best, 3)
