@@ -11,7 +11,7 @@ import os
 
 from ml_collections import config_dict
 
-from walrus_jax.models.config import ModelConfig
+from walrus_jax.models.config import LORA_TARGETS, ModelConfig
 
 
 def model_section(cfg: ModelConfig) -> config_dict.ConfigDict:
@@ -19,6 +19,8 @@ def model_section(cfg: ModelConfig) -> config_dict.ConfigDict:
     d["include_d"] = tuple(d["include_d"])
     d["kernel_sizes"] = tuple(d["kernel_sizes"])
     ape = d.pop("ape_grid")
+    for k in [k for k in d if k.startswith("lora_")]:  # set through the `lora` section (fine-tuning)
+        del d[k]
     m = config_dict.ConfigDict(d)
     # None is not a type: a placeholder keeps the key typed (a tuple of 3 ints) and overridable.
     m.ape_grid = config_dict.placeholder(tuple) if ape is None else tuple(ape)
@@ -119,6 +121,13 @@ def base_config() -> config_dict.ConfigDict:
     c.finetune.new_field_init = "fresh"  # new vocabulary rows: 'fresh' initialization (as released), 'mean', 'zeros'
     c.finetune.learned_rope = "none"  # none | shared | per_axis
     c.finetune.ape = False  # absolute position embedding (anisotropic domains)
+    # Low-rank adapters (walrus_jax/models/lora.py) when fine-tuning: rank 0 = full fine-tuning.
+    # With rank > 0 only the adapters, new vocabulary rows, learnable RoPE / APE train.
+    c.lora = config_dict.ConfigDict()
+    c.lora.rank = 0
+    c.lora.alpha = 16.0
+    c.lora.dropout = 0.0
+    c.lora.targets = LORA_TARGETS  # any of them
     return c
 
 

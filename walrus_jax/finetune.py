@@ -140,7 +140,14 @@ class Plan:
             over["ape_grid"] = tuple(int(v) for v in m.ape_grid)
         else:
             over["ape_grid"] = None
-        self.model_cfg = base.cfg.replace(**over)
+        lo = config.get("lora")
+        if lo is not None and lo.rank > 0:  # adapter fine-tuning (walrus_jax/adapters.py)
+            over.update(lora_rank=int(lo.rank), lora_alpha=float(lo.alpha), lora_dropout=float(lo.dropout),
+                        lora_targets=tuple(lo.targets))
+        try:
+            self.model_cfg = base.cfg.replace(**over)
+        except ValueError as e:
+            raise ConfigError(f"config lora / model: {e}") from None
         self.vocab = base.vocab
 
     def finalize_config(self, n_states_data: int) -> ModelConfig:
@@ -151,7 +158,40 @@ class Plan:
         self.model_cfg = self.model_cfg.replace(n_states=n)
         return self.model_cfg
 
+    @property
+    def adapters(self) -> bool:
+        return self.model_cfg.lora_rank > 0
+
+    def checkpoint_meta(self) -> dict:
+        """What the training checkpoints record about the base (adapter runs: its fingerprint, so a
+        delta exported from the workdir can refuse another base)."""
+        if not self.adapters:
+            return {}
+        from walrus_jax import adapters
+
+        return {adapters.META_KEY: {"fingerprint": adapters.fingerprint(self.base.params),
+                                    "n_states": int(self.base.cfg.n_states), "source": self.base.source}}
+
+    def write_delta(self, directory: str, params, vocab, meta: dict) -> str | None:
+        """Adapter runs: the trained variables as an adapter delta in `directory` (walrus_jax/adapters.py);
+        `meta` is checkpoint_meta()'s output. None (nothing written) for full fine-tuning."""
+        if not self.adapters:
+            return None
+        from walrus_jax import adapters
+
+        info = meta[adapters.META_KEY]
+        delta = adapters.delta_from_params(jax.tree.map(np.asarray, params), self.model_cfg, info["n_states"], vocab,
+                                           info["fingerprint"], source=directory)
+        return adapters.write_delta(directory, delta)
+
     def trainable_mask(self, params_abstract) -> Any:
+        if self.adapters:
+            from walrus_jax import adapters
+
+            if self.config.finetune.freeze:
+                raise ConfigError("config finetune.freeze and lora.rank > 0 exclude each other: with adapters "
+                                  "everything but the adapters and new vocabulary rows is frozen already")
+            return adapters.trainable_mask(params_abstract, self.model_cfg, self.base.cfg.n_states)
         prefixes = [p.strip("/") for p in self.config.finetune.freeze]
         flat = _flat(params_abstract)
         for p in prefixes:

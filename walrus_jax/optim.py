@@ -14,7 +14,10 @@ micro-batch of the update:
        p    −= lr / (1 − β1^step) · m / (√v / √(1 − β2^step) + eps)
      A parameter without a gradient in the update (the 2D encoder/decoder in an update holding only
      3D data, and vice versa) is skipped entirely: no moment update, no step count, no decay.
-     Frozen parameters (`trainable_mask` False) have no moments at all and never move.
+     Frozen parameters (`trainable_mask` False) have no moments at all and never move. A mask leaf
+     may also be a bool array broadcastable to its parameter (e.g. only the new vocabulary rows of
+     an encoder kernel train): that parameter has moments, its gradient is zeroed outside the mask
+     (so the clipping norm counts only the trained entries) and only the masked entries move.
 
 The schedule is the original's `InverseSqrtLinearWarmupSqrtCooldown`: with L the number of completed
 schedule steps (pseudo-epochs of `steps_per_epoch` updates: the lr is a staircase; or updates, with
@@ -158,7 +161,15 @@ def _select(tree, mask) -> dict[tuple, Any]:
     if mask is None:
         return flat
     keep = traverse_util.flatten_dict(mask)
-    return {k: v for k, v in flat.items() if keep[k]}
+    return {k: v for k, v in flat.items() if np.any(keep[k])}
+
+
+def _partial(mask) -> dict[tuple, np.ndarray]:
+    """{path: bool array} for the mask leaves that train only part of their parameter."""
+    if mask is None:
+        return {}
+    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(mask).items()
+            if np.ndim(v) > 0 and not np.all(v)}
 
 
 def _nest(flat: dict[tuple, Any]) -> dict:
@@ -212,6 +223,8 @@ def step(params, grads, present, state: dict, opt: AdamWConfig, schedule: Callab
     """
     flat = traverse_util.flatten_dict
     g = _select(grads, trainable_mask)
+    part = _partial(trainable_mask)
+    g = {k: jnp.where(part[k], v, jnp.zeros_like(v)) if k in part else v for k, v in g.items()}
     seen_old = flat(state["seen"])
     seen = {k: seen_old[k] | jnp.asarray(v) for k, v in _select(present, trainable_mask).items()}
     micro = state["micro"] + 1
@@ -236,7 +249,7 @@ def step(params, grads, present, state: dict, opt: AdamWConfig, schedule: Callab
             denom = jnp.sqrt(v) / jnp.sqrt(_bias_correction(opt.b2, t)) + np.float32(opt.eps)
             pk = p[k].astype(jnp.float32) * decay - (lr / _bias_correction(opt.b1, t)) * (m / denom)
             on = seen[k]
-            new_p[k] = jnp.where(on, pk, p[k]).astype(p[k].dtype)
+            new_p[k] = jnp.where(on & part[k] if k in part else on, pk, p[k]).astype(p[k].dtype)
             steps_[k] = jnp.where(on, t, a_step[k])
             mu[k] = jnp.where(on, m, a_mu[k]).astype(a_mu[k].dtype)
             nu[k] = jnp.where(on, v, a_nu[k]).astype(a_nu[k].dtype)

@@ -376,7 +376,8 @@ def _restore_host(directory: str, cfg: ModelConfig, meta: Mapping, dtypes: Mappi
 
 
 def load_pretrained(directory: str, *, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None,
-                    rules: Mapping[str, Any] | Sequence[tuple[str, Any]] | None = None, **overrides):
+                    rules: Mapping[str, Any] | Sequence[tuple[str, Any]] | None = None, adapters: str | None = None,
+                    **overrides):
     """A walrus_jax.Walrus with the parameters of a converted checkpoint directory.
 
     dtype: None (as converted: config.json's param_dtype / dtype), "float32" or "bfloat16" (both the
@@ -388,6 +389,9 @@ def load_pretrained(directory: str, *, dtype: str | None = None, mesh: jax.shard
       with `rules` ({logical name: mesh axis or None}, or a sequence of pairs) applied on top. None: everything on the default device.
     overrides: further ModelConfig fields that do not change parameter shapes (remat, scan_layers,
       drop_path, input_field_drop, jitter_patches).
+    adapters: a LoRA fine-tuning workdir or an exported adapter delta made for this checkpoint
+      (walrus_jax/adapters.py): the fine-tuned model (adapters, new fields) is returned; a delta
+      made for another base is refused.
     The model's `vocab` attribute is the checkpoint's field vocabulary (or None), as
     `model_vocabulary(directory)` returns it.
     Raises FileNotFoundError / PretrainedFormatError naming the directory and what is wrong.
@@ -395,6 +399,21 @@ def load_pretrained(directory: str, *, dtype: str | None = None, mesh: jax.shard
     import orbax.checkpoint as ocp
 
     from walrus_jax.models.walrus import Walrus
+
+    if adapters is not None:
+        from walrus_jax import adapters as adapters_lib
+
+        model = adapters_lib.load(directory, adapters, dtype=dtype, **overrides)
+        if mesh is not None:
+            from walrus_jax.sharding import param_specs
+
+            state = nnx.state(model)
+            specs = param_specs(state, _rules_for(state, mesh, rules), mesh)
+            nnx.replace_by_pure_dict(state, jax.tree.map(
+                lambda a, sp: jax.device_put(a, jax.sharding.NamedSharding(mesh, sp)), nnx.to_pure_dict(state), specs,
+                is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
+            nnx.update(model, state)
+        return model
 
     directory = os.path.abspath(str(directory))
     meta = read_marker(directory)

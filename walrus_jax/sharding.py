@@ -31,6 +31,7 @@ DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (("embed", "fsdp"),) + tuple
     "heads", "head_dim", "buckets",  # per-head norms and the relative-position bias table
     "inter", "vocab", "kh", "kw", "kd",  # encoder / decoder convolutions
     "rope", "rope_axes", "tok_h", "tok_w", "tok_d",  # RoPE frequencies, absolute position grid
+    "lora_rank",  # low-rank adapters' inner axis
 ))
 
 

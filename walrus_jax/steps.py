@@ -30,7 +30,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
 from walrus_jax import normalization, optim, rollouts, xla_options
 from walrus_jax.models.jitter import Jitter, sample_jitter
@@ -178,14 +178,24 @@ def active_spatial_axes(input_fields_shape) -> int:
 
 
 # ------------------------------------------------------------------------------------ steps
-def loss_and_grads(params, batch: Mapping[str, Any], rest, key, *, graphdef, bcs, opts: StepOptions):
-    """(loss of the micro-batch in train mode, gradients of loss / grad_accum) w.r.t. params."""
+def loss_and_grads(params, batch: Mapping[str, Any], rest, key, *, graphdef, bcs, opts: StepOptions,
+                   trainable_mask=None):
+    """(loss of the micro-batch in train mode, gradients of loss / grad_accum) w.r.t. params; with a
+    trainable mask, w.r.t. the (partly) trainable parameters only (a nested dict of those): frozen
+    weights get no gradient buffers at all, which is what makes adapter fine-tuning small."""
+    flat = traverse_util.flatten_dict(params)
+    keep = {k: bool(np.any(v)) for k, v in traverse_util.flatten_dict(trainable_mask).items()} \
+        if trainable_mask is not None else {k: True for k in flat}
+    trained = traverse_util.unflatten_dict({k: v for k, v in flat.items() if keep[k]})
+    frozen = {k: v for k, v in flat.items() if not keep[k]}
+
     def loss_fn(p):
-        model = nnx.merge(graphdef, p, rest)
+        full = traverse_util.unflatten_dict({**frozen, **traverse_util.flatten_dict(p)})
+        model = nnx.merge(graphdef, full, rest)
         loss, _ = compute_loss(model, batch, key, bcs=bcs, opts=opts, train=True)
         return loss / opts.grad_accum, loss
 
-    (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
     return loss, grads
 
 
@@ -200,7 +210,8 @@ def train_step(state: dict, batch: Mapping[str, Any], rest, *, graphdef, opt: op
     latest update; set when `applied`), applied (True on an update's last micro-batch)}).
     """
     rng, key = _split_rng(state["rng"])
-    loss, grads = loss_and_grads(state["params"], batch, rest, key, graphdef=graphdef, bcs=bcs, opts=opts)
+    loss, grads = loss_and_grads(state["params"], batch, rest, key, graphdef=graphdef, bcs=bcs, opts=opts,
+                                 trainable_mask=trainable_mask)
     present = present_mask(state["params"], active_spatial_axes(batch["input_fields"].shape))
     params, opt_state = optim.step(state["params"], grads, present, state["opt_state"], opt, schedule,
                                    trainable_mask)

@@ -68,6 +68,8 @@ def validate_config(config) -> None:
     if t.minimum_context < 0 or config.data.n_steps_input <= t.minimum_context:
         raise ConfigError(f"config data.n_steps_input={config.data.n_steps_input} must exceed train.minimum_context="
                           f"{t.minimum_context} (>= 0): the first minimum_context predictions are not scored")
+    if config.lora.rank > 0 and not config.init_from:
+        raise ConfigError(f"config lora.rank={config.lora.rank} needs config.init_from (a base checkpoint to adapt)")
     if config.checkpoint.every < 0:
         raise ConfigError(f"config checkpoint.every must be >= 0 (0 = only at the end), got {config.checkpoint.every}")
     draws = config.data.dataset_draws
@@ -446,7 +448,7 @@ def _train(config, workdir: str) -> dict:
     opts = step_options(config)
     step_fn = steps.build_train_step(parts.graphdef, opt, schedule, opts, state_sh, parts.rest_shardings, mask)
     meta_base = {"model_config": model_cfg.to_dict(), "fingerprint": fp, "vocab": vocab.to_dict(),
-                 "config": json.loads(config.to_json_best_effort())}
+                 "config": json.loads(config.to_json_best_effort()), **(ft.checkpoint_meta() if ft else {})}
 
     eval_sets = None
     if config.eval.n_trajectories > 0:
@@ -520,6 +522,8 @@ def _train(config, workdir: str) -> dict:
         timing["train_seconds"] = train_seconds
         if step > start or not ckpt.steps():
             save(step, force=True)
+        if ft is not None and is_main:  # adapter runs: WORKDIR/adapters, the small delta (walrus_jax/adapters.py)
+            ft.write_delta(os.path.join(workdir, "adapters"), state["params"], vocab, meta_base)
         t_eval = time.time()
         report = run_eval(step) if eval_sets else None
         timing["eval_seconds"] = time.time() - t_eval

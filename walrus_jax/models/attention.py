@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from walrus_jax.models import positional
+from walrus_jax.models import lora, positional
 from walrus_jax.models.blocked_attention import blocked_attention
 from walrus_jax.models.config import ModelConfig
 from walrus_jax.models.layers import Dense, HeadLayerNorm, RMSGroupNorm, drop_path, param
@@ -67,20 +67,21 @@ class TimeAttention(nnx.Module):
         bias = positional.time_bias(self.rel_bias[...], T, cfg.causal_in_time, cfg.rel_pos_buckets,
                                     cfg.rel_pos_max_distance)  # (heads, T, T)
         xn = self.norm(x, SPATIAL)
+        k_qkv, k_out = lora.branch_keys(key, 2)
         if jax.default_backend() == "cpu":
             # Token-major: one transpose of the normalised input and one of the output, then every
             # token's T x T attention is a contiguous block (see frame_attention).
             xt = jnp.transpose(xn.reshape(B, T, L, hid), (0, 2, 1, 3))  # (B, L, T, hid)
-            qkv = self.qkv(xt).reshape(B * L, T, nh, 3, hd)
+            qkv = self.qkv(xt, k_qkv).reshape(B * L, T, nh, 3, hd)
             q, k, v = self.q_norm(qkv[..., 0, :]), self.k_norm(qkv[..., 1, :]), qkv[..., 2, :]
-            o = self.out(frame_attention(q, k, v, bias, cfg.causal_in_time).reshape(B, L, T, hid))
+            o = self.out(frame_attention(q, k, v, bias, cfg.causal_in_time).reshape(B, L, T, hid), k_out)
             o = jnp.transpose(o, (0, 2, 1, 3)).reshape(x.shape)
         else:
-            qkv = self.qkv(xn).reshape(B, T, h, w, d, nh, 3, hd)
+            qkv = self.qkv(xn, k_qkv).reshape(B, T, h, w, d, nh, 3, hd)
             qkv = jnp.transpose(qkv, (6, 0, 2, 3, 4, 1, 5, 7)).reshape(3, B * L, T, nh, hd)
             q, k, v = self.q_norm(qkv[0]), self.k_norm(qkv[1]), qkv[2]
             o = _attention(q, k, v, bias=bias[None], is_causal=cfg.causal_in_time)
-            o = self.out(jnp.transpose(o.reshape(B, h, w, d, T, hid), (0, 4, 1, 2, 3, 5)))
+            o = self.out(jnp.transpose(o.reshape(B, h, w, d, T, hid), (0, 4, 1, 2, 3, 5)), k_out)
         return x + drop_path(o.astype(x.dtype), rate, key, draw_axes=(1,))  # one draw per frame, shared by the batch
 
 
@@ -136,7 +137,8 @@ class SpaceAttention(nnx.Module):
         cfg = self.cfg
         B, T, h, w, d, hid = x.shape
         nh, hd, L = cfg.num_heads, cfg.head_dim, h * w * d
-        f = self.fused(self.norm(x, SPATIAL)).reshape(B * T, L, 7 * hid)
+        k_fused, k_attn, k_ff = lora.branch_keys(key, 3)
+        f = self.fused(self.norm(x, SPATIAL), k_fused).reshape(B * T, L, 7 * hid)
         ff, q, k, v = jnp.split(f, [4 * hid, 5 * hid, 6 * hid], axis=-1)
         q = self.q_norm(q.reshape(B * T, L, nh, hd))
         k = self.k_norm(k.reshape(B * T, L, nh, hd))
@@ -144,7 +146,7 @@ class SpaceAttention(nnx.Module):
         q, k = positional.apply_rope(q, angles), positional.apply_rope(k, angles)
         o = _attention(q, k, v.reshape(B * T, L, nh, hd)).reshape(B * T, L, hid)
         value, gate = jnp.split(ff, 2, axis=-1)  # the original's SwiGLU: first half value, second half gate
-        branch = self.attn_out(o) + self.ff_out(jax.nn.silu(gate) * value)
+        branch = self.attn_out(o, k_attn) + self.ff_out(jax.nn.silu(gate) * value, k_ff)
         return x + drop_path(branch.reshape(x.shape).astype(x.dtype), rate, key, draw_axes=(0, 1))
 
 

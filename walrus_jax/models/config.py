@@ -21,6 +21,8 @@ FLAG_LABELS = (2, 0, 1)
 
 LEARNED_ROPE_CHOICES = ("none", "shared", "per_axis")
 REMAT_CHOICES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+# Projections of each block that may carry a low-rank adapter (walrus_jax/models/lora.py).
+LORA_TARGETS = ("time.qkv", "time.out", "space.fused", "space.attn_out", "space.ff_out")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +57,11 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of parameters
     remat: str = "none"  # remat policy of each scanned block, one of REMAT_CHOICES
     scan_layers: bool = True  # nnx.scan over blocks (False: Python loop, for debugging)
+    # Low-rank adapters on the block projections (models/lora.py); rank 0: none.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
 
     def __post_init__(self):
         problems = []
@@ -72,6 +79,11 @@ class ModelConfig:
             problems.append(f"ape_grid={self.ape_grid} must have 3 entries (h, w, d)")
         if self.head_dim // 4 < 2:
             problems.append(f"head_dim={self.head_dim} too small for axial RoPE (needs >= 8)")
+        if self.lora_rank < 0 or not 0.0 <= self.lora_dropout < 1.0:
+            problems.append(f"lora_rank={self.lora_rank} must be >= 0 and lora_dropout={self.lora_dropout} in [0, 1)")
+        unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
+        if unknown or (self.lora_rank and not self.lora_targets):
+            problems.append(f"lora_targets={tuple(self.lora_targets)}: choose a non-empty subset of {LORA_TARGETS}")
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
 
@@ -109,6 +121,8 @@ class ModelConfig:
         for key in ("include_d", "kernel_sizes", "ape_grid"):
             if kw.get(key) is not None:
                 kw[key] = tuple(int(v) for v in kw[key])
+        if kw.get("lora_targets") is not None:
+            kw["lora_targets"] = tuple(str(v) for v in kw["lora_targets"])
         return cls(**kw)
 
     # ----------------------------------------------------------------- presets

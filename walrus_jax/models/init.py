@@ -15,7 +15,7 @@ assembled on the host, one variable at a time:
 
 Scheme: kernels (Dense, conv and transposed conv) ~ truncated normal with std 1/sqrt(fan_in)
 (fan_in = input features x kernel taps), the T5 bias table and the absolute position embedding
-~ 0.02 x truncated normal; norm scales and encoder_dummy 1, biases 0, RoPE frequencies the
+~ 0.02 x truncated normal; low-rank adapters A like a kernel and B = 0; norm scales and encoder_dummy 1, biases 0, RoPE frequencies the
 lucidrains "pixel" values. Variable i's values are chunk j = 0, 1, ... of fold_in(fold_in(key, i), j).
 """
 from __future__ import annotations
@@ -37,6 +37,10 @@ _CHUNK_SIZES = (1 << 18,)  # values per draw (1 MiB of float32): one compiled ge
 def _rule(path: tuple[str, ...], shape: tuple[int, ...], cfg: ModelConfig):
     """-> ("random", std) or ("const", value array builder)."""
     name = path[-1]
+    if len(path) >= 2 and path[-2] == "lora":  # low-rank adapters (models/lora.py): B = 0, the base model
+        if name == "b":
+            return "const", lambda: np.zeros(shape, np.float32)
+        return "random", 1.0 / math.sqrt(shape[-2])
     if name in ("scale", "encoder_dummy"):
         return "const", lambda: np.ones(shape, np.float32)
     if name in ("bias", "proj2_bias"):

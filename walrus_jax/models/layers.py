@@ -69,14 +69,18 @@ class Dense(nnx.Module):
         self.kernel = param(init(rngs.params(), (n_in, n_out), param_dtype), axes)
         self.bias = param(jnp.zeros((n_out,), param_dtype), (axes[1],)) if use_bias else None
         self.dtype = dtype
+        self.lora = None  # a low-rank adapter (models/lora.py attach), added to the output
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        """key: the adapter's dropout randomness (None: none)."""
         # As one 2-D product: XLA:CPU runs a dot with many batch-like leading axes ~20% slower.
         lead = x.shape[:-1]
         y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), self.kernel[...].astype(self.dtype))
         y = y.reshape(lead + (y.shape[-1],))
         if self.bias is not None:
             y = add_channels(y, self.bias[...].astype(self.dtype))
+        if self.lora is not None:
+            y = y + self.lora(x, key)
         return y
 
 

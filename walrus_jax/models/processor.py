@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from walrus_jax.models import lora
 from walrus_jax.models.attention import SpaceAttention, TimeAttention
 from walrus_jax.models.config import ModelConfig
 
@@ -48,7 +49,9 @@ class Processor(nnx.Module):
         @nnx.split_rngs(splits=cfg.n_blocks)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=STACKED)
         def create(r: nnx.Rngs) -> Block:
-            return Block(cfg, rngs=r)
+            block = Block(cfg, rngs=r)
+            lora.attach(block, cfg, rngs=r)  # inside the vmap: adapters stack with the layers
+            return block
 
         self.blocks = create(rngs)
 
