@@ -298,7 +298,9 @@ def merged_params(params: Mapping, cfg: ModelConfig) -> tuple[dict, ModelConfig]
         if is_adapter_path(k) and k.endswith("/lora/a"):
             dense = k[: -len("/lora/a")]
             out[dense + "/kernel"] = merged_kernel(flat[dense + "/kernel"], flat[k], flat[dense + "/lora/b"], scale)
-    return _nest(out), cfg.replace(lora_rank=0)
+    plain = {f: ModelConfig.__dataclass_fields__[f].default for f in ("lora_rank", "lora_alpha", "lora_dropout",
+                                                                     "lora_targets")}
+    return _nest(out), cfg.replace(**plain)
 
 
 def merge_model(model):
