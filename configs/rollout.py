@@ -4,7 +4,8 @@
         --config.data=FILE_OR_DIR --workdir OUT
 
 `checkpoint`: a converted release (tools.convert_torch_ckpt output) or a walrus_jax training workdir
-(its newest checkpoint). `data`: one Well HDF5 file, a directory of them, or a dataset root with
+(its newest checkpoint); with `adapters` (a LoRA fine-tuning workdir or its exported delta) the base
+`checkpoint` plus those adapters. `data`: one Well HDF5 file, a directory of them, or a dataset root with
 `split`. Outputs under the workdir: predictions/<dataset>/traj_<j>.hdf5 (Well layout: the input
 history followed by the predicted frames), metrics.json, plots/ (PNG panels, GIF, VRMSE vs step).
 Variants: "" (released settings: 6 input frames) or "tiny" (tests: 4 input frames, 3 steps).
@@ -17,6 +18,7 @@ def get_config(variant: str = ""):
     c.mode = "rollout"  # read by walrus_jax.main when --mode is not given
     c.name = "rollout"
     c.checkpoint = ""  # required: converted release directory or training workdir
+    c.adapters = ""  # LoRA workdir or exported adapter delta trained on `checkpoint` (walrus_jax/adapters.py)
     c.data = ""  # required: Well file, directory of files, or dataset root (with split)
     c.split = ""  # '' = `data` holds the files; else read data/<split>
     c.field_transforms = ""  # "density:log10,temperature:log10" (the release's per-dataset transforms)

@@ -233,7 +233,7 @@ def test_eval_mode_and_rollout_job_on_the_lora_workdir(run):
     ev = main.run(_ft_config(run["ckpt"], run["tmp"] / "data"), str(run["work"]), "eval")
     assert np.isfinite(ev["datasets"]["blob"]["vrmse_1_2"]["mean"])
     ro = main.load_config(os.path.join(REPO, "configs", "rollout.py"), [
-        f"checkpoint={run['work']}", f"data={run['ds']}", "split=valid", "n_input_steps=3", "max_rollout_steps=2",
+        f"checkpoint={run['ckpt']}", f"adapters={run['work'] / 'adapters'}", f"data={run['ds']}", "split=valid", "n_input_steps=3", "max_rollout_steps=2",
         f"normalization_stats={run['ds']}", "plot=False", "animation=", "windows=((1,2),)"])
     main.run(ro, str(run["tmp"] / "ro"), "rollout")
     text = open(run["tmp"] / "ro" / "metrics.json").read()

@@ -9,9 +9,9 @@ projections (models/lora.py) and only these train, plus what fine-tuning adds on
                                                    scaled by √(n_old / n_new) as fine-tuning does)
   * learnable RoPE frequencies / absolute position embedding, when enabled (whole arrays)
 
-Every other parameter is the base's, unchanged. A *delta* is exactly those trained values (a few
-MB at rank 16 for the 1.3B model), the fine-tuned model config, its field vocabulary and the base
-checkpoint's fingerprint (`fingerprint`: shapes and a SHA-256 of every base parameter), in a folder:
+Every other parameter is the base's, unchanged. A *delta* is exactly those trained values (43 MB in
+float32 for the 1.3B model at rank 16 on time.qkv + space.fused, 0.8% of the base), the fine-tuned model config, its field vocabulary and the base
+checkpoint's fingerprint (`fingerprint`: sizes and a SHA-256 of every base parameter), in a folder:
 
     adapters.json   {"format": "walrus_jax.adapters", "version", "model_config", "base_n_states",
                      "vocab", "base": fingerprint, "arrays": {path: {"kind": "full" | "rows",

@@ -172,16 +172,25 @@ class Plan:
         return {adapters.META_KEY: {"fingerprint": adapters.fingerprint(self.base.params),
                                     "n_states": int(self.base.cfg.n_states), "source": self.base.source}}
 
-    def write_delta(self, directory: str, params, vocab, meta: dict) -> str | None:
+    def write_delta(self, directory: str, params, vocab, meta: dict, write: bool = True) -> str | None:
         """Adapter runs: the trained variables as an adapter delta in `directory` (walrus_jax/adapters.py);
-        `meta` is checkpoint_meta()'s output. None (nothing written) for full fine-tuning."""
+        `meta` is checkpoint_meta()'s output. Every process calls it (the trained arrays are gathered
+        from their shards); only `write` ones write. None for full fine-tuning."""
         if not self.adapters:
             return None
         from walrus_jax import adapters
 
         info = meta[adapters.META_KEY]
-        delta = adapters.delta_from_params(jax.tree.map(np.asarray, params), self.model_cfg, info["n_states"], vocab,
-                                           info["fingerprint"], source=directory)
+        flat = _flat(params)
+        trained = {k: flat[k] for k in adapters.trained_parts(self.model_cfg, info["n_states"], flat)}
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            trained = multihost_utils.process_allgather(trained, tiled=True)
+        if not write:
+            return None
+        delta = adapters.delta_from_params(adapters._nest(jax.tree.map(np.asarray, trained)), self.model_cfg,
+                                           info["n_states"], vocab, info["fingerprint"], source=directory)
         return adapters.write_delta(directory, delta)
 
     def trainable_mask(self, params_abstract) -> Any:

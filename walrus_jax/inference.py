@@ -247,6 +247,11 @@ def _load_checkpoint(config):
         raise PathError(f"config.checkpoint={path!r} is a file, not a directory (a PyTorch .pt checkpoint must be "
                         "converted first with `python -m tools.convert_torch_ckpt`)")
     try:
+        if config.get("adapters"):
+            from walrus_jax import adapters
+
+            model = adapters.load(path, str(config.adapters), dtype=config.dtype)
+            return model, model.vocab, f"{path} + adapters {config.adapters}"
         return load_model(path, config.dtype)
     except (FileNotFoundError, RuntimeError, DataError) as e:  # finetune.load_base words them for config.init_from
         msg = str(e).replace("config init_from=", "config.checkpoint=").replace("init_from", "checkpoint")

@@ -522,8 +522,8 @@ def _train(config, workdir: str) -> dict:
         timing["train_seconds"] = train_seconds
         if step > start or not ckpt.steps():
             save(step, force=True)
-        if ft is not None and is_main:  # adapter runs: WORKDIR/adapters, the small delta (walrus_jax/adapters.py)
-            ft.write_delta(os.path.join(workdir, "adapters"), state["params"], vocab, meta_base)
+        if ft is not None:  # adapter runs: WORKDIR/adapters, the small delta (walrus_jax/adapters.py)
+            ft.write_delta(os.path.join(workdir, "adapters"), state["params"], vocab, meta_base, write=is_main)
         t_eval = time.time()
         report = run_eval(step) if eval_sets else None
         timing["eval_seconds"] = time.time() - t_eval
