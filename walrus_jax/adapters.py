@@ -273,8 +273,8 @@ def load(base_dir: str, adapters: str, *, dtype: str | None = None, **overrides)
     `adapters` (an exported delta or a LoRA fine-tuning workdir). The model's `vocab` attribute is the
     fine-tuned vocabulary. dtype / overrides as in `walrus_jax.load_pretrained`."""
     from walrus_jax import finetune
-    from walrus_jax.data import FieldVocabulary
     from walrus_jax.inference import model_from_params
+    from walrus_jax.pretrained import make_vocabulary
 
     delta = read_delta(adapters)
     base = finetune.load_base(str(base_dir))
@@ -284,7 +284,7 @@ def load(base_dir: str, adapters: str, *, dtype: str | None = None, **overrides)
     if dtype is not None:
         cfg = cfg.replace(dtype=str(dtype), param_dtype=str(dtype))
     model = model_from_params(cfg, params, f"{base_dir} + adapters {delta.source}")
-    model.vocab = FieldVocabulary.from_dict(delta.vocab) if delta.vocab else None
+    model.vocab = make_vocabulary(delta.vocab or None)  # hashable: a static attribute of the model
     return model
 
 
