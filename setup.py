@@ -9,7 +9,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.11",
-    packages=find_packages(include=["walrus_jax", "walrus_jax.*", "tools", "tools.*"]),
+    packages=find_packages(include=["walrus_jax", "walrus_jax.*", "configs", "tools", "tools.*"]),
     install_requires=[
         "jax>=0.7",
         "flax>=0.12",

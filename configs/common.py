@@ -2,11 +2,11 @@
 `base_config()` and override; main.py locks the result, so a typo in a file or on the command line
 (`--config.train.stpes=5`) is an error instead of a silently ignored setting.
 
-Loaded by path from the other config files (configs/ is not a package): see `load_common()`.
+configs/ is a package: the config files (executed by path by ml_collections) `from configs import common`,
+which resolves from the repository root or from an installed walrus_jax (setup.py lists `configs`).
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 
 from ml_collections import config_dict
@@ -129,11 +129,3 @@ def base_config() -> config_dict.ConfigDict:
     c.lora.dropout = 0.0
     c.lora.targets = LORA_TARGETS  # any of them
     return c
-
-
-def load_common():
-    """This module, loaded by path (config files are executed by path, not as a package)."""
-    spec = importlib.util.spec_from_file_location("walrus_jax_configs_common", __file__)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod

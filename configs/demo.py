@@ -14,12 +14,7 @@ eval.vrmse_1_10 vs eval.persistence_vrmse_1_10; timing gives the wall-time split
 says `stopped_early`), leaving time for the final checkpoint and the rollout evaluation.
 Variant: `configs/demo.py:quick` (60 steps, a smoke run).
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("walrus_jax_configs_common", os.path.join(os.path.dirname(__file__), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from configs import common
 
 
 def get_config(variant: str = ""):

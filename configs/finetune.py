@@ -14,12 +14,7 @@ fixed RoPE frequencies), `:lora` (low-rank adapters of rank 16 on the time qkv a
 base frozen: only adapters, new vocabulary rows and the learnable RoPE frequencies train;
 `--config.lora.rank/alpha/dropout/targets`; walrus_jax/adapters.py).
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("walrus_jax_configs_common", os.path.join(os.path.dirname(__file__), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from configs import common
 
 
 def get_config(variant: str = ""):

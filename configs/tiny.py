@@ -1,12 +1,7 @@
 """A tiny configuration for tests: ModelConfig.tiny() (hidden 32, 2 blocks) on 32x32 data,
 a handful of steps, synchronous checkpoints. Data comes from data.root (tests point it at a
 small generated dataset)."""
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("walrus_jax_configs_common", os.path.join(os.path.dirname(__file__), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from configs import common
 
 
 def get_config(variant: str = ""):

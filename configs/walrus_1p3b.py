@@ -12,12 +12,7 @@ data.batch_size is the *global* micro-batch: 2 per device as released (set it to
 data.dataset_draws = mesh.data mixes one dataset draw per fsdp group, as the original does, when
 the per-device batch allows it (see configs/common.py).
 """
-import importlib.util
-import os
-
-_spec = importlib.util.spec_from_file_location("walrus_jax_configs_common", os.path.join(os.path.dirname(__file__), "common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from configs import common
 
 
 def get_config(variant: str = ""):

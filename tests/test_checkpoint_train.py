@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -67,9 +68,9 @@ def runs(tmp_path_factory, data, env):
 
 
 def _params(workdir):
-    from walrus_jax import finetune
+    from walrus_jax.checkpoints.load import read_weights
 
-    return finetune.load_base(str(workdir)).params
+    return read_weights(str(workdir)).params
 
 
 def test_kill_and_resume_equals_uninterrupted(runs):
@@ -80,29 +81,28 @@ def test_kill_and_resume_equals_uninterrupted(runs):
     assert full["steps_done"] == killed["steps_done"] == 6
     assert len(killed["losses"]) == 6
     np.testing.assert_array_equal(killed["losses"], full["losses"])
-    a, b = _params(runs / "full"), _params(runs / "killed")
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(x, y)
+    chex.assert_trees_all_equal(_params(runs / "full"), _params(runs / "killed"))
 
 
 def _abstract_state(workdir):
     """The abstract train state of the tiny run (no compute)."""
-    from walrus_jax import main, optim, sharding, train
+    from walrus_jax import main, sharding
+    from walrus_jax.training import optim, setup
 
     config = main.load_config(os.path.join(REPO, "configs", "tiny.py"), OVERRIDES)
     mesh = sharding.make_mesh(config.mesh)
     meta_cfg = json.load(open(workdir / "checkpoints" / "6" / "meta" / "metadata"))["model_config"]
     from walrus_jax.models import ModelConfig
 
-    parts = train.abstract_model(ModelConfig.from_dict(meta_cfg), mesh, config.sharding.rules)
-    state_abs, sh = train.state_shardings(parts, optim.adamw_config(config.train), None, mesh)
-    return train.with_shardings(state_abs, sh)
+    parts = setup.model_parts(ModelConfig.from_dict(meta_cfg), mesh, config.sharding.rules)
+    state_abs, sh = setup.state_shardings(parts, optim.adamw_config(config.train), None, mesh)
+    return setup.with_shardings(state_abs, sh)
 
 
 def test_truncated_latest_checkpoint_falls_back(runs, tmp_path, caplog):
     import shutil
 
-    from walrus_jax.checkpointing import Checkpointer
+    from walrus_jax.checkpoints.train_state import Checkpointer
 
     work = tmp_path / "copy"
     shutil.copytree(runs / "full", work)
@@ -129,13 +129,15 @@ def test_truncated_latest_checkpoint_falls_back(runs, tmp_path, caplog):
 
 
 def test_other_architecture_is_refused_before_compute(runs, data):
-    from walrus_jax import checkpointing, main, train
+    from walrus_jax import main
+    from walrus_jax.checkpoints import train_state
+    from walrus_jax.training.loop import train
 
     config = main.load_config(os.path.join(REPO, "configs", "tiny.py"),
                               OVERRIDES + [f"data.root={data}", "model.hidden_dim=64"])
     t = time.time()
-    with pytest.raises(checkpointing.CheckpointMismatchError, match=r"hidden_dim: checkpoint 32 vs config 64"):
-        train.train(config, str(runs / "full"))
+    with pytest.raises(train_state.CheckpointMismatchError, match=r"hidden_dim: checkpoint 32 vs config 64"):
+        train(config, str(runs / "full"))
     assert time.time() - t < 60  # nothing was compiled
 
 
@@ -144,7 +146,8 @@ def test_finetune_from_a_workdir_extends_the_vocabulary(runs):
     model's initialization, every copied encoder input column is scaled by sqrt(n_old / n_new), the
     decoder's copied rows are unchanged, the APE starts at 5e-3 N(0, 1), learnable per-axis RoPE
     starts from the base frequencies, and frozen parts get no updates."""
-    from walrus_jax import finetune, main, sharding, train
+    from walrus_jax import main, sharding
+    from walrus_jax.training import finetune, setup
 
     config = main.load_config(os.path.join(REPO, "configs", "tiny.py"), OVERRIDES + [
         f"init_from={runs / 'full'}", "finetune.learned_rope=per_axis", "finetune.ape=True",
@@ -156,8 +159,8 @@ def test_finetune_from_a_workdir_extends_the_vocabulary(runs):
     n = plan.base.cfg.n_states
     assert cfg.n_states == n + 1 == vocab.index("my_new_field") + 1
     mesh = sharding.make_mesh(config.mesh)
-    parts = train.abstract_model(cfg, mesh, config.sharding.rules)
-    fresh, rest = train.init_model(parts, 1)
+    parts = setup.model_parts(cfg, mesh, config.sharding.rules)
+    fresh, rest = setup.init_params(parts, 1)
     fresh = jax.tree.map(np.asarray, fresh)
     params = plan.initial_params(parts, fresh, seed=0)
     base = plan.base.params

@@ -16,8 +16,9 @@ import torch
 import yaml
 
 from tools.convert_torch_ckpt import cli
-from walrus_jax import convert as conv
-from walrus_jax import pretrained
+from walrus_jax.checkpoints import convert as conv
+from walrus_jax.checkpoints import params as parameters
+from walrus_jax.checkpoints import pretrained
 from walrus_jax.models.config import ModelConfig
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -167,7 +168,7 @@ def test_bare_state_dict_and_safetensors(work):
         model = pretrained.load_pretrained(out)
         got = {"/".join(map(str, p)): np.asarray(v[...]) for p, v in
                __import__("flax").nnx.to_flat_state(__import__("flax").nnx.state(model))}
-        for path, arr in pretrained._flat(ref).items():
+        for path, arr in parameters.flatten(ref, sep=None).items():
             np.testing.assert_array_equal(got["/".join(path)], arr, err_msg=f"{out}: {path}")
 
 
@@ -340,10 +341,10 @@ def test_streaming_groups_equal_whole_assembly():
     whole = list(conv.split_groups(conv.assemble_params(sd.items(), cfg), cfg))
     assert [g for g, _ in groups] == [g for g, _ in whole] == ["base", "layer_000", "layer_001"]
     for (g, a), (_, b) in zip(groups, whole):
-        fa, fb = pretrained._flat(a), pretrained._flat(b)
+        fa, fb = parameters.flatten(a, sep=None), parameters.flatten(b, sep=None)
         assert fa.keys() == fb.keys() == conv.group_shapes(cfg)[g].keys()
         for k in fa:
             np.testing.assert_array_equal(fa[k], fb[k], err_msg=f"{g}: {k}")
     # one block's group holds that block's slice: e.g. per-axis RoPE of block 1, axis 2
-    np.testing.assert_array_equal(pretrained._flat(groups[2][1])[("space", "rope_freqs")][2],
+    np.testing.assert_array_equal(parameters.flatten(groups[2][1], sep=None)[("space", "rope_freqs")][2],
                                   sd["blocks.1.space_mixing.rotary_emb.freqs.2"])

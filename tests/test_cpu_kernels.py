@@ -136,7 +136,7 @@ def test_load_state_dict_round_trip_and_strictness():
     anything is written (the model keeps its weights)."""
     from flax import nnx
 
-    from walrus_jax import convert
+    from walrus_jax.checkpoints import convert
     from walrus_jax.models import ModelConfig, Walrus
 
     cfg = ModelConfig.tiny(n_states=12)

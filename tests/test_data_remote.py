@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from walrus_jax import main, train
+from walrus_jax import main
+from walrus_jax.data.resolve import resolve_data
 from walrus_jax.data import BatchSource, WellDataset, filesystem, make_train_pipeline
 from walrus_jax.data.serve import serving
 from walrus_jax.data.stats import compute_stats, load_stats
@@ -75,9 +76,9 @@ def test_training_batches_over_http_equal_disk_on_two_hosts(served):
 def test_data_root_listing_and_stats_over_http(served):
     local, srv = served
     cfg = main.load_config(TINY, [f"data.root={srv.url}/"])
-    assert train.resolve_data(cfg) == [f"{srv.url}/flow_a", f"{srv.url}/flow_b"]
+    assert resolve_data(cfg) == [f"{srv.url}/flow_a", f"{srv.url}/flow_b"]
     cfg = main.load_config(TINY, [f"data.root={srv.url}", "data.datasets=flow_b"])
-    assert train.resolve_data(cfg) == [f"{srv.url}/flow_b"]
+    assert resolve_data(cfg) == [f"{srv.url}/flow_b"]
     names = ["pressure", "velocity_x", "velocity_y", "velocity_z"]
     web = load_stats(f"{srv.url}/flow_a", names, keys=("rms", "rms_delta", "mean"))
     disk = load_stats(os.path.join(local, "flow_a"), names, keys=("rms", "rms_delta", "mean"))
@@ -102,7 +103,7 @@ def test_remote_errors_name_the_url(served, monkeypatch):
         WellDataset(f"{srv.url}/junk.hdf5", 2, 1)
     with pytest.raises(FileNotFoundError, match=r"data.root='http://127.0.0.1:1/none' does not exist|"
                                                 r"http://127.0.0.1:1/none: cannot be read"):
-        train.resolve_data(main.load_config(TINY, ["data.root=http://127.0.0.1:1/none"]))
+        resolve_data(main.load_config(TINY, ["data.root=http://127.0.0.1:1/none"]))
     with pytest.raises(ConfigError, match="nosuch://bucket/x.hdf5: unknown protocol 'nosuch'"):
         WellDataset("nosuch://bucket/x.hdf5", 2, 1)
     # a store whose package is not installed (as gs:// without gcsfs): the error names URL and package

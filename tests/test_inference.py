@@ -1,4 +1,4 @@
-"""The rollout job (configs/rollout.py, walrus_jax.inference.run_rollout_job) end to end on a small
+"""The rollout job (configs/rollout.py, walrus_jax.inference.rollout_job) end to end on a small
 Well file and a tiny checkpoint written like a training run's."""
 import json
 import os
@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from walrus_jax import inference
-from walrus_jax import metrics
-from walrus_jax import rollouts
+from walrus_jax.checkpoints.params import cast_model, random_model
+from walrus_jax.inference import metrics, rollout_job, rollouts
 from walrus_jax.data.fields import FieldVocabulary
 from walrus_jax.data.writer import WellField, axis_boundaries, write_well_file
 from walrus_jax.models.config import ModelConfig
@@ -41,7 +40,7 @@ def write_data(path, field_name="pressure", n_traj=2, n_steps=T_TOTAL, seed=0):
 
 
 def save_checkpoint(workdir, model, vocab):
-    from walrus_jax.checkpointing import Checkpointer
+    from walrus_jax.checkpoints.train_state import Checkpointer
 
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     ck = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, async_save=False)
@@ -57,7 +56,7 @@ def job(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rollout_job")
     data = write_data(str(tmp / "data" / "toy.hdf5"))
     vocab = FieldVocabulary.released()
-    model = inference.random_model(ModelConfig.tiny(n_states=len(vocab)), seed=1, scale=0.5)
+    model = random_model(ModelConfig.tiny(n_states=len(vocab)), seed=1, scale=0.5)
     ckpt = save_checkpoint(str(tmp / "train_run"), model, vocab)
     config = load_config(os.path.join(ROOT, "configs", "rollout.py") + ":tiny",
                          [f"checkpoint={ckpt}", f"data={data}"])
@@ -141,14 +140,14 @@ def test_missing_keys_are_clear_errors(tmp_path):
 
     config = load_config(os.path.join(ROOT, "configs", "rollout.py"), [])
     with pytest.raises(ValueError, match="config.checkpoint is required"):
-        inference.run_rollout_job(config, str(tmp_path))
+        rollout_job.run_rollout_job(config, str(tmp_path))
 
 
 def test_random_params_and_cast():
     cfg = ModelConfig.tiny(n_states=10)
-    m = inference.random_model(cfg, seed=0)
+    m = random_model(cfg, seed=0)
     assert float(m.encoder_dummy[...][0]) == 1.0
-    m16 = inference.cast_model(m, "bfloat16")
+    m16 = cast_model(m, "bfloat16")
     leaves = jax.tree.leaves(nnx.state(m16, nnx.Param))
     assert {str(v.dtype) for v in leaves} == {"bfloat16"}
     a = np.asarray(nnx.state(m, nnx.Param)["processor"]["blocks"]["space"]["fused"]["kernel"][...])

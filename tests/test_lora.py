@@ -17,7 +17,8 @@ import walrus_jax as wj
 from walrus_jax import adapters, main
 from walrus_jax.data import FieldVocabulary, write_dataset
 from walrus_jax.errors import ConfigError
-from walrus_jax.inference import model_from_params, random_params
+from walrus_jax.checkpoints.load import read_weights
+from walrus_jax.checkpoints.params import model_from_params, random_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = wj.ModelConfig.tiny(n_states=8, drop_path=0.0)
@@ -169,10 +170,10 @@ def test_lora_finetune_trains_only_adapters_and_new_rows(run):
     s = run["summary"]
     assert s["steps_done"] == 4 and np.isfinite(s["losses"]).all()
     assert np.isfinite(s["eval"]["datasets"]["blob"]["vrmse_1_2"]["mean"])  # in-training evaluation
-    from walrus_jax import finetune
+    from walrus_jax.training import finetune
 
-    trained = finetune.load_base(str(run["work"]))
-    base = finetune.load_base(run["ckpt"])
+    trained = read_weights(str(run["work"]))
+    base = read_weights(run["ckpt"])
     assert trained.cfg.lora_rank == 4 and trained.cfg.n_states == base.cfg.n_states + 1
     # Rebuilding from base + delta gives the trained parameters bitwise: nothing outside the delta moved.
     delta = adapters.read_delta(str(run["work"] / "adapters"))
@@ -195,10 +196,9 @@ def test_resume_repeats_the_uninterrupted_run(run):
     full, resumed = run["summary"], run["resumed"]
     assert resumed["resumed_from_step"] == 2
     np.testing.assert_array_equal(resumed["losses"], full["losses"])
-    from walrus_jax import finetune
 
-    a = _flat(finetune.load_base(str(run["work"])).params)
-    b = _flat(finetune.load_base(str(run["tmp"] / "resumed")).params)
+    a = _flat(read_weights(str(run["work"])).params)
+    b = _flat(read_weights(str(run["tmp"] / "resumed")).params)
     for k in a:
         assert np.array_equal(np.asarray(a[k]), np.asarray(b[k])), k
 

@@ -5,7 +5,10 @@ import sys
 
 import pytest
 
-from walrus_jax import main, optim, train
+from walrus_jax import main
+from walrus_jax.data.resolve import resolve_data
+from walrus_jax.training import config as train_config
+from walrus_jax.training import optim
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "configs", "tiny.py")
@@ -45,26 +48,26 @@ def test_overrides_apply_and_unknown_keys_fail():
 
 def test_bad_mesh_and_init_from_fail_early(tmp_path):
     with pytest.raises(ValueError, match=r"mesh.data × mesh.fsdp = 3 × 1 = 3 does not match the 1 available"):
-        train.validate_config(main.load_config(TINY, ["mesh.data=3", "mesh.fsdp=1"]))
+        train_config.validate_config(main.load_config(TINY, ["mesh.data=3", "mesh.fsdp=1"]))
     with pytest.raises(FileNotFoundError, match="init_from='/nonexistent/ckpt' does not exist"):
-        train.validate_config(main.load_config(TINY, ["init_from=/nonexistent/ckpt"]))
+        train_config.validate_config(main.load_config(TINY, ["init_from=/nonexistent/ckpt"]))
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="not a walrus_jax workdir"):
-        train.validate_config(main.load_config(TINY, [f"init_from={empty}"]))
+        train_config.validate_config(main.load_config(TINY, [f"init_from={empty}"]))
     with pytest.raises(ValueError, match="train.warmup_epochs \\+ train.cooldown_epochs = 2 pseudo-epochs exceeds"):
-        train.validate_config(main.load_config(TINY, ["train.steps=1"]))
+        train_config.validate_config(main.load_config(TINY, ["train.steps=1"]))
     with pytest.raises(ValueError, match="data.n_steps_input=1 must exceed train.minimum_context=1"):
-        train.validate_config(main.load_config(TINY, ["data.n_steps_input=1"]))
+        train_config.validate_config(main.load_config(TINY, ["data.n_steps_input=1"]))
     with pytest.raises(ValueError, match="data.dataset_draws=3 must be >= 1 and divide data.batch_size=8"):
-        train.validate_config(main.load_config(TINY, ["data.dataset_draws=3"]))
+        train_config.validate_config(main.load_config(TINY, ["data.dataset_draws=3"]))
     c = main.load_config(TINY, ["data.dataset_draws=2", "train.grad_accum=3"])
-    train.validate_config(c)
-    assert train.micro_batch_size(c) == 4 and train.micro_steps_per_update(c) == 6
+    train_config.validate_config(c)
+    assert train_config.micro_batch_size(c) == 4 and train_config.micro_steps_per_update(c) == 6
     with pytest.raises(ValueError, match="data.normalization='rms'; expected 'sample'"):
-        train.validate_config(main.load_config(TINY, ["data.normalization=rms"]))
+        train_config.validate_config(main.load_config(TINY, ["data.normalization=rms"]))
     with pytest.raises(FileNotFoundError, match="data.root='/nonexistent/data' does not exist"):
-        train.resolve_data(main.load_config(TINY, ["data.root=/nonexistent/data"]))
+        resolve_data(main.load_config(TINY, ["data.root=/nonexistent/data"]))
 
 
 def test_batch_not_divisible_by_the_mesh_fails_before_compute(tmp_path):

@@ -1,10 +1,10 @@
-"""walrus_jax.metrics against hand computations (the_well definitions)."""
+"""walrus_jax.inference.metrics against hand computations (the_well definitions)."""
 import math
 
 import numpy as np
 import pytest
 
-from walrus_jax import metrics
+from walrus_jax.inference import metrics
 
 
 def test_spatial_metrics_hand_computed():

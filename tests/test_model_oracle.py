@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import walrus_jax as wj
-from walrus_jax import convert
+from walrus_jax.checkpoints import convert
 from walrus_jax.models import patching
 from walrus_jax.models.layers import RMSGroupNorm
 from walrus_jax.models import positional

@@ -1,4 +1,4 @@
-"""walrus_jax.pretrained: load_pretrained / save_pretrained / model_vocabulary — round trips,
+"""walrus_jax.checkpoints.pretrained: load_pretrained / save_pretrained / model_vocabulary — round trips,
 dtype and mesh options, and clear errors for missing, incomplete, foreign or damaged directories."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 import walrus_jax as wj
-from walrus_jax import pretrained
+from walrus_jax.checkpoints import pretrained
 from walrus_jax.data.fields import FieldVocabulary
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -34,7 +34,7 @@ def saved(tmp_path_factory):
     c = np.load(os.path.join(FIX, "case_2d_periodic.npz"))
     meta = json.loads(str(c["config_json"]))
     cfg = wj.ModelConfig.from_torch_config(meta["config"], n_states=meta["config"]["n_states"])
-    from walrus_jax.inference import model_from_state_dict  # no slow eager random init
+    from walrus_jax.checkpoints.convert import model_from_state_dict  # no slow eager random init
 
     model = model_from_state_dict(cfg, dict(np.load(os.path.join(FIX, "weights_small.npz"))))
     out = pretrained.save_pretrained(model, str(d / "ckpt"), vocabulary=FieldVocabulary(VOCAB))
@@ -72,11 +72,11 @@ def test_vocabulary_on_model_and_by_directory(saved, monkeypatch):
     fwd(model, x, (3, 5), ((2, 2), (2, 2)))
     fwd(model, x * 2, (3, 5), ((2, 2), (2, 2)))
     assert len(traces) == 1
-    # finetune.load_base reads the vocabulary from the loaded model
-    from walrus_jax import finetune
+    # read_weights (fine-tuning's init_from, the eval and rollout jobs) reads the stored vocabulary
+    from walrus_jax.checkpoints.load import read_weights
 
     monkeypatch.setattr(wj, "load_pretrained", pretrained.load_pretrained, raising=False)  # until re-exported
-    assert finetune.load_base(saved["path"]).vocab.to_dict() == VOCAB
+    assert read_weights(saved["path"]).vocab.to_dict() == VOCAB
 
 
 def test_dtype_and_overrides(saved):
@@ -102,7 +102,7 @@ def test_sharded_restore_on_two_cpu_devices(saved):
         os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
         import jax, numpy as np
         from flax import nnx
-        from walrus_jax import pretrained
+        from walrus_jax.checkpoints import pretrained
         mesh = jax.make_mesh((1, 2), ("data", "fsdp"))
         path = {saved['path']!r}
         m = pretrained.load_pretrained(path, mesh=mesh)

@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from walrus_jax import errors, main, workdir_lock
-from walrus_jax import rollouts
+from walrus_jax.inference import rollouts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIX = os.path.join(ROOT, "tests", "fixtures")
@@ -265,7 +265,7 @@ def test_second_trainer_fails_at_once(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------ corrupt checkpoints
 def test_corrupt_checkpoint_is_moved_aside_and_its_step_saved_again(tmp_path):
-    from walrus_jax.checkpointing import Checkpointer
+    from walrus_jax.checkpoints.train_state import Checkpointer
 
     d = str(tmp_path / "ck")
     state = {"w": jnp.arange(6.0)}
@@ -338,16 +338,16 @@ def exploding_checkpoint(tmp_path_factory):
     values grow ~500x per step and the RMS statistics overflow float32 near step 8."""
     from test_inference import save_checkpoint
 
-    from walrus_jax import inference
+    from walrus_jax.checkpoints.params import model_from_params, random_params
     from walrus_jax.data.fields import FieldVocabulary
     from walrus_jax.models.config import ModelConfig
 
     vocab = FieldVocabulary.released()
     cfg = ModelConfig.tiny(n_states=len(vocab))
-    params = inference.random_params(cfg, seed=1, scale=0.5)
+    params = random_params(cfg, seed=1, scale=0.5)
     params["debed"]["d2"]["proj2_bias"][:] = 1e3
     d = tmp_path_factory.mktemp("exploding")
-    return save_checkpoint(str(d / "ckpt"), inference.model_from_params(cfg, params), vocab), str(d)
+    return save_checkpoint(str(d / "ckpt"), model_from_params(cfg, params), vocab), str(d)
 
 
 def _rollout_config(ckpt, data, *overrides):

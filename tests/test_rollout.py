@@ -1,4 +1,4 @@
-"""walrus_jax.rollouts with a small fake nnx model (the real model is covered by test_rollout_oracle.py).
+"""walrus_jax.inference.rollouts with a small fake nnx model (the real model is covered by test_rollout_oracle.py).
 
 The fake model has the Walrus call signature and layout, reads the field indices through a learned
 table and reacts to the jitter, so every argument that the rollout threads through is observable.
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from walrus_jax import rollouts
+from walrus_jax.inference import rollouts
 from walrus_jax import xla_options
 from walrus_jax.models.config import OPEN, PERIODIC, WALL, ModelConfig
 from walrus_jax.models.jitter import Jitter

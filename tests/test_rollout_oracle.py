@@ -14,8 +14,9 @@ from flax import nnx
 
 import walrus_jax as wj
 from walrus_jax import normalization
-from walrus_jax import rollouts
-from walrus_jax.inference import cast_model, model_from_state_dict
+from walrus_jax.checkpoints.convert import model_from_state_dict
+from walrus_jax.checkpoints.params import cast_model
+from walrus_jax.inference import rollouts
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 TOL = 1e-5
@@ -33,7 +34,7 @@ def oracle():
     meta = json.loads(str(case.pop("config_json")))
     weights = dict(np.load(os.path.join(FIX, meta["weights_file"])))
     cfg = wj.ModelConfig.from_torch_config(meta["config"], n_states=meta["config"]["n_states"])
-    # Built from the abstract model (walrus_jax.convert.assemble_params): no eager random init.
+    # Built from the abstract model (walrus_jax.checkpoints.convert.assemble_params): no eager random init.
     model = model_from_state_dict(cfg, weights, source="weights_small.npz")  # encoder_dummy 0.95 included
     assert float(model.encoder_dummy[...][0]) == np.float32(0.95)
     return model, case, meta

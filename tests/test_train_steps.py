@@ -2,13 +2,14 @@
 original trainer's numbers (tests/fixtures/train_oracle_*.npz, recorded from its own code)."""
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from walrus_jax import optim, steps
+from walrus_jax.training import optim, steps
 from walrus_jax.models import ModelConfig, Walrus
 from tools import check_train_oracle
 
@@ -238,8 +239,7 @@ def test_grad_accumulation_equals_one_big_batch():
     assert not np.allclose(s_one["params"]["w"], params["w"])
     np.testing.assert_allclose(s_acc["opt_state"]["last"]["grad_norm"], s_one["opt_state"]["last"]["grad_norm"],
                                rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(s_acc["params"]), jax.tree.leaves(s_one["params"])):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(s_acc["params"], s_one["params"], rtol=1e-6, atol=1e-7)
 
 
 def test_frozen_parameters_do_not_move():
@@ -294,6 +294,8 @@ def test_train_step_lowers_loss_on_a_fixed_batch(tiny_walrus):
         losses.append(float(m["loss"]))
     after = float(ev(state["params"], db, rest, bcs=bcs))
     assert np.isfinite(losses).all()
+    chex.assert_tree_all_finite(state["params"])
+    chex.assert_trees_all_equal_shapes_and_dtypes(state["params"], params)  # the step keeps the layout
     assert int(state["step"]) == 6
     assert after < 0.8 * before, (before, after, losses)
 

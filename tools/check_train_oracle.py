@@ -9,7 +9,7 @@ micro-batch (`micro_loss`), per update the gradient norm before clipping, the cl
 the lr (`grad_norm_preclip`, `clip_coef`, `lr_used`), the accumulated gradient of update 1
 (`grad0/<name>`), and the weights after update 1 and 3 (`w1/`, `w3/`).
 
-This runs the project's own train step (`walrus_jax.steps.build_train_step`, the code the main job
+This runs the project's own train step (`walrus_jax.training.steps.build_train_step`, the code the main job
 runs) from those weights and batches, and compares:
   * micro-batch losses, gradient norms, clip coefficients, lrs: relative error <= 1e-5;
   * every gradient of update 1 (the same loss code, `steps.loss_and_grads`), per tensor, as
@@ -43,7 +43,7 @@ NOISE = 1e-6
 
 def _settings(meta: dict):
     """(ModelConfig, AdamWConfig, Schedule, StepOptions, n_micro, grad_accum) from config_json."""
-    from walrus_jax import optim, steps
+    from walrus_jax.training import optim, steps
     from walrus_jax.models import ModelConfig
 
     mc = meta["model_config"]
@@ -91,12 +91,10 @@ def _batches(f, meta) -> list[dict]:
 
 def _to_torch_names(cfg, tree) -> dict[str, np.ndarray]:
     """A params-shaped pytree -> {torch state_dict name: array in torch layout}."""
-    import jax
+    from walrus_jax.checkpoints import convert
+    from walrus_jax.checkpoints import params as parameters
 
-    from walrus_jax import convert
-
-    flat = {tuple(str(getattr(k, "key", k)) for k in p): np.asarray(v)
-            for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    flat = {p: np.asarray(v) for p, v in parameters.flatten(tree, sep=None).items()}
     out = {}
     for key, t in convert.mapping(cfg).items():
         if t.path in flat:
@@ -110,8 +108,9 @@ def run(path: str) -> tuple[bool, list[tuple[str, float, float, bool]]]:
     import jax.numpy as jnp
     from flax import nnx
 
-    from walrus_jax import convert, steps
-    from walrus_jax.models import Walrus
+    from walrus_jax.checkpoints import convert
+    from walrus_jax.checkpoints import params as parameters
+    from walrus_jax.training import steps
 
     f = np.load(path)
     meta = json.loads(str(f["config_json"]))
@@ -120,15 +119,8 @@ def run(path: str) -> tuple[bool, list[tuple[str, float, float, bool]]]:
     # the weights decide what the YAML cannot: vocabulary size, block count, learnable RoPE, APE
     cfg = convert.infer_config({n: v.shape for n, v in w0.items()}, cfg)
     values = convert.assemble_params(w0.items(), cfg, source=f"{path}: w0")
-    abstract = nnx.eval_shape(lambda: Walrus(cfg, rngs=nnx.Rngs(0)))
-    graphdef, p_abs, r_abs = nnx.split(abstract, nnx.Param, ...)
-
-    def fill(abs_state):
-        pure = nnx.to_pure_dict(abs_state)
-        return jax.tree_util.tree_map_with_path(
-            lambda p, a: jnp.asarray(_lookup(values, p), a.dtype), pure)
-
-    params, rest = fill(p_abs), fill(r_abs)
+    graphdef, p_state, r_state = nnx.split(parameters.model_from_params(cfg, values, f"{path}: w0"), nnx.Param, ...)
+    params, rest = nnx.to_pure_dict(p_state), nnx.to_pure_dict(r_state)
     batches = _batches(f, meta)
     step_fn = steps.build_train_step(graphdef, opt, sched, opts)
     state = steps.init_state(params, opt, jax.random.key(0))
@@ -211,13 +203,6 @@ def run(path: str) -> tuple[bool, list[tuple[str, float, float, bool]]]:
                 rows.append((f"update w{n_upd}-w0 {name} (noise, {int(nz.sum())} elements: max |dw| / sum of lrs)",
                              e, 1.0, e <= 1.0 + 1e-3))
     return all(r[3] for r in rows), rows
-
-
-def _lookup(tree, path):
-    node = tree
-    for k in path:
-        node = node[str(getattr(k, "key", k))]
-    return node
 
 
 def main(argv=None) -> int:

@@ -30,12 +30,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     def go():
-        from walrus_jax import adapters, finetune
-        from walrus_jax.pretrained import save_pretrained
+        from walrus_jax import adapters
+        from walrus_jax.checkpoints.load import read_weights
+        from walrus_jax.checkpoints.pretrained import save_pretrained
 
         if args.export_delta:
             delta = adapters.read_delta(args.adapters)
-            adapters.check_base(delta, adapters.fingerprint(finetune.load_base(args.base).params), args.base)
+            adapters.check_base(delta, adapters.fingerprint(read_weights(args.base).params), args.base)
             path = adapters.write_delta(args.export_delta, delta)
             print(f"wrote the adapter delta ({len(delta.arrays)} arrays) to {path}")
             return 0

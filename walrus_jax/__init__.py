@@ -6,11 +6,12 @@
     preds = wj.rollout(model, input_fields, field_indices=..., bcs=..., n_steps=...)
     fwd = wj.jit(f)      # jax.jit + wj.compiler_options() at top level: ~20% faster forward on CPU
 """
-from walrus_jax import data, metrics
+from walrus_jax import data
+from walrus_jax.checkpoints.pretrained import load_pretrained, model_config, model_vocabulary, save_pretrained
+from walrus_jax.inference import metrics
+from walrus_jax.inference.rollouts import rollout, rollout_ensemble
 from walrus_jax.models import OPEN, PERIODIC, WALL, Jitter, ModelConfig, Walrus, sample_jitter
 from walrus_jax.normalization import normalize_window, normalized_delta_targets
-from walrus_jax.pretrained import load_pretrained, model_config, model_vocabulary, save_pretrained
-from walrus_jax.rollouts import rollout, rollout_ensemble
 from walrus_jax.xla_options import compiler_options, jit
 
 __version__ = "0.1.0"

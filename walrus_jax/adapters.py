@@ -208,14 +208,14 @@ def read_delta(path: str) -> Delta:
 
 
 def _delta_from_workdir(path: str) -> Delta:
-    from walrus_jax import finetune
-    from walrus_jax.checkpointing import Checkpointer
+    from walrus_jax.checkpoints.load import checkpoint_dir, read_weights
+    from walrus_jax.checkpoints.train_state import Checkpointer
 
-    ck = finetune._checkpoint_dir(path)
+    ck = checkpoint_dir(path)
     if ck is None:
         raise PathError(f"adapters={path!r} is neither an exported adapter delta ({DELTA_FILE} missing) nor a "
                         "fine-tuning workdir (no checkpoints/<step>/state)")
-    trained = finetune.load_base(path)
+    trained = read_weights(path)
     step = int(trained.source.rsplit("/", 1)[-1])
     meta = Checkpointer(ck, keep=1_000_000, async_save=False).read_meta(step)
     if META_KEY not in meta or trained.cfg.lora_rank <= 0:
@@ -272,12 +272,12 @@ def load(base_dir: str, adapters: str, *, dtype: str | None = None, **overrides)
     """A Walrus model: the base checkpoint (converted release or workdir) with the adapters of
     `adapters` (an exported delta or a LoRA fine-tuning workdir). The model's `vocab` attribute is the
     fine-tuned vocabulary. dtype / overrides as in `walrus_jax.load_pretrained`."""
-    from walrus_jax import finetune
-    from walrus_jax.inference import model_from_params
-    from walrus_jax.pretrained import make_vocabulary
+    from walrus_jax.checkpoints.load import read_weights
+    from walrus_jax.checkpoints.params import model_from_params
+    from walrus_jax.checkpoints.pretrained import make_vocabulary
 
     delta = read_delta(adapters)
-    base = finetune.load_base(str(base_dir))
+    base = read_weights(str(base_dir))
     check_base(delta, fingerprint(base.params), str(base_dir))
     params = apply_delta(base.params, delta)
     cfg = delta.cfg.replace(**overrides)
@@ -305,7 +305,7 @@ def merged_params(params: Mapping, cfg: ModelConfig) -> tuple[dict, ModelConfig]
 
 def merge_model(model):
     """A Walrus without adapters computing what `model` (with adapters) computes."""
-    from walrus_jax.inference import model_from_params
+    from walrus_jax.checkpoints.params import model_from_params
 
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
     merged, cfg = merged_params(params, model.cfg)

@@ -7,7 +7,7 @@ Flags:
   --workdir DIR                checkpoints, metrics.jsonl, TensorBoard events, summary.json.
   --mode train|eval|rollout    train (default; resumes from DIR), eval (rollout metrics of the
                                newest checkpoint in DIR -> DIR/eval.json), rollout
-                               (walrus_jax.inference.run_rollout_job, configs/rollout.py).
+                               (walrus_jax.inference.rollout_job, configs/rollout.py).
 Multi-host: `jax.distributed.initialize` runs when --coordinator_address is given (with
 --num_processes / --process_id), or with --distributed=on (cluster auto-detection: TPU pods,
 SLURM, ...). On CPU, cross-process collectives use gloo.
@@ -157,17 +157,17 @@ def run(config, workdir: str, mode: str = "train") -> dict | None:
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise PathError(f"--workdir {workdir}: is a file, not a directory")
     if mode == "train":
-        from walrus_jax import train
+        from walrus_jax.training.loop import train
 
-        return train.train(config, workdir)
+        return train(config, workdir)
     if mode == "eval":
-        from walrus_jax import train
+        from walrus_jax.inference.evaluation import evaluate_job
 
-        return train.evaluate_job(config, workdir)
+        return evaluate_job(config, workdir)
     if mode == "rollout":
-        from walrus_jax import inference
+        from walrus_jax.inference.rollout_job import run_rollout_job
 
-        return inference.run_rollout_job(config, workdir)
+        return run_rollout_job(config, workdir)
     raise ConfigError(f"unknown mode {mode!r}: expected train, eval or rollout")
 
 

@@ -134,7 +134,7 @@ def main(argv=None) -> int:
             if args.load:
                 # Block on each parameter's own array (get_value): `v[...]` or tree-mapping over the
                 # Variables would make copies and double the measured memory.
-                code = ("import time; t=time.time(); from flax import nnx; from walrus_jax.pretrained import load_pretrained; "
+                code = ("import time; t=time.time(); from flax import nnx; from walrus_jax.checkpoints.pretrained import load_pretrained; "
                         f"m=load_pretrained({out!r}); "
                         "[v.get_value().block_until_ready() for _, v in nnx.to_flat_state(nnx.state(m))]; "
                         "print('load_s', time.time()-t)")

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from walrus_jax import adapters, optim, steps, xla_options
+from walrus_jax import adapters, xla_options
+from walrus_jax.training import optim, steps
 from walrus_jax.models import ModelConfig, Walrus
 from walrus_jax.models.config import LORA_TARGETS
 from walrus_jax.models.processor import REMAT_POLICIES

@@ -42,10 +42,10 @@ def bench_one(preset: str, dtype: str, hw: int, t_in: int, steps: int, batch: in
     import jax.numpy as jnp
     from flax import nnx
 
-    from walrus_jax import rollouts
-    from walrus_jax.inference import model_from_params, random_params
+    from walrus_jax.inference import rollouts
+    from walrus_jax.checkpoints.params import model_from_params, random_params
     from walrus_jax.models.config import ModelConfig
-    from walrus_jax.models.jitter import Jitter, sample_jitter
+    from walrus_jax.models.jitter import sample_jitter
     from walrus_jax import xla_options
 
     cfg = getattr(ModelConfig, preset)(dtype=dtype, param_dtype=dtype)

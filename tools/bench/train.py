@@ -3,7 +3,7 @@
     python -m tools.bench.train                       # demo (small) and medium configs
     python -m tools.bench.train --models small --batch 8 --size 32 --steps 5
 
-For each model it times one jitted train step (the real `walrus_jax.steps.train_step` with AdamW,
+For each model it times one jitted train step (the real `walrus_jax.training.steps.train_step` with AdamW,
 clipping, donation) on a synthetic 2D batch (B, T, S, S, C) with periodic boundaries, jitter off
 (as the original's step that tools.bench.side_by_side runs beside it; `--jitter` turns it on):
   compile_s      lower + compile of the step
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from walrus_jax import optim, steps
+from walrus_jax.training import optim, steps
 from walrus_jax.models import ModelConfig, Walrus
 from walrus_jax.models.patching import choose_strides
 

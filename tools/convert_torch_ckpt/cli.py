@@ -9,12 +9,12 @@ Input formats: the released `torch.save({"app": {"model": state_dict}})`, a bare
 tensors stay on disk until they are used. The architecture comes from the YAML's `model` section
 (`ModelConfig.from_torch_config`); what the checkpoint decides (vocabulary size n_states, learnable
 RoPE frequencies shared / per axis, absolute position embedding) is inferred from its keys and
-shapes. Every key must map through `walrus_jax.convert.mapping` with the expected shape: all
+shapes. Every key must map through `walrus_jax.checkpoints.convert.mapping` with the expected shape: all
 problems are checked from the shapes alone, before any tensor data is read, and reported together.
 Tensors are then streamed group by group (everything outside the blocks, then one block at a time)
 into Orbax checkpoints, and the memory-mapped pages of each consumed tensor are released, so peak
 memory is a small fraction of the checkpoint size (one block plus the encoders/decoders).
-The output (`walrus_jax.pretrained`) is written into a temporary directory beside DIR and renamed
+The output (`walrus_jax.checkpoints.pretrained`) is written into a temporary directory beside DIR and renamed
 when complete; DIR is never half-written. Read it with `walrus_jax.load_pretrained(DIR)`.
 A tensor holding NaN or Inf is refused (naming it) unless --allow-nonfinite. --overwrite replaces
 only an earlier converter output (it holds the completion marker) or an empty directory, and never
@@ -36,8 +36,8 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from walrus_jax import convert as conv
-from walrus_jax import pretrained
+from walrus_jax.checkpoints import convert as conv
+from walrus_jax.checkpoints import pretrained
 from walrus_jax.errors import run_command, verbose_requested
 from walrus_jax.models.config import ModelConfig
 

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from walrus_jax.errors import ConfigError
+from walrus_jax.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +31,27 @@ class CheckpointMismatchError(ConfigError):
     """The workdir holds checkpoints of another architecture / another parameter layout."""
 
 
-def fingerprint(params) -> dict[str, list[int]]:
-    """{'a/b/kernel': [shape...]} for every parameter leaf (arrays or ShapeDtypeStructs)."""
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): [int(d) for d in np.shape(v)]
-            for path, v in flat}
+def read_params(directory: str, what: str) -> tuple[int, dict, dict]:
+    """(step, params as a nested dict of numpy arrays, meta) of the newest readable checkpoint in
+    `directory` (a checkpoints/ folder), restored without knowing the model (no shardings, host
+    arrays). An unreadable checkpoint is skipped with a warning; DataError naming `what` when none is."""
+    mgr = Checkpointer(directory, keep=1_000_000, async_save=False)
+    errors = []
+    for step in reversed(mgr.steps()):
+        try:
+            meta = mgr.read_meta(step)
+            sdir = os.path.join(directory, str(step), "state")
+            c = ocp.PyTreeCheckpointer()
+            md = c.metadata(sdir)
+            tree = getattr(getattr(md, "item_metadata", md), "tree", getattr(md, "item_metadata", md))
+            ra = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+            state = c.restore(sdir, args=ocp.args.PyTreeRestore(restore_args=ra))
+        except Exception as e:  # noqa: BLE001 - corrupt: previous checkpoint
+            log.warning("init_from %s/%d unreadable (%s); trying the previous one", directory, step, e)
+            errors.append(step)
+            continue
+        return step, state["params"], meta
+    raise DataError(f"{what}: no readable checkpoint (tried steps {errors})")
 
 
 def _encode_process_states(state: Any) -> list:

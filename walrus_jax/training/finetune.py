@@ -1,10 +1,8 @@
 """Fine-tuning from a pretrained checkpoint (`config.init_from`), as the original's fine-tuning does.
 
-`init_from` is either
-  * a walrus_jax training workdir (or its `checkpoints/` folder): the newest restorable
-    checkpoint's parameters, model config and field vocabulary are used; or
-  * a converted release (`tools.convert_torch_ckpt` output), read with
-    `walrus_jax.load_pretrained(path)`.
+`init_from` is a walrus_jax training workdir or a converted release (`tools.convert_torch_ckpt`
+output), read by `walrus_jax.checkpoints.load.read_weights`: its parameters, model config and
+field vocabulary are the base.
 
 What changes on top of the base model (the original's choices unless said otherwise):
   * New field names in the fine-tuning data extend the vocabulary (`FieldVocabulary.extend`): the
@@ -23,16 +21,15 @@ change (dropout rates, remat, dtype, the RoPE / APE options).
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
 from typing import Any
 
 import jax
 import numpy as np
-from ml_collections import config_dict
 
-from walrus_jax.errors import ConfigError, DataError, PathError
+from walrus_jax.checkpoints import params as parameters
+from walrus_jax.checkpoints.load import Weights, read_weights
+from walrus_jax.errors import ConfigError
 from walrus_jax.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -43,90 +40,11 @@ APE_INIT_STD = 5e-3  # the original starts a new absolute position embedding at 
 TUNABLE = ("drop_path", "input_field_drop", "remat", "dtype", "param_dtype", "jitter_patches", "scan_layers")
 
 
-def _checkpoint_dir(path: str) -> str | None:
-    """The Orbax checkpoint folder inside a training workdir, or None if `path` is not one."""
-    for cand in (os.path.join(path, "checkpoints"), path):
-        if os.path.isdir(cand) and any(d.isdigit() and os.path.isdir(os.path.join(cand, d, "state"))
-                                       for d in os.listdir(cand)):
-            return cand
-    return None
-
-
-def check_init_from(path: str) -> None:
-    """Fails early (before any compute) when `init_from` points at nothing usable."""
-    if not os.path.exists(path):
-        raise PathError(f"config init_from={path!r} does not exist (expected a walrus_jax workdir or a "
-                                "converted checkpoint directory from tools.convert_torch_ckpt)")
-    if _checkpoint_dir(path) is not None:
-        return
-    if not os.path.isdir(path) or not os.listdir(path):
-        raise PathError(f"config init_from={path!r} is not a walrus_jax workdir (no checkpoints/<step>/state) "
-                                "and not a converted checkpoint directory")
-
-
-@dataclasses.dataclass
-class Base:
-    cfg: ModelConfig
-    params: dict  # pure dict of numpy arrays
-    vocab: Any  # FieldVocabulary
-    source: str
-
-
-def load_base(path: str) -> Base:
-    """Parameters, architecture and vocabulary of the checkpoint at `path` (module docstring)."""
-    from walrus_jax.data import FieldVocabulary
-
-    check_init_from(path)
-    ck = _checkpoint_dir(path)
-    if ck is not None:
-        import orbax.checkpoint as ocp
-
-        from walrus_jax.checkpointing import Checkpointer
-
-        mgr = Checkpointer(ck, keep=1_000_000, async_save=False)
-        errors = []
-        for step in reversed(mgr.steps()):
-            try:
-                meta = mgr.read_meta(step)
-                sdir = os.path.join(ck, str(step), "state")
-                c = ocp.PyTreeCheckpointer()
-                md = c.metadata(sdir)
-                tree = getattr(getattr(md, "item_metadata", md), "tree", getattr(md, "item_metadata", md))
-                ra = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-                state = c.restore(sdir, args=ocp.args.PyTreeRestore(restore_args=ra))
-            except Exception as e:  # noqa: BLE001 - corrupt: previous checkpoint
-                log.warning("init_from %s/%d unreadable (%s); trying the previous one", ck, step, e)
-                errors.append(step)
-                continue
-            vocab = FieldVocabulary.from_dict(meta["vocab"]) if meta.get("vocab") else FieldVocabulary.released()
-            return Base(ModelConfig.from_dict(meta["model_config"]), state["params"], vocab, f"{ck}/{step}")
-        raise DataError(f"config init_from={path!r}: no readable checkpoint (tried steps {errors})")
-    import walrus_jax
-
-    if not hasattr(walrus_jax, "load_pretrained"):
-        raise RuntimeError(f"config init_from={path!r} is not a walrus_jax workdir and walrus_jax.load_pretrained "
-                           "(converted releases) is not available in this installation")
-    from flax import nnx
-
-    loaded = walrus_jax.load_pretrained(path)
-    model = loaded[0] if isinstance(loaded, tuple) else loaded
-    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    vocab = getattr(loaded, "vocab", None) or getattr(model, "vocab", None)
-    if vocab is None:
-        vocab = FieldVocabulary.released()
-    elif not isinstance(vocab, FieldVocabulary):
-        vocab = FieldVocabulary.from_dict(vocab)
-    return Base(model.cfg, params, vocab, path)
-
-
-def _flat(tree) -> dict[str, Any]:
-    return {"/".join(str(getattr(k, "key", k)) for k in p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 class Plan:
-    """Everything train.py needs to fine-tune instead of training from scratch."""
+    """Everything training needs to fine-tune instead of training from scratch. `base`: the
+    checkpoint's weights (`walrus_jax.checkpoints.load.read_weights(config.init_from)`)."""
 
-    def __init__(self, config, base: Base):
+    def __init__(self, config, base: Weights):
         self.config = config
         self.base = base
         ft = config.finetune
@@ -181,7 +99,7 @@ class Plan:
         from walrus_jax import adapters
 
         info = meta[adapters.META_KEY]
-        flat = _flat(params)
+        flat = parameters.flatten(params)
         trained = {k: flat[k] for k in adapters.trained_parts(self.model_cfg, info["n_states"], flat)}
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
@@ -202,7 +120,7 @@ class Plan:
                                   "everything but the adapters and new vocabulary rows is frozen already")
             return adapters.trainable_mask(params_abstract, self.model_cfg, self.base.cfg.n_states)
         prefixes = [p.strip("/") for p in self.config.finetune.freeze]
-        flat = _flat(params_abstract)
+        flat = parameters.flatten(params_abstract)
         for p in prefixes:
             if not any(k == p or k.startswith(p + "/") for k in flat):
                 raise ConfigError(f"config finetune.freeze entry {p!r} matches no parameter (top-level names: "
@@ -210,13 +128,13 @@ class Plan:
         if not prefixes:
             return None
         return jax.tree_util.tree_map_with_path(
-            lambda path, _: not any(_match("/".join(str(getattr(k, "key", k)) for k in path), p) for p in prefixes),
+            lambda path, _: not any(_match(parameters.path_name(path), p) for p in prefixes),
             params_abstract)
 
     def initial_params(self, parts, fresh: dict, seed: int = 0) -> dict:
         """Base parameters mapped onto the fine-tuning model (whose random init is `fresh`),
         placed with the model's shardings (module docstring)."""
-        base = _flat(self.base.params)
+        base = parameters.flatten(self.base.params)
         n_old = self.base.cfg.n_states
         how = self.config.finetune.new_field_init
         if how not in ("fresh", "mean", "zeros"):
@@ -224,7 +142,7 @@ class Plan:
         rng = np.random.default_rng(seed)
 
         def one(path, new):
-            key = "/".join(str(getattr(k, "key", k)) for k in path)
+            key = parameters.path_name(path)
             if key not in base:
                 if key == "ape" or key.endswith("/ape"):
                     return (APE_INIT_STD * rng.standard_normal(new.shape)).astype(new.dtype)
@@ -259,4 +177,4 @@ def _match(key: str, prefix: str) -> bool:
 
 def prepare(config) -> Plan:
     """Loads `config.init_from` and returns the fine-tuning plan (errors before any training)."""
-    return Plan(config, load_base(config.init_from))
+    return Plan(config, read_weights(config.init_from))

@@ -1,12 +1,12 @@
-"""Inference: building models from weights, bf16 casting, and the rollout job.
+"""The rollout job: a checkpoint rolled out on Well trajectories, predictions and metrics written out.
 
     python -m walrus_jax.main --config configs/rollout.py --config.checkpoint=DIR \
         --config.data=FILE_OR_DIR --workdir OUT
 
 `run_rollout_job(config, workdir)` (what main.py's rollout mode calls) loads the checkpoint (a
-converted release or a training workdir, via `walrus_jax.finetune.load_base`), reads full
+converted release or a training workdir, via `walrus_jax.checkpoints.load`), reads full
 trajectories from Well files with the checkpoint's field vocabulary, rolls each one out from its
-first `n_input_steps` frames (walrus_jax.rollouts: one compiled lax.scan per chunk) and writes
+first `n_input_steps` frames (walrus_jax.inference.rollouts: one compiled lax.scan per chunk) and writes
   predictions/<dataset>/traj_<j>.hdf5   Well layout: the input history, then the predicted frames
                                         (attribute walrus_n_input_steps); readable by WellDataset
   metrics.json                          VRMSE / NRMSE / MSE / spectral errors per field, per step and
@@ -21,7 +21,6 @@ it stopped (`nonfinite`). Horizon windows longer than the rollout are listed in 
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -29,133 +28,15 @@ import time
 from typing import Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from walrus_jax import metrics
-from walrus_jax import rollouts
+from walrus_jax.checkpoints.load import load_model
 from walrus_jax.errors import ConfigError, DataError, PathError
+from walrus_jax.inference import metrics, rollouts
 from walrus_jax.jsonio import write_json
-from walrus_jax.models.config import BC_NAMES, ModelConfig
+from walrus_jax.models.config import BC_NAMES
 
 log = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------------ models
-def _abstract(cfg: ModelConfig):
-    from walrus_jax.models.walrus import Walrus
-
-    return nnx.split(nnx.eval_shape(lambda: Walrus(cfg, rngs=nnx.Rngs(0))))
-
-
-def _buffer_default(cfg: ModelConfig, path, var):
-    """The fixed value of a non-trainable buffer a parameter-only checkpoint may leave out (the
-    RoPE frequency buffer: fixed, not learned); None for anything else."""
-    from walrus_jax.models import positional
-
-    if isinstance(var, nnx.Param) or str(path[-1]) != "rope_freqs":
-        return None
-    base = positional.rope_base_freqs(cfg.head_dim, cfg.rope_max_freq)
-    return np.broadcast_to(base, tuple(var.get_value().shape)).copy()
-
-
-def model_from_params(cfg: ModelConfig, params: Mapping, source: str = "params"):
-    """A Walrus model with the given parameters, without running the (slow, eager) random init.
-
-    params: nested dict {path part: ...: array} as `nnx.to_pure_dict(nnx.state(model))` or
-    `walrus_jax.convert.assemble_params` produce (keys compared as strings). Arrays are cast to the
-    dtype `cfg.param_dtype` gives each variable. The RoPE frequency buffer may be absent (training
-    checkpoints hold nnx.Param only); it then gets its fixed value.
-    """
-    graphdef, state = _abstract(cfg)
-    missing = []
-    for path, var in nnx.to_flat_state(state):
-        node = params
-        try:
-            for p in path:
-                node = node[str(p)] if str(p) in node else node[p]
-        except (KeyError, TypeError):
-            node = _buffer_default(cfg, path, var)
-            if node is None:
-                missing.append("/".join(str(p) for p in path))
-                continue
-        want = var.get_value()
-        if tuple(np.shape(node)) != tuple(want.shape):
-            raise ValueError(f"{source}: parameter {'/'.join(map(str, path))} has shape {np.shape(node)}, the model "
-                             f"config expects {tuple(want.shape)}")
-        var.set_value(jnp.asarray(node, want.dtype))
-    if missing:
-        raise ValueError(f"{source}: {len(missing)} model parameter(s) missing, e.g. {missing[:5]}")
-    return nnx.merge(graphdef, state)
-
-
-def random_params(cfg: ModelConfig, seed: int = 0, scale: float = 1.0) -> dict:
-    """Random parameters for `cfg` drawn in numpy (no jax compilation: the model's own eager
-    initializers compile one program per weight, which is slow on CPU).
-
-    Norm scales and encoder_dummy are 1, biases 0, RoPE frequencies the original's buffer values,
-    every other weight N(0, scale^2 / fan_in) with fan_in the product of the input axes. Returns
-    a nested dict for `model_from_params`. For demos and tests: the outputs are meaningless.
-    """
-    from walrus_jax.models import positional
-
-    rng = np.random.default_rng(seed)
-    _, state = _abstract(cfg)
-    out: dict = {}
-    for path, var in nnx.to_flat_state(state):
-        names = [str(p) for p in path]
-        shape = tuple(var.get_value().shape)
-        leaf = names[-1]
-        if leaf == "rope_freqs":
-            base = positional.rope_base_freqs(cfg.head_dim, cfg.rope_max_freq)
-            value = np.broadcast_to(base, shape).copy()
-        elif leaf in ("scale", "encoder_dummy"):
-            value = np.ones(shape)
-        elif leaf.endswith("bias") and leaf != "rel_bias":
-            value = np.zeros(shape)
-        else:
-            # Stacked blocks carry a leading layer axis; convolutions (kH, kW, kD, in, out).
-            fan_in = int(np.prod(shape[-5:-1])) if len(shape) >= 5 else shape[-2]
-            value = rng.standard_normal(shape, dtype=np.float32) * np.float32(scale / np.sqrt(max(fan_in, 1)))
-        node = out
-        for p in names[:-1]:
-            node = node.setdefault(p, {})
-        node[leaf] = value.astype(np.float32)
-    return out
-
-
-def random_model(cfg: ModelConfig, seed: int = 0, scale: float = 1.0):
-    """A Walrus model with `random_params` (fast to build; for demos and tests)."""
-    return model_from_params(cfg, random_params(cfg, seed, scale), f"random_params(seed={seed})")
-
-
-def model_from_state_dict(cfg: ModelConfig, state_dict: Mapping[str, np.ndarray], source: str = "state_dict"):
-    """A Walrus model from a PyTorch-named state_dict (numpy arrays), via walrus_jax.convert."""
-    from walrus_jax import convert
-
-    return model_from_params(cfg, convert.assemble_params(state_dict.items(), cfg, source=source), source)
-
-
-def cast_model(model, dtype: str = "bfloat16", param_dtype: str | None = None):
-    """A copy of a Walrus model computing in `dtype` with parameters stored in `param_dtype`
-    (default: `dtype`). RMS statistics, LayerNorm and the attention softmax stay float32 inside the
-    model, and the rollout's normalization statistics are float32 whatever the model dtype."""
-    cfg = model.cfg.replace(dtype=str(jnp.dtype(dtype)), param_dtype=str(jnp.dtype(param_dtype or dtype)))
-    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
-    return model_from_params(cfg, params, "cast_model")
-
-
-def load_model(checkpoint: str, dtype: str = "float32"):
-    """(model, vocabulary, source) from a converted release or a training workdir."""
-    from walrus_jax import finetune
-
-    base = finetune.load_base(checkpoint)
-    cfg = base.cfg.replace(dtype=dtype, param_dtype=dtype)
-    if len(base.vocab) > cfg.n_states:
-        raise DataError(f"checkpoint {checkpoint}: its field vocabulary has {len(base.vocab)} names but the model "
-                        f"embeds only n_states={cfg.n_states}")
-    return model_from_params(cfg, base.params, base.source), base.vocab, base.source
 
 
 # ------------------------------------------------------------------------------------ Well output
@@ -232,11 +113,6 @@ def _open_dataset(config, vocab):
                         "A checkpoint predicts only fields it was trained on (fine-tune it to add fields)") from None
 
 
-def _persistence(inputs: np.ndarray, n: int) -> np.ndarray:
-    """u(t_last + k) = u(t_last): (B, T_in, ...) -> (B, n, ...)."""
-    return np.repeat(inputs[:, -1:], n, axis=1)
-
-
 def _load_checkpoint(config):
     """load_model for config.checkpoint, with errors that name config.checkpoint."""
     path = str(config.checkpoint)
@@ -253,14 +129,14 @@ def _load_checkpoint(config):
             model = adapters.load(path, str(config.adapters), dtype=config.dtype)
             return model, model.vocab, f"{path} + adapters {config.adapters}"
         return load_model(path, config.dtype)
-    except (FileNotFoundError, RuntimeError, DataError) as e:  # finetune.load_base words them for config.init_from
+    except (FileNotFoundError, RuntimeError, DataError) as e:  # read_weights words them for config.init_from
         msg = str(e).replace("config init_from=", "config.checkpoint=").replace("init_from", "checkpoint")
         raise PathError(msg) from e
 
 
 def run_rollout_job(config, workdir: str) -> dict:
     """Rolls out `config.checkpoint` on `config.data` (configs/rollout.py) and writes everything under workdir."""
-    from walrus_jax import plotting
+    from walrus_jax.inference import plotting
 
     for key in ("checkpoint", "data"):
         if not config.get(key):
@@ -271,7 +147,6 @@ def run_rollout_job(config, workdir: str) -> dict:
     t_start = time.time()
     model, vocab, source = _load_checkpoint(config)
     os.makedirs(workdir, exist_ok=True)
-    cfg = model.cfg
     ds = _open_dataset(config, vocab)
     t_in = int(config.n_input_steps)
     traj_ids = [int(j) for j in config.trajectories] or list(range(min(int(config.max_trajectories),
@@ -341,7 +216,7 @@ def run_rollout_job(config, workdir: str) -> dict:
             truth = np.where(mask[:, None, ..., None], 0.0, truth)
         preds_all.append(np.asarray(preds))
         truth_all.append(truth)
-        persist_all.append(_persistence(inputs, n_steps))
+        persist_all.append(metrics.persistence(inputs, n_steps))
         inputs_all.append(inputs)
         trajs_all.append((ids, trajs, consts))
     n_requested, n_steps = n_steps, n_ok  # after a truncation every trajectory keeps the same steps

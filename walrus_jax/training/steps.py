@@ -32,7 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
-from walrus_jax import normalization, optim, rollouts, xla_options
+from walrus_jax import normalization, xla_options
+from walrus_jax.inference import rollouts
+from walrus_jax.training import optim
 from walrus_jax.models.jitter import Jitter, sample_jitter
 from walrus_jax.models.patching import normalize_bcs
 
@@ -202,7 +204,7 @@ def loss_and_grads(params, batch: Mapping[str, Any], rest, key, *, graphdef, bcs
 def train_step(state: dict, batch: Mapping[str, Any], rest, *, graphdef, opt: optim.AdamWConfig, schedule,
                bcs, opts: StepOptions, trainable_mask=None):
     """One micro-batch: loss, gradients of loss / grad_accum, accumulation, and on the update's last
-    micro-batch clipping and AdamW (`walrus_jax.optim.step`). Pure.
+    micro-batch clipping and AdamW (`walrus_jax.training.optim.step`). Pure.
 
     state: see `init_state`; batch: arrays (BATCH_KEYS with a leading batch axis, SHARED_KEYS,
     optionally `jitter`); rest: the model's non-parameter variables (pure dict).

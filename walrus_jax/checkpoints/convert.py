@@ -13,8 +13,8 @@ import re
 from typing import Callable, Iterable, Mapping
 
 import numpy as np
-from flax import nnx
 
+from walrus_jax.checkpoints import params as parameters
 from walrus_jax.errors import DataError
 from walrus_jax.models.config import ModelConfig
 from walrus_jax.models.init import host_buffer, to_device
@@ -154,20 +154,13 @@ def infer_config(shapes: Mapping[str, tuple[int, ...]], base: ModelConfig) -> Mo
 
 def expected_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     """NNX path -> shape of every variable, from the abstract model (nothing is allocated)."""
-    from walrus_jax.models.walrus import Walrus
-
-    abstract = nnx.eval_shape(lambda: Walrus(cfg, rngs=nnx.Rngs(0)))
-    return {tuple(str(p) for p in path): tuple(v.get_value().shape) for path, v in nnx.to_flat_state(nnx.state(abstract))}
+    return {path: tuple(v.get_value().shape) for path, v in parameters.variables(parameters.abstract_model(cfg)).items()}
 
 
 def expected_dtypes(cfg: ModelConfig) -> dict[tuple[str, ...], np.dtype]:
     """NNX path -> storage dtype of every variable of Walrus(cfg) (the fixed RoPE buffer stays float32
     whatever param_dtype is), from the abstract model."""
-    from walrus_jax.models.walrus import Walrus
-
-    abstract = nnx.eval_shape(lambda: Walrus(cfg, rngs=nnx.Rngs(0)))
-    return {tuple(str(p) for p in path): np.dtype(v.get_value().dtype)
-            for path, v in nnx.to_flat_state(nnx.state(abstract))}
+    return {path: np.dtype(v.get_value().dtype) for path, v in parameters.variables(parameters.abstract_model(cfg)).items()}
 
 
 def _shape_after(transform, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -252,13 +245,7 @@ def assemble_params(items: Iterable[tuple[str, np.ndarray]], cfg: ModelConfig, *
     if problems:
         raise ConversionError(f"{source}: cannot map onto the walrus_jax model "
                               f"({len(problems)} problem(s)):\n  - " + "\n  - ".join(problems))
-    nested: dict = {}
-    for path, value in out.items():
-        node = nested
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = value
-    return nested
+    return parameters.unflatten(out, sep=None)
 
 
 def load_state_dict(model, state_dict: Mapping[str, np.ndarray], *, source: str = "state_dict") -> None:
@@ -268,7 +255,7 @@ def load_state_dict(model, state_dict: Mapping[str, np.ndarray], *, source: str 
     unchanged. Then one variable at a time is assembled on the host and replaces the model's
     array, so the extra memory is one variable, not a second copy of the model (the old array is
     freed as soon as it is replaced), and freed host memory is handed back to the OS at the end."""
-    flat = {tuple(str(p) for p in path): var for path, var in nnx.to_flat_state(nnx.state(model))}
+    flat = parameters.variables(model)
     shapes = {path: tuple(var.get_value().shape) for path, var in flat.items()}
     table = mapping(model.cfg)
     problems = check_shapes({k: np.shape(v) for k, v in state_dict.items()}, model.cfg, expected=shapes)
@@ -306,8 +293,7 @@ def release_free_memory() -> None:
 
 def to_state_dict(model) -> dict[str, np.ndarray]:
     """The inverse mapping: walrus_jax model -> PyTorch-named float32 state_dict."""
-    flat = {tuple(str(p) for p in path): np.asarray(v[...], np.float32)
-            for path, v in nnx.to_flat_state(nnx.state(model))}
+    flat = {path: np.asarray(v[...], np.float32) for path, v in parameters.variables(model).items()}
     return {key: INVERSE[t.transform](flat[t.path][t.index]) for key, t in mapping(model.cfg).items()}
 
 
@@ -322,16 +308,6 @@ def layer_group(i: int) -> str:
 def is_stacked(path: tuple[str, ...]) -> bool:
     """True for variables of the scanned blocks (leading layer axis)."""
     return tuple(path[:len(BLOCKS)]) == BLOCKS
-
-
-def _nest(flat: Mapping[tuple[str, ...], np.ndarray]) -> dict:
-    nested: dict = {}
-    for path, value in flat.items():
-        node = nested
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = value
-    return nested
 
 
 def group_shapes(cfg: ModelConfig, shapes: Mapping[tuple[str, ...], tuple[int, ...]] | None = None
@@ -388,21 +364,17 @@ def assemble_groups(get: Callable[[str], np.ndarray], cfg: ModelConfig, *, dtype
                 release(key)
             if on_tensor is not None:
                 on_tensor(key)
-        yield g, _nest(flat)
+        yield g, parameters.unflatten(flat, sep=None)
 
 
 def split_groups(params: Mapping, cfg: ModelConfig) -> Iterable[tuple[str, dict]]:
     """A full nested parameter dict (stacked blocks) -> the groups of `group_shapes` (numpy views)."""
-    flat: dict[tuple[str, ...], np.ndarray] = {}
-
-    def walk(node, prefix):
-        for k, v in node.items():
-            if isinstance(v, Mapping):
-                walk(v, prefix + (str(k),))
-            else:
-                flat[prefix + (str(k),)] = v
-
-    walk(params, ())
-    yield BASE_GROUP, _nest({p: v for p, v in flat.items() if not is_stacked(p)})
+    flat = parameters.flatten(params, sep=None)
+    yield BASE_GROUP, parameters.unflatten({p: v for p, v in flat.items() if not is_stacked(p)}, sep=None)
     for i in range(cfg.n_blocks):
-        yield layer_group(i), _nest({p[len(BLOCKS):]: v[i] for p, v in flat.items() if is_stacked(p)})
+        yield layer_group(i), parameters.unflatten({p[len(BLOCKS):]: v[i] for p, v in flat.items() if is_stacked(p)}, sep=None)
+
+
+def model_from_state_dict(cfg: ModelConfig, state_dict: Mapping[str, np.ndarray], source: str = "state_dict"):
+    """A Walrus model from a PyTorch-named state_dict (numpy arrays), without the random init."""
+    return parameters.model_from_params(cfg, assemble_params(state_dict.items(), cfg, source=source), source)

@@ -38,6 +38,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from walrus_jax.checkpoints import params as parameters
 from walrus_jax.errors import DataError
 from walrus_jax.models.config import ModelConfig
 
@@ -101,16 +102,6 @@ def check_vocabulary(mapping: Mapping[str, int] | None, n_states: int, where: st
 
 
 # ------------------------------------------------------------------------------ writing
-def _flat(tree: Mapping, prefix: tuple = ()) -> dict[tuple[str, ...], Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flat(v, prefix + (str(k),)))
-        else:
-            out[prefix + (str(k),)] = v
-    return out
-
-
 def _fsync_write(path: str, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
@@ -150,7 +141,7 @@ def write_pretrained(directory: str, groups: Iterable[tuple[str, Mapping]], cfg:
                      log: Callable[[str], None] | None = None) -> str:
     """Writes a converted-checkpoint directory atomically (module docstring) and returns its path.
 
-    groups: (name, nested dict of arrays) for every group of `walrus_jax.convert.group_shapes(cfg)`
+    groups: (name, nested dict of arrays) for every group of `walrus_jax.checkpoints.convert.group_shapes(cfg)`
       ("base", then "layer_000", ...), consumed one at a time: each is written as its own Orbax
       checkpoint under params/<name> before the next is produced, so a converter streaming from a
       checkpoint file never holds more than one group (Orbax keeps a transient copy of everything
@@ -161,7 +152,7 @@ def write_pretrained(directory: str, groups: Iterable[tuple[str, Mapping]], cfg:
     """
     import orbax.checkpoint as ocp
 
-    from walrus_jax import convert as conv
+    from walrus_jax.checkpoints import convert as conv
 
     log = log or (lambda s: None)
     directory = os.path.abspath(directory)
@@ -180,7 +171,7 @@ def write_pretrained(directory: str, groups: Iterable[tuple[str, Mapping]], cfg:
         arrays: dict[str, dict] = {}
         written = []
         for name, tree in groups:
-            flat = _flat(tree)
+            flat = parameters.flatten(tree, sep=None)
             if name not in want or name in written:
                 raise ValueError(f"write_pretrained: unexpected parameter group {name!r}")
             got = {p: tuple(np.shape(v)) for p, v in flat.items()}
@@ -234,9 +225,9 @@ def save_pretrained(model, directory: str, *, vocabulary=None, overwrite: bool =
         vocabulary = getattr(model, "vocab", None)
     if vocabulary is not None and hasattr(vocabulary, "to_dict"):
         vocabulary = vocabulary.to_dict()
-    from walrus_jax import convert as conv
+    from walrus_jax.checkpoints import convert as conv
 
-    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+    params = parameters.host_params(model)
     return write_pretrained(directory, conv.split_groups(params, model.cfg), model.cfg, vocabulary=vocabulary,
                             vocabulary_source="save_pretrained" if vocabulary is not None else "none",
                             info={"written_by": "walrus_jax.pretrained.save_pretrained", **dict(info or {})},
@@ -260,7 +251,7 @@ def read_marker(directory: str) -> dict:
         if PARTIAL_TAG in name:
             why = "it is the temporary directory of an interrupted conversion; run the converter again"
         elif os.path.isdir(os.path.join(directory, "checkpoints")):
-            why = "it looks like a walrus_jax training workdir; use config.init_from or walrus_jax.checkpointing"
+            why = "it looks like a walrus_jax training workdir; use config.init_from or walrus_jax.checkpoints.load"
         elif not os.listdir(directory):
             why = "it is empty"
         else:
@@ -342,7 +333,7 @@ def _restore_host(directory: str, cfg: ModelConfig, meta: Mapping, dtypes: Mappi
     """{'a/b/c': host array (stacked blocks re-assembled)} cast to `dtypes`, read group by group."""
     import orbax.checkpoint as ocp
 
-    from walrus_jax import convert as conv
+    from walrus_jax.checkpoints import convert as conv
 
     groups = conv.group_shapes(cfg)
     if list(meta.get("groups", [])) != list(groups):
@@ -352,8 +343,8 @@ def _restore_host(directory: str, cfg: ModelConfig, meta: Mapping, dtypes: Mappi
     out: dict[str, np.ndarray] = {}
     for g, shapes in groups.items():
         full = {p: (p if g == conv.BASE_GROUP else conv.BLOCKS + p) for p in shapes}
-        args = conv._nest({p: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtypes["/".join(full[p])])
-                           for p in shapes})
+        args = parameters.unflatten({p: ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtypes["/".join(full[p])])
+                           for p in shapes}, sep=None)
         path = os.path.join(directory, PARAMS_DIR, g)
         try:
             tree = ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
@@ -361,7 +352,7 @@ def _restore_host(directory: str, cfg: ModelConfig, meta: Mapping, dtypes: Mappi
             raise PretrainedFormatError(f"{path}: the Orbax parameter checkpoint cannot be read "
                                         f"({type(e).__name__}: {str(e)[:400]}); the directory is damaged, "
                                         "convert again") from e
-        for p, v in _flat(tree).items():
+        for p, v in parameters.flatten(tree, sep=None).items():
             name = "/".join(full[p])
             if tuple(v.shape) != tuple(shapes.get(p, ())):
                 raise PretrainedFormatError(f"{path}: array {'/'.join(p)} has shape {v.shape}, expected {shapes.get(p)}")
@@ -396,10 +387,6 @@ def load_pretrained(directory: str, *, dtype: str | None = None, mesh: jax.shard
     `model_vocabulary(directory)` returns it.
     Raises FileNotFoundError / PretrainedFormatError naming the directory and what is wrong.
     """
-    import orbax.checkpoint as ocp
-
-    from walrus_jax.models.walrus import Walrus
-
     if adapters is not None:
         from walrus_jax import adapters as adapters_lib
 
@@ -432,9 +419,37 @@ def load_pretrained(directory: str, *, dtype: str | None = None, mesh: jax.shard
     if overrides:
         cfg = cfg.replace(**overrides)
 
-    abstract = nnx.eval_shape(lambda: Walrus(cfg, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    flat = {"/".join(str(p) for p in path): var for path, var in nnx.to_flat_state(state)}
+    state = nnx.state(parameters.abstract_model(cfg))
+    _check_stored(directory, meta, state)
+    if mesh is not None:
+        from walrus_jax.sharding import param_specs
+
+        specs = param_specs(state, _rules_for(state, mesh, rules), mesh)
+        shardings = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs,
+                                 is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    else:
+        if rules is not None:
+            raise ValueError("load_pretrained: rules= needs mesh=")
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: one, nnx.to_pure_dict(state))
+    dtypes = {parameters.SEP.join(path): np.dtype(var.get_value().dtype) for path, var in parameters.variables(state).items()}
+    host = _restore_host(directory, cfg, meta, dtypes)
+    flat_shardings = parameters.flatten(shardings)
+    placed = {}
+    for name in list(host):
+        # One array at a time: each device receives only its shard, and the host copy is dropped as
+        # soon as the transfer is done (device_put copies asynchronously and keeps the host buffer
+        # alive until then; without the wait the whole model would briefly exist twice).
+        placed[name] = jax.device_put(host.pop(name), flat_shardings[name])
+        placed[name].block_until_ready()
+    model = parameters.model_from_params(cfg, parameters.unflatten(placed), directory)
+    model.vocab = vocab
+    return model
+
+
+def _check_stored(directory: str, meta: Mapping, state) -> None:
+    """PretrainedFormatError listing every difference between the marker's arrays and the model's variables."""
+    flat = {parameters.SEP.join(path): var for path, var in parameters.variables(state).items()}
     stored = meta.get("arrays", {})
     problems = []
     for name in sorted(set(flat) - set(stored)):
@@ -449,36 +464,17 @@ def load_pretrained(directory: str, *, dtype: str | None = None, mesh: jax.shard
         raise PretrainedFormatError(f"{directory}: the stored parameters do not fit the model described by its "
                                     f"{CONFIG_FILE} ({len(problems)} problem(s)):\n  - " + "\n  - ".join(problems))
 
-    if mesh is not None:
-        from walrus_jax.sharding import param_specs
 
-        specs = param_specs(state, _rules_for(state, mesh, rules), mesh)
-        shardings = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs,
-                                 is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-    else:
-        if rules is not None:
-            raise ValueError("load_pretrained: rules= needs mesh=")
-        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: one, nnx.to_pure_dict(state))
-    dtypes = {path: np.dtype(var.get_value().dtype) for path, var in flat.items()}
-    host = _restore_host(directory, cfg, meta, dtypes)
-    flat_shardings = {"/".join(str(getattr(k, "key", k)) for k in p): s
-                      for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
-    placed = {}
-    for name in list(host):
-        # One array at a time: each device receives only its shard, and the host copy is dropped as
-        # soon as the transfer is done (device_put copies asynchronously and keeps the host buffer
-        # alive until then; without the wait the whole model would briefly exist twice).
-        placed[name] = jax.device_put(host.pop(name), flat_shardings[name])
-        placed[name].block_until_ready()
-    restored: dict = {}
-    for name, value in placed.items():
-        node = restored
-        parts = name.split("/")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    nnx.replace_by_pure_dict(state, restored)
-    model = nnx.merge(graphdef, state)
-    model.vocab = vocab
-    return model
+def read_params(directory: str) -> tuple[ModelConfig, dict, Any]:
+    """(model config, parameters (nnx.Param variables) as a nested dict of host numpy arrays in their
+    stored dtypes, vocabulary or None) of a converted directory, without building a model."""
+    directory = os.path.abspath(str(directory))
+    meta = read_marker(directory)
+    cfg = model_config(directory)
+    state = nnx.state(parameters.abstract_model(cfg))
+    _check_stored(directory, meta, state)
+    flat = {parameters.SEP.join(path): var for path, var in parameters.variables(state).items()}
+    host = _restore_host(directory, cfg, meta, {name: np.dtype(var.get_value().dtype) for name, var in flat.items()})
+    # nnx.Param only, as a training checkpoint holds them: fixed buffers come from the model config
+    params = {name: v for name, v in host.items() if isinstance(flat[name], nnx.Param)}
+    return cfg, parameters.unflatten(params), model_vocabulary(directory)

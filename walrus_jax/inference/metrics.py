@@ -165,6 +165,13 @@ def binned_spectral_mse(pred, target, n_spatial_dims: int | None = None, edges: 
     return {"mse": res, "nmse": res / (true + eps)}
 
 
+# ----------------------------------------------------------------------------------- baseline
+def persistence(inputs, n_steps: int) -> np.ndarray:
+    """The persistence forecast u(t_last + k) = u(t_last), the baseline every rollout is scored
+    against: (B, T_in, *spatial, C) -> (B, n_steps, *spatial, C)."""
+    return np.repeat(np.asarray(inputs)[:, -1:], int(n_steps), axis=1)
+
+
 # ----------------------------------------------------------------------------------- horizons
 def window_name(window: tuple[int, int]) -> str:
     a, b = window

@@ -6,9 +6,9 @@ released per-dataset field transforms, and the released datasets' step downsampl
 roll out from half the history). For each dataset, `eval.n_trajectories` trajectories of the
 held-out split, in an order shuffled by the seed, are rolled out from their first T_in frames (at
 the training's smallest time stride) for up to `eval.rollout_steps` steps with
-`walrus_jax.rollouts.rollout` — with patch jitter when `eval.jitter` (the release's model applies it
+`walrus_jax.inference.rollouts.rollout` — with patch jitter when `eval.jitter` (the release's model applies it
 in eval mode too; one key per dataset, derived from the seed) — and scored against the truth with
-the_well's VRMSE (eps 1e-7), NRMSE and MAE (`walrus_jax.metrics`), per field and averaged over
+the_well's VRMSE (eps 1e-7), NRMSE and MAE (`walrus_jax.inference.metrics`), per field and averaged over
 horizon windows (1-based, inclusive; the paper's 1-20 and 21-60, downstream 1-10 and 11-30). The
 persistence baseline u(t+k) = u(t) is scored the same way. A constant field named "mask" marks
 points forced to 0 in every prediction, as in training.
@@ -20,7 +20,6 @@ over trajectories (the paper's statistic).
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 import os
 from typing import Any, Sequence
@@ -29,10 +28,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from walrus_jax import metrics as metrics_lib
-from walrus_jax import rollouts as rollout_lib
+from walrus_jax.inference import metrics as metrics_lib
+from walrus_jax.inference import rollouts as rollout_lib
 
 log = logging.getLogger(__name__)
+
+EVAL_METRICS = ("vrmse", "nrmse", "mae")
 
 
 @dataclasses.dataclass
@@ -105,11 +106,6 @@ def load_eval_sets(paths: Sequence[str], *, n_steps_input: int, n_trajectories: 
     return sets
 
 
-def _field_mean(per_field: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """(..., C) -> (...) mean over real fields."""
-    return per_field[..., valid].mean(axis=-1)
-
-
 def evaluate(model, sets: Sequence[EvalSet], *, windows=((1, 10), (11, 30)), batch_size: int = 4,
              jitter: jax.Array | None = None) -> dict[str, Any]:
     """Rolls `model` out on every set; returns a JSON-ready report (module docstring).
@@ -139,26 +135,22 @@ def evaluate(model, sets: Sequence[EvalSet], *, windows=((1, 10), (11, 30)), bat
                                     normalization_stats=s.stats)
             preds.append(np.asarray(p))
         pred = np.concatenate(preds)
-        persist = np.repeat(s.inputs[:, -1:], s.truth.shape[1], axis=1)
+        persist = metrics_lib.persistence(s.inputs, s.truth.shape[1])
         entry: dict[str, Any] = {"n_trajectories": int(pred.shape[0]), "n_steps": int(pred.shape[1]),
                                  "fields": s.field_names, "trajectories": list(s.trajectories)}
-        valid = s.padded_field_mask
         for prefix, guess in (("", pred), ("persistence_", persist)):
-            for mname in ("vrmse", "nrmse", "mae"):
-                per = np.asarray(getattr(metrics_lib, mname)(jnp.asarray(guess), jnp.asarray(s.truth)), np.float64)
-                entry[f"{prefix}{mname}_per_step"] = _field_mean(per, valid).mean(axis=0).tolist()
+            per = {m: np.asarray(getattr(metrics_lib, m)(jnp.asarray(guess), jnp.asarray(s.truth)), np.float64)
+                   for m in EVAL_METRICS}
+            summary = metrics_lib.summarize(per, s.field_names, windows, s.padded_field_mask)
+            for m in EVAL_METRICS:  # the metrics report's entries under flat keys
+                entry[f"{prefix}{m}_per_step"] = summary[m]["per_step_mean"]
                 for w in windows:
-                    if w[1] > per.shape[1]:
-                        continue
-                    hw = np.asarray(metrics_lib.horizon_mean(per, w, axis=1))  # (N, C)
-                    entry[f"{prefix}{mname}_{w[0]}_{w[1]}"] = {
-                        **{f: float(hw[:, c].mean()) for c, f in enumerate(s.field_names)},
-                        "mean": float(_field_mean(hw, valid).mean()),
-                        "median_over_trajectories": float(np.median(_field_mean(hw, valid)))}
+                    if metrics_lib.window_name(w) in summary[m]["windows"]:
+                        entry[f"{prefix}{m}_{w[0]}_{w[1]}"] = summary[m]["windows"][metrics_lib.window_name(w)]
         report["datasets"][s.name] = entry
         arrays[s.name] = (pred, s.truth, s.inputs)
     for prefix in ("", "persistence_"):
-        for mname in ("vrmse", "nrmse", "mae"):
+        for mname in EVAL_METRICS:
             for w in windows:
                 key = f"{prefix}{mname}_{w[0]}_{w[1]}"
                 vals = [e[key]["mean"] for e in report["datasets"].values() if key in e]
@@ -207,3 +199,47 @@ def plot_rollout(report: dict, sets: Sequence[EvalSet], path: str, steps: Sequen
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+# ------------------------------------------------------------------------------------ from a job config
+def eval_sets_from_config(config, paths: Sequence[str], vocab, n_trajectories: int,
+                          allow_new_fields: bool) -> list[EvalSet]:
+    """Validation trajectories of a training config (configs/*.py), read as training reads the data."""
+    return load_eval_sets(
+        paths, n_steps_input=config.data.n_steps_input, n_trajectories=n_trajectories,
+        rollout_steps=config.eval.rollout_steps, stride=config.data.min_dt_stride, split=config.eval.split,
+        vocab=vocab, allow_new_fields=allow_new_fields, inflate_to_3d=config.data.inflate_to_3d, seed=config.seed,
+        normalization=config.data.normalization)
+
+
+def eval_jitter_key(config):
+    """The validation rollouts' jitter key (None: eval.jitter off)."""
+    return jax.random.fold_in(jax.random.key(config.seed), 0x5EED) if config.eval.jitter else None
+
+
+def evaluate_job(config, workdir: str) -> dict:
+    """--mode=eval: rollout metrics of the newest checkpoint in WORKDIR (or of config.init_from when
+    WORKDIR has none) on the held-out split of the configured data -> WORKDIR/eval.json."""
+    from walrus_jax.checkpoints import params as parameters
+    from walrus_jax.checkpoints.load import checkpoint_dir, read_weights
+    from walrus_jax.data.resolve import resolve_data
+    from walrus_jax.errors import PathError
+    from walrus_jax.jsonio import write_json
+
+    workdir = os.path.abspath(workdir)
+    source = workdir if checkpoint_dir(workdir) else config.init_from
+    if not source:
+        raise PathError(f"--mode=eval: no checkpoint in {workdir}/checkpoints and config init_from is empty")
+    weights = read_weights(source)
+    sets = eval_sets_from_config(config, resolve_data(config), weights.vocab, max(1, config.eval.n_trajectories),
+                                 False)
+    model = parameters.model_from_params(weights.cfg, weights.params, weights.source)
+    report = evaluate(model, sets, windows=tuple(tuple(w) for w in config.eval.windows),
+                      batch_size=config.eval.batch_size, jitter=eval_jitter_key(config))
+    out = dict(strip_arrays(report), checkpoint=weights.source)
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        write_json(os.path.join(workdir, "eval.json"), out)
+        if config.eval.plot:
+            plot_rollout(report, sets, os.path.join(workdir, "eval_rollout.png"))
+    return out
