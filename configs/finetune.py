@@ -12,7 +12,7 @@ release's; lower it with train.steps for small data: the schedule follows). Vari
 position embedding; set model.ape_grid to the data's token grid), `:fixed_rope` (the base model's
 fixed RoPE frequencies), `:lora` (low-rank adapters of rank 16 on the time qkv and space fused projections with the
 base frozen: only adapters, new vocabulary rows and the learnable RoPE frequencies train;
-`--config.lora.rank/alpha/dropout/targets`; walrus_jax/adapters.py).
+`--config.lora.rank/alpha/dropout/targets`; walrus_jax/checkpoints/adapters.py).
 """
 from configs import common
 

@@ -18,7 +18,7 @@ def get_config(variant: str = ""):
     c.mode = "rollout"  # read by walrus_jax.main when --mode is not given
     c.name = "rollout"
     c.checkpoint = ""  # required: converted release directory or training workdir
-    c.adapters = ""  # LoRA workdir or exported adapter delta trained on `checkpoint` (walrus_jax/adapters.py)
+    c.adapters = ""  # LoRA workdir or exported adapter delta trained on `checkpoint` (walrus_jax/checkpoints/adapters.py)
     c.data = ""  # required: Well file, directory of files, or dataset root (with split)
     c.split = ""  # '' = `data` holds the files; else read data/<split>
     c.field_transforms = ""  # "density:log10,temperature:log10" (the release's per-dataset transforms)

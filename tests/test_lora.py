@@ -14,11 +14,12 @@ import pytest
 from flax import nnx
 
 import walrus_jax as wj
-from walrus_jax import adapters, main
+from walrus_jax import main
+from walrus_jax.checkpoints import adapters
 from walrus_jax.data import FieldVocabulary, write_dataset
 from walrus_jax.errors import ConfigError
 from walrus_jax.checkpoints.load import read_weights
-from walrus_jax.checkpoints.params import model_from_params, random_params
+from walrus_jax.checkpoints.params import flatten, model_from_params, random_params, unflatten
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = wj.ModelConfig.tiny(n_states=8, drop_path=0.0)
@@ -28,7 +29,7 @@ FI = np.array([3, 4, 5], np.int32)
 
 
 def _flat(tree):
-    return adapters._flat(tree)
+    return flatten(tree)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def _adapted(base, b_scale: float, seed: int = 1):
         if k.endswith("/lora/b"):
             flat[k] = (b_scale * rng.standard_normal(flat[k].shape)).astype(np.float32)
     flat.update(_flat(base))
-    return adapters._nest(flat)
+    return unflatten(flat)
 
 
 def _split(cfg):
@@ -63,7 +64,7 @@ def forward():
             graphdef, rest = _split(cfg)
             cache[cfg] = (jax.jit(lambda p, x: nnx.merge(graphdef, p, rest)(x, FI, BCS, None)), set(_flat(rest)))
         f, buffers = cache[cfg]
-        return np.asarray(f(adapters._nest({k: v for k, v in _flat(params).items() if k not in buffers}), x))
+        return np.asarray(f(unflatten({k: v for k, v in _flat(params).items() if k not in buffers}), x))
 
     return run
 
@@ -100,7 +101,7 @@ def test_adapter_gradients_match_central_differences(base_params, x):
 
     @jax.jit
     def loss(lp):
-        p = adapters._nest({**frozen, **lp})
+        p = unflatten({**frozen, **lp})
         return jnp.mean(nnx.merge(graphdef, p, rest)(x, FI, BCS, None) * r)
 
     lp = {k: jnp.asarray(flat[k]) for k in lora_keys}

@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     def go():
-        from walrus_jax import adapters
+        from walrus_jax.checkpoints import adapters
         from walrus_jax.checkpoints.load import read_weights
         from walrus_jax.checkpoints.pretrained import save_pretrained
 

@@ -28,10 +28,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from walrus_jax import adapters, xla_options
+from walrus_jax import xla_options
+from walrus_jax.checkpoints import adapters
 from walrus_jax.training import optim, steps
 from walrus_jax.models import ModelConfig, Walrus
 from walrus_jax.models.config import LORA_TARGETS

@@ -381,14 +381,14 @@ def load_pretrained(directory: str, *, dtype: str | None = None, mesh: jax.shard
     overrides: further ModelConfig fields that do not change parameter shapes (remat, scan_layers,
       drop_path, input_field_drop, jitter_patches).
     adapters: a LoRA fine-tuning workdir or an exported adapter delta made for this checkpoint
-      (walrus_jax/adapters.py): the fine-tuned model (adapters, new fields) is returned; a delta
+      (walrus_jax/checkpoints/adapters.py): the fine-tuned model (adapters, new fields) is returned; a delta
       made for another base is refused.
     The model's `vocab` attribute is the checkpoint's field vocabulary (or None), as
     `model_vocabulary(directory)` returns it.
     Raises FileNotFoundError / PretrainedFormatError naming the directory and what is wrong.
     """
     if adapters is not None:
-        from walrus_jax import adapters as adapters_lib
+        from walrus_jax.checkpoints import adapters as adapters_lib
 
         model = adapters_lib.load(directory, adapters, dtype=dtype, **overrides)
         if mesh is not None:

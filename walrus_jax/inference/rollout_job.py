@@ -124,7 +124,7 @@ def _load_checkpoint(config):
                         "converted first with `python -m tools.convert_torch_ckpt`)")
     try:
         if config.get("adapters"):
-            from walrus_jax import adapters
+            from walrus_jax.checkpoints import adapters
 
             model = adapters.load(path, str(config.adapters), dtype=config.dtype)
             return model, model.vocab, f"{path} + adapters {config.adapters}"

@@ -59,7 +59,7 @@ class Plan:
         else:
             over["ape_grid"] = None
         lo = config.get("lora")
-        if lo is not None and lo.rank > 0:  # adapter fine-tuning (walrus_jax/adapters.py)
+        if lo is not None and lo.rank > 0:  # adapter fine-tuning (walrus_jax/checkpoints/adapters.py)
             over.update(lora_rank=int(lo.rank), lora_alpha=float(lo.alpha), lora_dropout=float(lo.dropout),
                         lora_targets=tuple(lo.targets))
         try:
@@ -85,18 +85,18 @@ class Plan:
         delta exported from the workdir can refuse another base)."""
         if not self.adapters:
             return {}
-        from walrus_jax import adapters
+        from walrus_jax.checkpoints import adapters
 
         return {adapters.META_KEY: {"fingerprint": adapters.fingerprint(self.base.params),
                                     "n_states": int(self.base.cfg.n_states), "source": self.base.source}}
 
     def write_delta(self, directory: str, params, vocab, meta: dict, write: bool = True) -> str | None:
-        """Adapter runs: the trained variables as an adapter delta in `directory` (walrus_jax/adapters.py);
+        """Adapter runs: the trained variables as an adapter delta in `directory` (walrus_jax/checkpoints/adapters.py);
         `meta` is checkpoint_meta()'s output. Every process calls it (the trained arrays are gathered
         from their shards); only `write` ones write. None for full fine-tuning."""
         if not self.adapters:
             return None
-        from walrus_jax import adapters
+        from walrus_jax.checkpoints import adapters
 
         info = meta[adapters.META_KEY]
         flat = parameters.flatten(params)
@@ -107,13 +107,13 @@ class Plan:
             trained = multihost_utils.process_allgather(trained, tiled=True)
         if not write:
             return None
-        delta = adapters.delta_from_params(adapters._nest(jax.tree.map(np.asarray, trained)), self.model_cfg,
+        delta = adapters.delta_from_params(parameters.unflatten(jax.tree.map(np.asarray, trained)), self.model_cfg,
                                            info["n_states"], vocab, info["fingerprint"], source=directory)
         return adapters.write_delta(directory, delta)
 
     def trainable_mask(self, params_abstract) -> Any:
         if self.adapters:
-            from walrus_jax import adapters
+            from walrus_jax.checkpoints import adapters
 
             if self.config.finetune.freeze:
                 raise ConfigError("config finetune.freeze and lora.rank > 0 exclude each other: with adapters "

@@ -80,7 +80,7 @@ def _train(config, workdir: str) -> dict:
         train_seconds = run.timing["train_seconds"]
         if step > run.start_step or not run.checkpointer.steps():
             save(run, losses, step, force=True)
-        if run.plan is not None:  # adapter runs: WORKDIR/adapters, the small delta (walrus_jax/adapters.py)
+        if run.plan is not None:  # adapter runs: WORKDIR/adapters, the small delta (walrus_jax/checkpoints/adapters.py)
             run.plan.write_delta(os.path.join(run.workdir, "adapters"), run.state["params"], run.vocab, run.meta,
                                  write=run.is_main)
         t_eval = time.time()

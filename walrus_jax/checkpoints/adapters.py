@@ -34,8 +34,9 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
-from flax import nnx, traverse_util
+from flax import nnx
 
+from walrus_jax.checkpoints import params as parameters
 from walrus_jax.errors import ConfigError, DataError, PathError
 from walrus_jax.models.config import ModelConfig
 from walrus_jax.models.lora import is_adapter_path, merged_kernel
@@ -47,16 +48,10 @@ ARRAYS_FILE = "adapters.npz"
 META_KEY = "lora_base"  # training checkpoints' meta entry: {"fingerprint", "n_states"} of the base
 
 
-def _path(keys) -> str:
-    return "/".join(str(getattr(k, "key", k)) for k in keys)
-
-
-def _flat(tree) -> dict[str, Any]:
-    return {"/".join(map(str, k)): v for k, v in traverse_util.flatten_dict(dict(tree)).items()}
-
-
-def _nest(flat: Mapping[str, Any]) -> dict:
-    return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+def _param_shapes(cfg: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
+    """{"a/b/c": ShapeDtypeStruct} of the parameters (nnx.Param, adapters included) of Walrus(cfg)."""
+    state = nnx.state(parameters.abstract_model(cfg), nnx.Param)
+    return {parameters.SEP.join(p): v.get_value() for p, v in parameters.variables(state).items()}
 
 
 # ------------------------------------------------------------------------------ fingerprint
@@ -65,7 +60,7 @@ def fingerprint(params: Mapping) -> dict:
     array's path, dtype, shape and bytes, so any change of the base weights changes it."""
     h = hashlib.sha256()
     n = 0
-    flat = _flat(params)
+    flat = parameters.flatten(params)
     for path in sorted(flat):
         a = np.ascontiguousarray(np.asarray(flat[path]))
         h.update(f"{path}|{a.dtype.str}|{a.shape}|".encode())
@@ -79,16 +74,10 @@ def fingerprint(params: Mapping) -> dict:
 def vocab_axes(cfg: ModelConfig) -> dict[str, int]:
     """{parameter path: axis} of the parameters with one row per vocabulary entry (encoder input,
     decoder output), found by comparing the shapes of cfg and cfg with one more field."""
-    from walrus_jax.models import Walrus
-
-    def shapes(c):
-        state = nnx.state(nnx.eval_shape(lambda: Walrus(c, rngs=nnx.Rngs(0))), nnx.Param)
-        return {_path(p): tuple(v.get_value().shape) for p, v in nnx.to_flat_state(state)}
-
-    a, b = shapes(cfg), shapes(cfg.replace(n_states=cfg.n_states + 1))
+    a, b = _param_shapes(cfg), _param_shapes(cfg.replace(n_states=cfg.n_states + 1))
     out = {}
     for k, s in a.items():
-        diff = [i for i, (x, y) in enumerate(zip(s, b[k])) if x != y]
+        diff = [i for i, (x, y) in enumerate(zip(s.shape, b[k].shape)) if x != y]
         if diff:
             out[k] = diff[0]
     return out
@@ -113,7 +102,7 @@ def trainable_mask(params_abstract: Mapping, cfg: ModelConfig, n_base_states: in
     """The optimizer's trainable mask (walrus_jax.optim) for adapter fine-tuning: True for whole
     trained arrays, a bool array (True on the new rows, broadcastable) for the vocabulary rows,
     False elsewhere. Same nesting as params_abstract."""
-    flat = _flat(params_abstract)
+    flat = parameters.flatten(params_abstract)
     parts = trained_parts(cfg, n_base_states, flat)
     out = {}
     for p, v in flat.items():
@@ -127,16 +116,16 @@ def trainable_mask(params_abstract: Mapping, cfg: ModelConfig, n_base_states: in
             out[p] = m
         else:
             out[p] = what
-    return _nest(out)
+    return parameters.unflatten(out)
 
 
 def count_trainable(params_abstract: Mapping, mask) -> tuple[int, int]:
     """(trainable entries, all entries) of params under a trainable mask (None: all train)."""
-    flat = _flat(params_abstract)
+    flat = parameters.flatten(params_abstract)
     total = sum(int(np.prod(v.shape)) for v in flat.values())
     if mask is None:
         return total, total
-    m = _flat(mask)
+    m = parameters.flatten(mask)
     n = 0
     for p, v in flat.items():
         on = np.asarray(m[p])
@@ -158,7 +147,7 @@ class Delta:
 def delta_from_params(params: Mapping, cfg: ModelConfig, base_n_states: int, vocab, base_fp: Mapping,
                       source: str = "params") -> Delta:
     """The trained part of a fine-tuned model's parameters (nested dict of arrays)."""
-    flat = _flat(params)
+    flat = parameters.flatten(params)
     arrays = {}
     for p, what in trained_parts(cfg, base_n_states, flat).items():
         a = np.asarray(flat[p])
@@ -239,11 +228,8 @@ def apply_delta(base_params: Mapping, delta: Delta) -> dict:
     """The fine-tuned model's parameters (nested dict of numpy arrays) from the base's and a delta:
     trained arrays from the delta, new vocabulary rows appended to the base rows (encoder columns
     scaled by √(n_old / n_new) as fine-tuning does), everything else the base's."""
-    from walrus_jax.models import Walrus
-
-    base = _flat(base_params)
-    state = nnx.state(nnx.eval_shape(lambda: Walrus(delta.cfg, rngs=nnx.Rngs(0))), nnx.Param)
-    want = {_path(p): v.get_value() for p, v in nnx.to_flat_state(state)}
+    base = parameters.flatten(base_params)
+    want = _param_shapes(delta.cfg)
     parts = trained_parts(delta.cfg, delta.base_n_states, want)
     n_old, n_new = delta.base_n_states, delta.cfg.n_states
     out = {}
@@ -264,7 +250,7 @@ def apply_delta(base_params: Mapping, delta: Delta) -> dict:
             raise DataError(f"adapters {delta.source}: parameter {p} has shape {np.shape(v)}, the fine-tuned model "
                             f"expects {tuple(abstract.shape)}")
         out[p] = np.asarray(v).astype(abstract.dtype)
-    return _nest(out)
+    return parameters.unflatten(out)
 
 
 # ------------------------------------------------------------------------------ loading, merging
@@ -273,7 +259,6 @@ def load(base_dir: str, adapters: str, *, dtype: str | None = None, **overrides)
     `adapters` (an exported delta or a LoRA fine-tuning workdir). The model's `vocab` attribute is the
     fine-tuned vocabulary. dtype / overrides as in `walrus_jax.load_pretrained`."""
     from walrus_jax.checkpoints.load import read_weights
-    from walrus_jax.checkpoints.params import model_from_params
     from walrus_jax.checkpoints.pretrained import make_vocabulary
 
     delta = read_delta(adapters)
@@ -283,7 +268,7 @@ def load(base_dir: str, adapters: str, *, dtype: str | None = None, **overrides)
     cfg = delta.cfg.replace(**overrides)
     if dtype is not None:
         cfg = cfg.replace(dtype=str(dtype), param_dtype=str(dtype))
-    model = model_from_params(cfg, params, f"{base_dir} + adapters {delta.source}")
+    model = parameters.model_from_params(cfg, params, f"{base_dir} + adapters {delta.source}")
     model.vocab = make_vocabulary(delta.vocab or None)  # hashable: a static attribute of the model
     return model
 
@@ -291,7 +276,7 @@ def load(base_dir: str, adapters: str, *, dtype: str | None = None, **overrides)
 def merged_params(params: Mapping, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
     """(parameters with every adapter folded into its kernel, the config without adapters):
     kernel + A B · alpha / rank (float64 on the host, cast back), the A / B entries removed."""
-    flat = {k: np.asarray(v) for k, v in _flat(params).items()}
+    flat = {k: np.asarray(v) for k, v in parameters.flatten(params).items()}
     out = {k: v for k, v in flat.items() if not is_adapter_path(k)}
     scale = cfg.lora_alpha / cfg.lora_rank if cfg.lora_rank else 0.0
     for k in flat:
@@ -300,15 +285,12 @@ def merged_params(params: Mapping, cfg: ModelConfig) -> tuple[dict, ModelConfig]
             out[dense + "/kernel"] = merged_kernel(flat[dense + "/kernel"], flat[k], flat[dense + "/lora/b"], scale)
     plain = {f: ModelConfig.__dataclass_fields__[f].default for f in ("lora_rank", "lora_alpha", "lora_dropout",
                                                                      "lora_targets")}
-    return _nest(out), cfg.replace(**plain)
+    return parameters.unflatten(out), cfg.replace(**plain)
 
 
 def merge_model(model):
     """A Walrus without adapters computing what `model` (with adapters) computes."""
-    from walrus_jax.checkpoints.params import model_from_params
-
-    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
-    merged, cfg = merged_params(params, model.cfg)
-    out = model_from_params(cfg, merged, "merged adapters")
+    merged, cfg = merged_params(parameters.host_params(model), model.cfg)
+    out = parameters.model_from_params(cfg, merged, "merged adapters")
     out.vocab = getattr(model, "vocab", None)
     return out
