@@ -21,6 +21,7 @@ it stopped (`nonfinite`). Horizon windows longer than the rollout are listed in 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -134,108 +135,173 @@ def _load_checkpoint(config):
         raise PathError(msg) from e
 
 
-def run_rollout_job(config, workdir: str) -> dict:
-    """Rolls out `config.checkpoint` on `config.data` (configs/rollout.py) and writes everything under workdir."""
-    from walrus_jax.inference import plotting
+@dataclasses.dataclass
+class Plan:
+    """What the job rolls out: trajectories `ids` from frame `start`, `t_in` frames of history, `n_steps`
+    predicted steps, and the channel layout of the data (variable fields, then constant fields)."""
+    ids: list[int]
+    start: int
+    t_in: int
+    n_steps: int
+    first: dict  # the first trajectory (its field names, indices, masks, boundary conditions)
+    var_names: list[str]
+    con_names: list[str]
+    orders: list[int]
 
+
+def _check_config(config) -> None:
     for key in ("checkpoint", "data"):
         if not config.get(key):
             raise ConfigError(f"config.{key} is required (--config.{key}=...)")
-    on_nonfinite = str(config.get("on_nonfinite", "error"))
-    if on_nonfinite not in ("error", "truncate"):
-        raise ConfigError(f"config.on_nonfinite={on_nonfinite!r}: expected 'error' or 'truncate'")
-    t_start = time.time()
-    model, vocab, source = _load_checkpoint(config)
-    os.makedirs(workdir, exist_ok=True)
-    ds = _open_dataset(config, vocab)
+    if str(config.get("on_nonfinite", "error")) not in ("error", "truncate"):
+        raise ConfigError(f"config.on_nonfinite={config.on_nonfinite!r}: expected 'error' or 'truncate'")
+    if config.plot and config.animation and str(config.animation).lower() not in ("gif", "mp4"):
+        raise ConfigError(f"config.animation={config.animation!r}: expected 'gif', 'mp4' or ''")
+
+
+def _plan(config, ds) -> Plan:
     t_in = int(config.n_input_steps)
-    traj_ids = [int(j) for j in config.trajectories] or list(range(min(int(config.max_trajectories),
-                                                                        ds.n_trajectories)))
-    for j in traj_ids:
+    ids = [int(j) for j in config.trajectories] or list(range(min(int(config.max_trajectories), ds.n_trajectories)))
+    for j in ids:
         if not 0 <= j < ds.n_trajectories:
             raise ConfigError(f"config.trajectories: {j} out of range; {config.data} has {ds.n_trajectories} trajectories")
-    first = ds.trajectory(traj_ids[0])
+    first = ds.trajectory(ids[0])
     n_total = first["fields"].shape[0]
     start = int(config.start_index)
     available = n_total - start - t_in
     if available < 1:
         raise DataError(f"{config.data}: trajectories have {n_total} frames; a rollout from frame {start} with a "
                         f"history of n_input_steps={t_in} needs at least {start + t_in + 1}")
-    n_steps = int(min(available, int(config.max_rollout_steps)))
-    field_names = list(first["field_names"])
+    names = list(first["field_names"])
     n_var = first["fields"].shape[-1]
-    var_names, con_names = field_names[:n_var], field_names[n_var:]
-    orders = [int(o) for o in first["field_tensor_orders"]]
-    mask_names = [str(n) for n in con_names]
-    key = jax.random.key(int(config.seed)) if config.jitter else None
-    log.info("rollout: %s (%s) on %s: %d trajectories x %d steps, T_in=%d, dtype=%s", config.checkpoint, source,
-             ds.dataset_name, len(traj_ids), n_steps, t_in, config.dtype)
+    return Plan(ids, start, t_in, int(min(available, int(config.max_rollout_steps))), first, names[:n_var],
+                names[n_var:], [int(o) for o in first["field_tensor_orders"]])
 
+
+@dataclasses.dataclass
+class Group:
+    """One batch of trajectories rolled out together. Arrays (B, T, *spatial, C_var)."""
+    ids: list[int]
+    trajectories: list[dict]
+    constants: np.ndarray | None  # (B, *spatial, C_con)
+    inputs: np.ndarray
+    truth: np.ndarray
+    predictions: np.ndarray
+    persistence: np.ndarray
+    seconds: float
+    nonfinite: dict | None = None  # where a truncated rollout met its first NaN/Inf
+    n_ok: int | None = None  # steps kept when truncated
+
+
+def _roll_group(config, model, ds, plan: Plan, g: int, norm_stats, key) -> Group:
+    """Rolls out trajectories plan.ids[g : g + batch_size]. A NaN/Inf prediction fails the job
+    (config.on_nonfinite="error") or truncates the group's rollout before it ("truncate")."""
+    ids = plan.ids[g:g + max(1, int(config.batch_size))]
+    trajs = [plan.first if j == plan.ids[0] else ds.trajectory(j) for j in ids]
+    first, start, t_in, n_steps = plan.first, plan.start, plan.t_in, plan.n_steps
+    fields = np.stack([t["fields"] for t in trajs])  # (B, T_total, *spatial, C_var)
+    consts = np.stack([t["constant_fields"] for t in trajs])
+    consts = consts if consts.shape[-1] else None
+    inputs = fields[:, start:start + t_in]
+    truth = fields[:, start + t_in:start + t_in + n_steps]
+    mask = rollouts.mask_from_constants(consts, [str(n) for n in plan.con_names]) if consts is not None else None
+    t0 = time.time()
+    nonfinite, n_ok = None, None
+    try:
+        preds = rollouts.rollout(model, inputs, field_indices=first["field_indices"], bcs=first["boundary_conditions"],
+                                 n_steps=n_steps, constant_fields=consts, padded_field_mask=first["padded_field_mask"],
+                                 mask=mask, jitter=None if key is None else jax.random.fold_in(key, g),
+                                 eps=float(config.eps), chunk_size=int(config.chunk_size), min_input_steps=t_in,
+                                 on_nonfinite="raise", normalization_stats=norm_stats)
+    except rollouts.NonFiniteRolloutError as e:  # stopped after the chunk holding the first NaN/Inf
+        where = {"trajectory": int(ids[e.sample]), "step": int(e.step) + 1, "field": str(plan.var_names[e.channel])}
+        text = (f"the rollout of {config.checkpoint} on {config.data} diverged: trajectory {where['trajectory']}, "
+                f"field {where['field']!r} is NaN/Inf at prediction step {where['step']} of {n_steps}")
+        if str(config.get("on_nonfinite", "error")) == "error" or e.step == 0:
+            raise rollouts.NonFiniteRolloutError(
+                f"{text}; nothing was written for it. Check the data's units and config.field_transforms, or "
+                "set --config.on_nonfinite=truncate to keep the steps before it", step=e.step,
+                sample=where["trajectory"], channel=e.channel) from None
+        log.warning("%s: keeping the %d steps before it (config.on_nonfinite=truncate)", text, e.step)
+        preds, nonfinite, n_ok = e.predictions, where, int(e.step)
+    seconds = time.time() - t0
+    if mask is not None:  # the original compares against a reference zeroed on the mask too
+        truth = np.where(mask[:, None, ..., None], 0.0, truth)
+    return Group(ids, trajs, consts, inputs, truth, np.asarray(preds), metrics.persistence(inputs, n_steps), seconds,
+                 nonfinite, n_ok)
+
+
+def _write_predictions(config, ds, plan: Plan, groups: Sequence[Group], n_steps: int, pred_dir: str) -> None:
+    """predictions/<dataset>/traj_<j>.hdf5 for every trajectory: its history, then n_steps predictions."""
+    first, start, t_in = plan.first, plan.start, plan.t_in
+    n_var = len(plan.var_names)
+    for grp in groups:
+        for b, j in enumerate(grp.ids):
+            traj = grp.trajectories[b]
+            write_well_predictions(
+                os.path.join(pred_dir, f"traj_{j}.hdf5"), dataset_name=ds.dataset_name,
+                frames=np.concatenate([grp.inputs[b], grp.predictions[b, :n_steps]]),
+                time_grid=np.asarray(traj["time_grid"])[start:start + t_in + n_steps],
+                spatial_dims=list(ds.metadata.spatial_dims), space_grid=traj.get("space_grid"),
+                field_names=plan.var_names, field_orders=plan.orders[:n_var],
+                constant_fields=None if grp.constants is None else grp.constants[b], constant_names=plan.con_names,
+                constant_orders=plan.orders[n_var:], bcs=np.asarray(first["boundary_conditions"]), n_input_steps=t_in,
+                extra_attrs={"walrus_source_trajectory": int(j), "walrus_checkpoint": str(config.checkpoint)})
+
+
+def _plots(config, report: dict, truth: np.ndarray, preds: np.ndarray, dataset: str, workdir: str) -> dict:
+    """Panels of the first trajectory at config.plot_steps, VRMSE vs step, and an optional animation."""
+    from walrus_jax.inference import plotting
+
+    pdir = os.path.join(workdir, "plots")
+    names, valid, n_steps, j = report["field_names"], report["padded_field_mask"], report["n_steps"], report["trajectories"][0]
+    steps = sorted({min(max(int(s), 1), n_steps) - 1 for s in config.plot_steps})
+    vrmse = report["metrics"]["vrmse"]
+    out = {
+        "panels": plotting.field_panels(truth[0], preds[0], names, steps,
+                                        os.path.join(pdir, f"{dataset}_traj{j}_panels.png"),
+                                        title=f"{dataset} trajectory {j}"),
+        "vrmse": plotting.metric_vs_step(
+            {**{f: vrmse["per_step"][f] for f, ok in zip(names, valid) if ok},
+             "mean": vrmse["per_step_mean"],
+             "persistence (mean)": report["persistence"]["vrmse"]["per_step_mean"]},
+            os.path.join(pdir, f"{dataset}_vrmse.png"), title=f"{dataset}: VRMSE vs step"),
+    }
+    if config.animation:
+        ext = str(config.animation).lower()
+        out["animation"] = plotting.animate(truth[0], preds[0], names, os.path.join(pdir, f"{dataset}_traj{j}.{ext}"))
+    return out
+
+
+def run_rollout_job(config, workdir: str) -> dict:
+    """Rolls out `config.checkpoint` on `config.data` (configs/rollout.py) and writes everything under workdir."""
+    _check_config(config)
+    t_start = time.time()
+    model, vocab, source = _load_checkpoint(config)
+    os.makedirs(workdir, exist_ok=True)
+    ds = _open_dataset(config, vocab)
+    plan = _plan(config, ds)
+    log.info("rollout: %s (%s) on %s: %d trajectories x %d steps, T_in=%d, dtype=%s", config.checkpoint, source,
+             ds.dataset_name, len(plan.ids), plan.n_steps, plan.t_in, config.dtype)
     norm_stats = None
     if config.normalization_stats:  # a model fine-tuned with the dataset's global statistics
         from walrus_jax.data.stats import load_stats
 
-        norm_stats = load_stats(config.normalization_stats, [str(n) for n in field_names],
-                                padded_field_mask=first["padded_field_mask"])
-    preds_all, truth_all, persist_all, inputs_all, trajs_all = [], [], [], [], []
-    pred_dir = os.path.join(workdir, "predictions", ds.dataset_name)
-    timings = []
-    n_ok, nonfinite = n_steps, None  # steps kept; where the first non-finite prediction was
-    bs = max(1, int(config.batch_size))
-    for g in range(0, len(traj_ids), bs):
-        ids = traj_ids[g:g + bs]
-        trajs = [first if j == traj_ids[0] else ds.trajectory(j) for j in ids]
-        fields = np.stack([t["fields"] for t in trajs])  # (B, T_total, *spatial, C_var)
-        consts = np.stack([t["constant_fields"] for t in trajs])
-        consts = consts if consts.shape[-1] else None
-        inputs = fields[:, start:start + t_in]
-        truth = fields[:, start + t_in:start + t_in + n_steps]
-        mask = rollouts.mask_from_constants(consts, mask_names) if consts is not None else None
-        t0 = time.time()
-        try:
-            preds = rollouts.rollout(model, inputs, field_indices=first["field_indices"], bcs=first["boundary_conditions"],
-                              n_steps=n_steps, constant_fields=consts, padded_field_mask=first["padded_field_mask"],
-                              mask=mask, jitter=None if key is None else jax.random.fold_in(key, g),
-                              eps=float(config.eps), chunk_size=int(config.chunk_size), min_input_steps=t_in,
-                              on_nonfinite="raise", normalization_stats=norm_stats)
-        except rollouts.NonFiniteRolloutError as e:  # stopped after the chunk holding the first NaN/Inf
-            where = {"trajectory": int(ids[e.sample]), "step": int(e.step) + 1, "field": str(var_names[e.channel])}
-            text = (f"the rollout of {config.checkpoint} on {config.data} diverged: trajectory {where['trajectory']}, "
-                    f"field {where['field']!r} is NaN/Inf at prediction step {where['step']} of {n_steps}")
-            if on_nonfinite == "error" or e.step == 0:
-                raise rollouts.NonFiniteRolloutError(
-                    f"{text}; nothing was written for it. Check the data's units and config.field_transforms, or "
-                    "set --config.on_nonfinite=truncate to keep the steps before it", step=e.step,
-                    sample=where["trajectory"], channel=e.channel) from None
-            log.warning("%s: keeping the %d steps before it (config.on_nonfinite=truncate)", text, e.step)
-            preds = e.predictions
-            if e.step < n_ok:
-                n_ok, nonfinite = int(e.step), where
-        timings.append(time.time() - t0)
-        if mask is not None:  # the original compares against a reference zeroed on the mask too
-            truth = np.where(mask[:, None, ..., None], 0.0, truth)
-        preds_all.append(np.asarray(preds))
-        truth_all.append(truth)
-        persist_all.append(metrics.persistence(inputs, n_steps))
-        inputs_all.append(inputs)
-        trajs_all.append((ids, trajs, consts))
-    n_requested, n_steps = n_steps, n_ok  # after a truncation every trajectory keeps the same steps
-    preds = np.concatenate(preds_all)[:, :n_steps]
-    truth = np.concatenate(truth_all)[:, :n_steps]
-    persist = np.concatenate(persist_all)[:, :n_steps]
+        norm_stats = load_stats(config.normalization_stats, [str(n) for n in plan.first["field_names"]],
+                                padded_field_mask=plan.first["padded_field_mask"])
+    key = jax.random.key(int(config.seed)) if config.jitter else None
+    groups = [_roll_group(config, model, ds, plan, g, norm_stats, key)
+              for g in range(0, len(plan.ids), max(1, int(config.batch_size)))]
+    # After a truncation every trajectory keeps the same steps: those before the first NaN/Inf.
+    cut = [grp for grp in groups if grp.n_ok is not None and grp.n_ok < plan.n_steps]
+    first_cut = min(cut, key=lambda grp: grp.n_ok) if cut else None
+    n_steps = plan.n_steps if first_cut is None else first_cut.n_ok
+    preds = np.concatenate([grp.predictions for grp in groups])[:, :n_steps]
+    truth = np.concatenate([grp.truth for grp in groups])[:, :n_steps]
+    persist = np.concatenate([grp.persistence for grp in groups])[:, :n_steps]
     if config.write_predictions:
-        for (ids, trajs, consts), inputs, p in zip(trajs_all, inputs_all, preds_all):
-            for b, j in enumerate(ids):
-                tg = np.asarray(trajs[b]["time_grid"])[start:start + t_in + n_steps]
-                write_well_predictions(
-                    os.path.join(pred_dir, f"traj_{j}.hdf5"), dataset_name=ds.dataset_name,
-                    frames=np.concatenate([inputs[b], p[b, :n_steps]]), time_grid=tg,
-                    spatial_dims=list(ds.metadata.spatial_dims), space_grid=trajs[b].get("space_grid"),
-                    field_names=var_names, field_orders=orders[:n_var],
-                    constant_fields=None if consts is None else consts[b], constant_names=con_names,
-                    constant_orders=orders[n_var:], bcs=np.asarray(first["boundary_conditions"]), n_input_steps=t_in,
-                    extra_attrs={"walrus_source_trajectory": int(j), "walrus_checkpoint": str(config.checkpoint)})
-    valid = list(np.asarray(first["padded_field_mask"], bool))
+        _write_predictions(config, ds, plan, groups, n_steps, os.path.join(workdir, "predictions", ds.dataset_name))
+    valid = list(np.asarray(plan.first["padded_field_mask"], bool))
     windows = tuple(tuple(int(v) for v in w) for w in config.windows)
     skipped = {metrics.window_name(w): f"needs {w[1]} steps, the rollout has {n_steps}" for w in windows if w[1] > n_steps}
     if skipped:
@@ -244,34 +310,18 @@ def run_rollout_job(config, workdir: str) -> dict:
     base = {k: np.asarray(v) for k, v in metrics.compute_all(persist, truth, spectral=False).items()}
     report = {
         "checkpoint": str(config.checkpoint), "checkpoint_source": source, "data": str(config.data),
-        "dataset": ds.dataset_name, "trajectories": traj_ids, "n_input_steps": t_in, "n_steps": n_steps,
-        "n_steps_requested": n_requested, "nonfinite": nonfinite, "windows_skipped": skipped,
-        "field_names": var_names, "padded_field_mask": [bool(v) for v in valid], "dtype": config.dtype,
-        "jitter": bool(config.jitter), "seed": int(config.seed),
-        "metrics": metrics.summarize(per, var_names, windows, valid),
-        "persistence": metrics.summarize({k: base[k] for k in ("vrmse", "nrmse", "mse")}, var_names, windows, valid),
-        "per_trajectory_vrmse": {str(j): np.asarray(per["vrmse"][i]).tolist() for i, j in enumerate(traj_ids)},
-        "rollout_seconds": timings, "wall_seconds": time.time() - t_start,
+        "dataset": ds.dataset_name, "trajectories": plan.ids, "n_input_steps": plan.t_in, "n_steps": n_steps,
+        "n_steps_requested": plan.n_steps, "nonfinite": None if first_cut is None else first_cut.nonfinite,
+        "windows_skipped": skipped, "field_names": plan.var_names, "padded_field_mask": [bool(v) for v in valid],
+        "dtype": config.dtype, "jitter": bool(config.jitter), "seed": int(config.seed),
+        "metrics": metrics.summarize(per, plan.var_names, windows, valid),
+        "persistence": metrics.summarize({k: base[k] for k in ("vrmse", "nrmse", "mse")}, plan.var_names, windows,
+                                         valid),
+        "per_trajectory_vrmse": {str(j): np.asarray(per["vrmse"][i]).tolist() for i, j in enumerate(plan.ids)},
+        "rollout_seconds": [grp.seconds for grp in groups], "wall_seconds": time.time() - t_start,
     }
     if config.plot:
-        pdir = os.path.join(workdir, "plots")
-        steps = sorted({min(max(int(s), 1), n_steps) - 1 for s in config.plot_steps})
-        report["plots"] = {
-            "panels": plotting.field_panels(truth[0], preds[0], var_names, steps,
-                                            os.path.join(pdir, f"{ds.dataset_name}_traj{traj_ids[0]}_panels.png"),
-                                            title=f"{ds.dataset_name} trajectory {traj_ids[0]}"),
-            "vrmse": plotting.metric_vs_step(
-                {**{f: report["metrics"]["vrmse"]["per_step"][f] for f, ok in zip(var_names, valid) if ok},
-                 "mean": report["metrics"]["vrmse"]["per_step_mean"],
-                 "persistence (mean)": report["persistence"]["vrmse"]["per_step_mean"]},
-                os.path.join(pdir, f"{ds.dataset_name}_vrmse.png"), title=f"{ds.dataset_name}: VRMSE vs step"),
-        }
-        if config.animation:
-            ext = str(config.animation).lower()
-            if ext not in ("gif", "mp4"):
-                raise ConfigError(f"config.animation={config.animation!r}: expected 'gif', 'mp4' or ''")
-            report["plots"]["animation"] = plotting.animate(
-                truth[0], preds[0], var_names, os.path.join(pdir, f"{ds.dataset_name}_traj{traj_ids[0]}.{ext}"))
+        report["plots"] = _plots(config, report, truth, preds, ds.dataset_name, workdir)
     write_json(os.path.join(workdir, "metrics.json"), report)
     log.info("rollout done: VRMSE per window %s", {w: v["mean"] for w, v in report["metrics"]["vrmse"]["windows"].items()})
     return report
