@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import walrus_jax as wj
-from walrus_jax.models import patching
+from walrus_jax.models import patching, processor
 from walrus_jax.models.config import OPEN, PERIODIC, WALL
 from conftest import rel_err
 
@@ -34,7 +34,8 @@ def fwd(model, x, bcs=BCS, jitter=None, fi=FI):
     return nnx.jit(lambda m, x, j: m(x, fi, bcs, j))(model, x, jitter)
 
 
-def test_scan_equals_unrolled_loop():
+def test_scan_equals_unrolled_loop(monkeypatch):
+    monkeypatch.setattr(processor, "CPU_UNROLL_MAX_BLOCKS", 0)  # scanned on CPU too
     model = tiny()
     x = inputs()
     j = wj.sample_jitter(jax.random.key(3), model.cfg, (32, 32), BCS)
@@ -111,6 +112,16 @@ def test_singleton_axis_in_any_position():
     xm = jnp.moveaxis(x[:, :, :, :, None, :], 4, 3)  # (B, T, 32, 1, 32, C)
     ym = fwd(model, xm, bcs=(BCS[0], (PERIODIC, PERIODIC), BCS[1]))
     assert ym.shape == xm.shape and np.isfinite(np.asarray(ym)).all()
+
+
+def test_last_frame_only_is_the_last_frame_of_the_full_output():
+    model = tiny()
+    x = inputs()
+    j = wj.sample_jitter(jax.random.key(3), model.cfg, (32, 32), BCS)
+    y = fwd(model, x, jitter=j)
+    y_last = nnx.jit(lambda m, x, j: m(x, FI, BCS, j, last_frame_only=True))(model, x, j)
+    assert y_last.shape == (2, 1, 32, 32, 3)
+    assert rel_err(y_last, y[:, -1:]) <= 1e-6
 
 
 def test_non_causal_returns_last_step_only():

@@ -40,6 +40,7 @@ from walrus_jax import normalization, xla_options
 from walrus_jax.errors import DataError, UserError
 from walrus_jax.models.jitter import Jitter, sample_jitter
 from walrus_jax.models.patching import choose_strides, normalize_bcs
+from walrus_jax.models.walrus import Walrus
 
 DEFAULT_EPS = normalization.DEFAULT_EPS
 DEFAULT_MAX_ROLLOUT_STEPS = 200
@@ -162,7 +163,9 @@ def predict_next(model, window, field_indices, bcs, constant_fields=None, mask=N
         lead = (1,) * (x.ndim - 1)
         xn = x / (jnp.asarray(stats[0], jnp.float32).reshape(lead + (-1,)) + normalization.GLOBAL_EPS)
         d_rms = jnp.asarray(stats[1], jnp.float32).reshape(lead + (-1,)) + normalization.GLOBAL_EPS
-    y = model(xn, field_indices, bcs, jitter=jitter)
+    # Only the last frame's prediction is used: a Walrus decodes just that one (the same numbers).
+    last_only = {"last_frame_only": True} if isinstance(model, Walrus) else {}
+    y = model(xn, field_indices, bcs, jitter=jitter, **last_only)
     nxt = normalization.next_state(x[:, -1], y[:, -1], d_rms)[..., :n_var]
     if mask is not None:
         nxt = jnp.where(mask[..., None], jnp.zeros((), nxt.dtype), nxt)

@@ -56,7 +56,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of matmuls / convolutions
     param_dtype: str = "float32"  # storage dtype of parameters
     remat: str = "none"  # remat policy of each scanned block, one of REMAT_CHOICES
-    scan_layers: bool = True  # nnx.scan over blocks (False: Python loop, for debugging)
+    scan_layers: bool = True  # nnx.scan over blocks (False: Python loop; on CPU <= 4 blocks always loop, see processor)
     # Low-rank adapters on the block projections (models/lora.py); rank 0: none.
     lora_rank: int = 0
     lora_alpha: float = 16.0

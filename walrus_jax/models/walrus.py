@@ -103,10 +103,13 @@ class Walrus(nnx.Module):
 
     # ------------------------------------------------------------------ forward
     def __call__(self, x: jax.Array, field_indices, bcs, jitter: Jitter | None = None, *, train: bool = False,
-                 key: jax.Array | None = None, resize_66_to_64: bool = False, return_intermediates: bool = False):
-        """See the class docstring. `resize_66_to_64` reproduces the original's special case for the
-        post_neutron_star_merger dataset (its last axis is resized 66 -> 64 before the model and back
-        after). `return_intermediates` also returns a dict of activations (encoder input, tokens after
+                 key: jax.Array | None = None, resize_66_to_64: bool = False, return_intermediates: bool = False,
+                 last_frame_only: bool = False):
+        """See the class docstring. `last_frame_only` decodes only the last frame (T_out = 1): the
+        decoder treats every frame on its own, so this is y[:, -1:] of the full call, without the
+        decoder's work on the other T - 1 frames (an autoregressive rollout uses only the last one).
+        `resize_66_to_64` reproduces the original's special case for the post_neutron_star_merger
+        dataset (its last axis is resized 66 -> 64 before the model and back after). `return_intermediates` also returns a dict of activations (encoder input, tokens after
         the encoder, after block 0 when not scanned, before the decoder)."""
         cfg = self.cfg
         bcs_t = self._check_inputs(x, field_indices, bcs, jitter)
@@ -159,7 +162,7 @@ class Walrus(nnx.Module):
             raise ValueError(f"jitter.token_shift has shape {token_shift.shape}, expected ({cfg.n_blocks}, 3)")
         tokens = self.processor(tokens, token_shift, k_proc)
         inter["before_decoder"] = tokens
-        if not cfg.causal_in_time:
+        if last_frame_only or not cfg.causal_in_time:
             tokens = tokens[:, -1:]
         T_out = tokens.shape[1]
         periodic = [lo == PERIODIC for lo, _ in bcs3]
