@@ -90,7 +90,8 @@ class Processor(nnx.Module):
         else:
             graphdef, state = nnx.split(self.blocks)
             for i in range(cfg.n_blocks):
-                block = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+                # jnp: the weights may be numpy arrays (closed over), which cannot be indexed by tracers later.
+                block = nnx.merge(graphdef, jax.tree.map(lambda a: jnp.asarray(a)[i], state))
                 x = step(block, x, jax.tree.map(lambda a: a[i], xs))
         if token_shift is not None:
             x = roll_tokens(x, -jnp.sum(xs["shift"], axis=0))
