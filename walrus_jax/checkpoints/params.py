@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
+from walrus_jax.models import initializers
 from walrus_jax.models.config import ModelConfig
 
 SEP = "/"
@@ -64,15 +65,11 @@ def path_name(path) -> str:
     return SEP.join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
-def fixed_buffer(cfg: ModelConfig, path: tuple[str, ...], shape: tuple[int, ...]) -> np.ndarray | None:
-    """The value of a non-parameter variable (a fixed buffer, never learned nor checkpointed) at
-    `path`: the RoPE frequency buffer. None for any other path."""
-    from walrus_jax.models import positional
-
-    if str(path[-1]) != "rope_freqs":
-        return None
-    base = positional.rope_base_freqs(cfg.head_dim, cfg.rope_max_freq)
-    return np.broadcast_to(base, tuple(shape)).copy()
+def fixed_buffer(var: nnx.Variable) -> np.ndarray | None:
+    """The value of a non-parameter variable (a fixed buffer, never learned nor checkpointed, e.g.
+    the RoPE frequency buffer) from its declared `Init`; None if that Init is random (no fixed value)."""
+    spec = initializers.of(var)
+    return None if spec.random else spec.constant(tuple(var.get_value().shape))
 
 
 def model_from_params(cfg: ModelConfig, params: Mapping, source: str = "params", shardings: Mapping | None = None):
@@ -93,7 +90,7 @@ def model_from_params(cfg: ModelConfig, params: Mapping, source: str = "params",
     for path, var in variables(state).items():
         value = flat.get(path)
         if value is None:
-            value = None if isinstance(var, nnx.Param) else fixed_buffer(cfg, path, var.get_value().shape)
+            value = None if isinstance(var, nnx.Param) else fixed_buffer(var)
             if value is None:
                 missing.append(SEP.join(path))
                 continue
@@ -128,28 +125,17 @@ def random_params(cfg: ModelConfig, seed: int = 0, scale: float = 1.0) -> dict:
     """Random parameters for `cfg` drawn in numpy (no jax compilation at all), for demos and tests
     that need a model in a second and whose outputs are meaningless.
 
-    The model's own initializer (`walrus_jax.models.init`, what `Walrus(cfg, rngs=...)` and training
-    use) compiles a generator first; this one draws every weight N(0, scale^2 / fan_in) (fan_in:
-    the product of the input axes), norm scales and encoder_dummy 1, biases 0, and the RoPE
-    frequencies their fixed values. Returns a nested dict for `model_from_params`.
+    Every variable is drawn as its declared `Init` says (models/initializers.py, the scheme
+    `Walrus(cfg, rngs=...)` uses: kernels truncated normal with std 1/sqrt(fan_in), the T5 bias
+    table and position embedding 0.02 x truncated normal, LoRA B, biases 0, norm scales 1, RoPE
+    frequencies fixed), with numpy's generator instead of the model's compiled one, so the values
+    differ from the model's; `scale` multiplies every random std. Returns a nested dict for
+    `model_from_params`.
     """
     rng = np.random.default_rng(seed)
     out: dict[tuple[str, ...], np.ndarray] = {}
     for path, var in variables(abstract_model(cfg)).items():
-        shape, leaf = tuple(var.get_value().shape), path[-1]
-        if leaf == "rope_freqs":
-            from walrus_jax.models import positional
-
-            value = np.broadcast_to(positional.rope_base_freqs(cfg.head_dim, cfg.rope_max_freq), shape).copy()
-        elif leaf in ("scale", "encoder_dummy"):
-            value = np.ones(shape)
-        elif leaf.endswith("bias") and leaf != "rel_bias":
-            value = np.zeros(shape)
-        else:
-            # Stacked blocks carry a leading layer axis; convolutions (kH, kW, kD, in, out).
-            fan_in = int(np.prod(shape[-5:-1])) if len(shape) >= 5 else shape[-2]
-            value = rng.standard_normal(shape, dtype=np.float32) * np.float32(scale / np.sqrt(max(fan_in, 1)))
-        out[path] = value.astype(np.float32)
+        out[path] = initializers.of(var).numpy_value(rng, tuple(var.get_value().shape), scale)
     return unflatten(out, sep=None)
 
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from walrus_jax.models import lora, positional
+from walrus_jax.models import initializers, lora, positional
 from walrus_jax.models.blocked_attention import blocked_attention
 from walrus_jax.models.config import ModelConfig
 from walrus_jax.models.layers import Dense, HeadLayerNorm, RMSGroupNorm, drop_path, param
@@ -55,8 +55,9 @@ class TimeAttention(nnx.Module):
         self.qkv = Dense(hid, 3 * hid, ("embed", "qkv"), dtype=dt, param_dtype=pdt, rngs=rngs)
         self.q_norm = HeadLayerNorm(cfg.head_dim, param_dtype=pdt, rngs=rngs)
         self.k_norm = HeadLayerNorm(cfg.head_dim, param_dtype=pdt, rngs=rngs)
-        self.rel_bias = param(0.02 * jax.random.normal(rngs.params(), (cfg.rel_pos_buckets, nh), pdt),
-                                  ("buckets", "heads"))
+        # The T5 relative-position bias table, ~ 0.02 x truncated normal.
+        self.rel_bias = param(initializers.normal(0.02), (cfg.rel_pos_buckets, nh), ("buckets", "heads"),
+                              dtype=pdt, rngs=rngs)
         self.out = Dense(hid, hid, ("attn", "embed"), dtype=dt, param_dtype=pdt, rngs=rngs)
 
     def __call__(self, x: jax.Array, rate=0.0, key: jax.Array | None = None) -> jax.Array:
@@ -123,14 +124,16 @@ class SpaceAttention(nnx.Module):
         self.attn_out = Dense(hid, hid, ("attn", "embed"), use_bias=False, dtype=dt, param_dtype=pdt, rngs=rngs)
         self.q_norm = HeadLayerNorm(cfg.head_dim, param_dtype=pdt, rngs=rngs)
         self.k_norm = HeadLayerNorm(cfg.head_dim, param_dtype=pdt, rngs=rngs)
-        base = jnp.asarray(positional.rope_base_freqs(cfg.head_dim, cfg.rope_max_freq))
+        # The fixed base frequencies, learnable or not; float32 whatever param_dtype (angles need it).
+        rope = initializers.rope_freqs(cfg.head_dim, cfg.rope_max_freq)
+        n_f = len(positional.rope_base_freqs(cfg.head_dim, cfg.rope_max_freq))
         if cfg.learned_rope == "none":
             # A buffer in the original (saved in the state_dict, never trained).
-            self.rope_freqs = param(base, ("rope",), kind=RopeFreqs)
+            self.rope_freqs = param(rope, (n_f,), ("rope",), kind=RopeFreqs)
         elif cfg.learned_rope == "shared":
-            self.rope_freqs = param(base, ("rope",))
+            self.rope_freqs = param(rope, (n_f,), ("rope",))
         else:
-            self.rope_freqs = param(jnp.tile(base[None], (3, 1)), ("rope_axes", "rope"))
+            self.rope_freqs = param(rope, (3, n_f), ("rope_axes", "rope"))
 
     def __call__(self, x: jax.Array, rate=0.0, key: jax.Array | None = None) -> jax.Array:
         """x (B, T, h, w, d, hid) -> same."""

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from walrus_jax.models import initializers
 from walrus_jax.models.config import ModelConfig
 from walrus_jax.models.convolution import SPATIAL3, conv_transpose3d
 from walrus_jax.models.layers import RMSGroupNorm, param
@@ -15,19 +16,20 @@ from walrus_jax.models.layers import RMSGroupNorm, param
 
 class Decoder(nnx.Module):
     """proj1 transposed conv (k2, stride s2, no bias) -> RMSGroupNorm -> SiLU -> proj2 transposed conv
-    (k1, stride s1, with bias), output columns [:, field_indices]."""
+    (k1, stride s1, with bias), output columns [:, field_indices]. Kernels ~ truncated normal with
+    std 1/sqrt(k^3 x in); bias 0."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         k1, k2 = cfg.kernel_sizes
         pdt = jnp.dtype(cfg.param_dtype)
-        init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1, 2, 3), out_axis=4)
+        init = initializers.fan_in(-5, -4, -3, -2)  # kernel taps x input channels
         self.cfg = cfg
-        self.proj1 = param(init(rngs.params(), (k2, k2, k2, cfg.hidden_dim, cfg.intermediate_dim), pdt),
-                               ("kh", "kw", "kd", "embed", "inter"))
+        self.proj1 = param(init, (k2, k2, k2, cfg.hidden_dim, cfg.intermediate_dim), ("kh", "kw", "kd", "embed", "inter"),
+                           dtype=pdt, rngs=rngs)
         self.norm1 = RMSGroupNorm(cfg.intermediate_dim, param_dtype=pdt, rngs=rngs, logical_axis="inter")
-        self.proj2 = param(init(rngs.params(), (k1, k1, k1, cfg.intermediate_dim, cfg.n_states), pdt),
-                               ("kh", "kw", "kd", "inter", "vocab"))
-        self.proj2_bias = param(jnp.zeros((cfg.n_states,), pdt), ("vocab",))
+        self.proj2 = param(init, (k1, k1, k1, cfg.intermediate_dim, cfg.n_states), ("kh", "kw", "kd", "inter", "vocab"),
+                           dtype=pdt, rngs=rngs)
+        self.proj2_bias = param(initializers.ZEROS, (cfg.n_states,), ("vocab",), dtype=pdt)
 
     def __call__(self, z: jax.Array, field_indices: jax.Array, strides, periodic: Sequence[bool]) -> jax.Array:
         """z (N, h, w, d, hid) -> (N, H', W', D', C) on the padded grid."""

@@ -8,24 +8,25 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from walrus_jax.models import initializers
 from walrus_jax.models.config import FLAG_LABELS, ModelConfig
 from walrus_jax.models.convolution import SPATIAL3, conv3d, fold_singleton_axes
 from walrus_jax.models.layers import RMSGroupNorm, param
 
 class SpaceBagEncoder(nnx.Module):
     """proj1 (k1,k1,k1, n_states, inter) -> RMSGroupNorm -> SiLU -> proj2 (k2,k2,k2, inter, hid)
-    -> RMSGroupNorm -> SiLU. No biases."""
+    -> RMSGroupNorm -> SiLU. No biases. Kernels ~ truncated normal, std 1/sqrt(k^3 x in)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         k1, k2 = cfg.kernel_sizes
         pdt = jnp.dtype(cfg.param_dtype)
-        init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1, 2, 3), out_axis=4)
+        init = initializers.fan_in(-5, -4, -3, -2)  # kernel taps x input channels
         self.cfg = cfg
-        self.proj1 = param(init(rngs.params(), (k1, k1, k1, cfg.n_states, cfg.intermediate_dim), pdt),
-                               ("kh", "kw", "kd", "vocab", "inter"))
+        self.proj1 = param(init, (k1, k1, k1, cfg.n_states, cfg.intermediate_dim), ("kh", "kw", "kd", "vocab", "inter"),
+                           dtype=pdt, rngs=rngs)
         self.norm1 = RMSGroupNorm(cfg.intermediate_dim, param_dtype=pdt, rngs=rngs, logical_axis="inter")
-        self.proj2 = param(init(rngs.params(), (k2, k2, k2, cfg.intermediate_dim, cfg.hidden_dim), pdt),
-                               ("kh", "kw", "kd", "inter", "embed"))
+        self.proj2 = param(init, (k2, k2, k2, cfg.intermediate_dim, cfg.hidden_dim), ("kh", "kw", "kd", "inter", "embed"),
+                           dtype=pdt, rngs=rngs)
         self.norm2 = RMSGroupNorm(cfg.hidden_dim, param_dtype=pdt, rngs=rngs)
 
     def __call__(self, x: jax.Array, field_indices: jax.Array, strides) -> jax.Array:

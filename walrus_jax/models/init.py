@@ -1,9 +1,10 @@
 """Random initialization of a whole Walrus, with one small compiled program.
 
-Modules declare their variables (shapes, dtypes, logical axes) and are built abstractly with
-`nnx.eval_shape`; the values come from `init_values`. Random weights are drawn chunk by chunk by ONE
-compiled function (`_draw`: a fixed-size block of truncated normals from a folded-in key) and
-assembled on the host, one variable at a time:
+Modules declare their variables (shapes, dtypes, logical axes and how each is initialized: an
+`Init` in the "init" metadata, models/initializers.py) and are built abstractly with
+`nnx.eval_shape`; the values come from `init_values`, which reads each variable's `Init`. Random
+weights are drawn chunk by chunk by ONE compiled function (`_draw`: a fixed-size block of truncated
+normals from a folded-in key) and assembled on the host, one variable at a time:
 
 - drawing per weight with `jax.random` inlines one threefry hash per weight shape and costs ~1 s of
   XLA compilation each on CPU (a tiny model took 45 s to construct); the chunk function compiles
@@ -13,48 +14,24 @@ assembled on the host, one variable at a time:
   parameter medium configuration, 3.4 GB peak RSS just to build it). Chunk by chunk, the peak is
   the parameters plus one chunk.
 
-Scheme: kernels (Dense, conv and transposed conv) ~ truncated normal with std 1/sqrt(fan_in)
-(fan_in = input features x kernel taps), the T5 bias table and the absolute position embedding
-~ 0.02 x truncated normal; low-rank adapters A like a kernel and B = 0; norm scales and encoder_dummy 1, biases 0, RoPE frequencies the
-lucidrains "pixel" values. Variable i's values are chunk j = 0, 1, ... of fold_in(fold_in(key, i), j).
+Scheme (declared in the modules, see models/initializers.py): kernels (Dense, conv and transposed
+conv) ~ truncated normal with std 1/sqrt(fan_in) (fan_in = input features x kernel taps), the T5 bias
+table and the absolute position embedding ~ 0.02 x truncated normal; low-rank adapters A like a
+kernel and B = 0; norm scales and encoder_dummy 1, biases 0, RoPE frequencies the lucidrains "pixel"
+values. Variable i's values are chunk j = 0, 1, ... of fold_in(fold_in(key, i), j), times its std.
 """
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from walrus_jax.models import positional
-from walrus_jax.models.config import ModelConfig
+from walrus_jax.models import initializers
+from walrus_jax.models.initializers import TRUNC_STD
 
-_TRUNC_STD = 0.87962566103423978  # std of a standard normal truncated to [-2, 2]
 _CHUNK_SIZES = (1 << 18,)  # values per draw (1 MiB of float32): one compiled generator, small host chunks
-
-
-def _rule(path: tuple[str, ...], shape: tuple[int, ...], cfg: ModelConfig):
-    """-> ("random", std) or ("const", value array builder)."""
-    name = path[-1]
-    if len(path) >= 2 and path[-2] == "lora":  # low-rank adapters (models/lora.py): B = 0, the base model
-        if name == "b":
-            return "const", lambda: np.zeros(shape, np.float32)
-        return "random", 1.0 / math.sqrt(shape[-2])
-    if name in ("scale", "encoder_dummy"):
-        return "const", lambda: np.ones(shape, np.float32)
-    if name in ("bias", "proj2_bias"):
-        return "const", lambda: np.zeros(shape, np.float32)
-    if name == "rope_freqs":
-        base = positional.rope_base_freqs(cfg.head_dim, cfg.rope_max_freq)
-        return "const", lambda: np.broadcast_to(base, shape)
-    if name in ("rel_bias", "ape"):
-        return "random", 0.02
-    if name == "kernel":  # Dense (.., in, out), possibly stacked over layers
-        return "random", 1.0 / math.sqrt(shape[-2])
-    if name in ("proj1", "proj2"):  # (kH, kW, kD, in, out)
-        return "random", 1.0 / math.sqrt(int(np.prod(shape[:4])))
-    raise KeyError(f"no initialization rule for variable {'.'.join(path)} with shape {shape}")
 
 
 def _chunk_size(n: int) -> int:
@@ -66,7 +43,7 @@ def _chunk(key, var, chunk, size: int) -> jax.Array:
     With jax's default (partitionable) threefry a draw's values do not depend on its size beyond
     its length, so the traced path may use larger chunks than the eager one."""
     k = jax.random.fold_in(jax.random.fold_in(key, var), chunk)
-    return jax.random.truncated_normal(k, -2.0, 2.0, (size,), jnp.float32) / _TRUNC_STD
+    return jax.random.truncated_normal(k, -2.0, 2.0, (size,), jnp.float32) / TRUNC_STD
 
 
 @functools.cache
@@ -126,18 +103,22 @@ def _traced_random(key: jax.Array, randoms: list) -> dict:
     return out
 
 
-def init_values(cfg: ModelConfig, flat_abstract: list, key: jax.Array) -> list:
-    """flat_abstract: [(path, abstract Variable)] -> list of arrays, same order. Variable i's
-    random values are chunks 0, 1, ... of fold_in(fold_in(key, i), chunk)."""
+def init_values(flat_abstract: list, key: jax.Array) -> list:
+    """flat_abstract: [(path, abstract Variable)] -> list of arrays, same order, each drawn as its
+    variable's `Init` (metadata "init") says. Variable i's random values are chunks 0, 1, ... of
+    fold_in(fold_in(key, i), chunk), times the std. Raises KeyError naming a variable without an Init."""
     specs = []
     for i, (path, var) in enumerate(flat_abstract):
-        path = tuple(str(p) for p in path)
         shape, dtype = tuple(var.get_value().shape), jnp.dtype(var.get_value().dtype)
-        specs.append((i, shape, dtype) + _rule(path, shape, cfg))
-    randoms = [(i, shape, arg, dtype) for i, shape, dtype, kind, arg in specs if kind == "random"]
+        try:
+            spec = initializers.of(var)
+        except KeyError as e:
+            raise KeyError(f"{'/'.join(str(p) for p in path)}: {e.args[0]}") from None
+        specs.append((i, shape, dtype, spec))
+    randoms = [(i, shape, spec.scale(shape), dtype) for i, shape, dtype, spec in specs if spec.random]
     if isinstance(key, jax.core.Tracer):
         drawn = _traced_random(key, randoms)
     else:
         drawn = {i: _host_random(key, i, shape, std, dtype) for i, shape, std, dtype in randoms}
-    return [drawn[i] if kind == "random" else jnp.asarray(arg(), dtype=dtype)
-            for i, shape, dtype, kind, arg in specs]
+    return [drawn[i] if spec.random else jnp.asarray(spec.constant(shape), dtype=dtype)
+            for i, shape, dtype, spec in specs]

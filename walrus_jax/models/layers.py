@@ -6,15 +6,26 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from walrus_jax.models import initializers
 from walrus_jax.models.config import LAYER_NORM_EPS, RMS_NORM_EPS
+from walrus_jax.models.initializers import Init
 
 
-def param(value: jax.Array, axes: tuple[str | None, ...], kind: type[nnx.Variable] = nnx.Param) -> nnx.Variable:
-    """A weight (an `nnx.Param`, or `kind`) carrying one logical axis name per dimension as Flax's
-    `out_sharding` metadata (read by `nnx.get_partition_spec` and updated by `nnx.vmap` / `nnx.scan`'s
-    `transform_metadata`). eager_sharding=False: the names are mapped to mesh axes later, by
-    walrus_jax.sharding's rules table, when the weights are placed, so a model builds without a mesh."""
-    return kind(value, out_sharding=tuple(axes), eager_sharding=False)
+def param(init: Init, shape: tuple[int, ...], axes: tuple[str | None, ...], *, dtype=jnp.float32,
+          rngs: nnx.Rngs | None = None, kind: type[nnx.Variable] = nnx.Param) -> nnx.Variable:
+    """A weight (an `nnx.Param`, or `kind`) of `shape` declaring its initialization `init` and one
+    logical axis name per dimension, both as metadata: "init" (models/initializers.py; the model's
+    generators read it there) and Flax's `out_sharding` (read by `nnx.get_partition_spec` and updated
+    by `nnx.vmap` / `nnx.scan`'s `transform_metadata`). Its own value is drawn from `init` with a key
+    of `rngs.params()` (random inits only). eager_sharding=False: the names are mapped to mesh axes
+    later, by walrus_jax.sharding's rules table, when the weights are placed, so a model builds
+    without a mesh."""
+    shape = tuple(int(n) for n in shape)
+    if len(axes) != len(shape):
+        raise ValueError(f"param of shape {shape} needs one axis name per dimension, got {axes}")
+    key = rngs.params() if init.random else None
+    return kind(init.value(key, shape, dtype), out_sharding=tuple(axes), eager_sharding=False,
+                **{initializers.INIT_KEY: init})
 
 
 def _channel_sum(a: jax.Array) -> jax.Array:
@@ -61,13 +72,13 @@ scale_channels.defvjp(_scale_channels_fwd, _scale_channels_bwd)
 
 
 class Dense(nnx.Module):
-    """y = x @ kernel (+ bias), kernel (in, out), with logical axis names and a compute dtype."""
+    """y = x @ kernel (+ bias), kernel (in, out), with logical axis names and a compute dtype.
+    kernel ~ truncated normal with std 1/sqrt(in); bias 0."""
 
     def __init__(self, n_in: int, n_out: int, axes: tuple[str, str], *, use_bias: bool = True,
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-        self.kernel = param(init(rngs.params(), (n_in, n_out), param_dtype), axes)
-        self.bias = param(jnp.zeros((n_out,), param_dtype), (axes[1],)) if use_bias else None
+        self.kernel = param(initializers.fan_in(-2), (n_in, n_out), axes, dtype=param_dtype, rngs=rngs)
+        self.bias = param(initializers.ZEROS, (n_out,), (axes[1],), dtype=param_dtype) if use_bias else None
         self.dtype = dtype
         self.lora = None  # a low-rank adapter (models/lora.py attach), added to the output
 
@@ -88,8 +99,8 @@ class HeadLayerNorm(nnx.Module):
     """torch.nn.LayerNorm(head_dim) (eps 1e-5, weight and bias), statistics in float32."""
 
     def __init__(self, dim: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.scale = param(jnp.ones((dim,), param_dtype), ("head_dim",))
-        self.bias = param(jnp.zeros((dim,), param_dtype), ("head_dim",))
+        self.scale = param(initializers.ONES, (dim,), ("head_dim",), dtype=param_dtype)
+        self.bias = param(initializers.ZEROS, (dim,), ("head_dim",), dtype=param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
@@ -109,7 +120,7 @@ class RMSGroupNorm(nnx.Module):
     """
 
     def __init__(self, channels: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs, logical_axis: str = "embed"):
-        self.scale = param(jnp.ones((channels,), param_dtype), (logical_axis,))
+        self.scale = param(initializers.ONES, (channels,), (logical_axis,), dtype=param_dtype)
 
     def __call__(self, x: jax.Array, spatial_axes: tuple[int, ...]) -> jax.Array:
         """x (..., C) channels-last; `spatial_axes` are the axes reduced."""

@@ -5,7 +5,7 @@ An adapted projection computes
     y = x W (+ b) + dropout(x) A B · alpha / rank        A (in, rank), B (rank, out)
 
 with B zero-initialised, so a freshly adapted model computes exactly the base model, and A drawn
-like the other kernels (truncated normal, std 1/√in; models/init.py). A and B are `nnx.LoRAParam`s (a kind of
+like the other kernels (truncated normal, std 1/√in; models/initializers.py). A and B are `nnx.LoRAParam`s (a kind of
 `nnx.Param`): they train and checkpoint like every other parameter, and `nnx.LoRAParam` filters pick
 them out. They are created inside the block constructor, which the processor runs under `nnx.vmap`,
 so they are stacked with a leading layers axis like the block weights and scanned with them; their
@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from walrus_jax.models import initializers
 from walrus_jax.models.config import ModelConfig
 from walrus_jax.models.layers import param
 
@@ -32,9 +33,9 @@ class Adapter(nnx.Module):
 
     def __init__(self, n_in: int, n_out: int, axes: tuple[str, str], *, rank: int, alpha: float, dropout: float,
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        init_a = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-        self.a = param(init_a(rngs.params(), (n_in, rank), param_dtype), (axes[0], RANK_AXIS), nnx.LoRAParam)
-        self.b = param(jnp.zeros((rank, n_out), param_dtype), (RANK_AXIS, axes[1]), nnx.LoRAParam)
+        self.a = param(initializers.fan_in(-2), (n_in, rank), (axes[0], RANK_AXIS), dtype=param_dtype, rngs=rngs,
+                       kind=nnx.LoRAParam)
+        self.b = param(initializers.ZEROS, (rank, n_out), (RANK_AXIS, axes[1]), dtype=param_dtype, kind=nnx.LoRAParam)
         self.scale = float(alpha) / float(rank)
         self.dropout = float(dropout)
         self.dtype = dtype

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from walrus_jax.models import patching
+from walrus_jax.models import initializers, patching
 from walrus_jax.models.config import PERIODIC, ModelConfig
 from walrus_jax.models.decoder import Decoder
 from walrus_jax.models.encoder import SpaceBagEncoder
@@ -40,14 +40,14 @@ def resize_last_axis(x: jax.Array, n_out: int, axis: int) -> jax.Array:
 
 def _build_parts(cfg: ModelConfig, rngs: nnx.Rngs):
     pdt = jnp.dtype(cfg.param_dtype)
-    encoder_dummy = param(jnp.ones((1,), pdt), (None,))
+    encoder_dummy = param(initializers.ONES, (1,), (None,), dtype=pdt)
     embed = nnx.Dict({f"d{d}": SpaceBagEncoder(cfg, rngs=rngs) for d in cfg.include_d})
     processor = Processor(cfg, rngs=rngs)
     debed = nnx.Dict({f"d{d}": Decoder(cfg, rngs=rngs) for d in cfg.include_d})
     ape = None
     if cfg.ape_grid is not None:
-        ape = param(0.02 * jax.random.normal(rngs.params(), tuple(cfg.ape_grid) + (cfg.hidden_dim,), pdt),
-                        ("tok_h", "tok_w", "tok_d", "embed"))
+        ape = param(initializers.normal(0.02), tuple(cfg.ape_grid) + (cfg.hidden_dim,),
+                    ("tok_h", "tok_w", "tok_d", "embed"), dtype=pdt, rngs=rngs)
     return nnx.Dict(encoder_dummy=encoder_dummy, embed=embed, processor=processor, debed=debed, ape=ape)
 
 
@@ -71,7 +71,7 @@ class Walrus(nnx.Module):
         abstract = nnx.eval_shape(lambda: _build_parts(cfg, nnx.Rngs(0)))
         graphdef, state = nnx.split(abstract)
         flat = list(nnx.to_flat_state(state))
-        values = init_values(cfg, flat, rngs.params())
+        values = init_values(flat, rngs.params())
         for (_, var), value in zip(flat, values):
             var.set_value(value)
         parts = nnx.merge(graphdef, state)

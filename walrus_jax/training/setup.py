@@ -88,8 +88,9 @@ def fixed_rest(parts: ModelParts) -> dict:
     """The non-parameter variables (fixed buffers, never checkpointed) without any random init:
     what a resumed run needs beside the restored parameters."""
     flat = {}
+    declared = parameters.variables(parameters.abstract_model(parts.cfg))  # with their Init metadata
     for path, a in parameters.flatten(parts.rest_abstract, sep=None).items():
-        value = parameters.fixed_buffer(parts.cfg, path, a.shape)
+        value = parameters.fixed_buffer(declared[path])
         if value is None:
             raise ValueError(f"no fixed value for the non-parameter variable {parameters.SEP.join(path)}")
         flat[path] = jnp.asarray(value, a.dtype)
