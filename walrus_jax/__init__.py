@@ -7,6 +7,7 @@
     fwd = wj.jit(f)      # jax.jit + wj.compiler_options() at top level: ~20% faster forward on CPU
 """
 from walrus_jax import data
+from walrus_jax.checkpoints import convert  # wj.convert.load_state_dict / to_state_dict: PyTorch names <-> NNX
 from walrus_jax.checkpoints.pretrained import load_pretrained, model_config, model_vocabulary, save_pretrained
 from walrus_jax.inference import metrics
 from walrus_jax.inference.rollouts import rollout, rollout_ensemble
@@ -18,6 +19,6 @@ __version__ = "0.1.0"
 __all__ = [
     "ModelConfig", "Walrus", "Jitter", "sample_jitter", "WALL", "OPEN", "PERIODIC",
     "load_pretrained", "save_pretrained", "model_config", "model_vocabulary",
-    "rollout", "rollout_ensemble", "metrics", "data", "normalize_window", "normalized_delta_targets",
+    "rollout", "rollout_ensemble", "metrics", "data", "convert", "normalize_window", "normalized_delta_targets",
     "compiler_options", "jit",
 ]
