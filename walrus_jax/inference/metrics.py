@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 EPS = 1e-7  # the_well's default for every normalized metric
-N_SPECTRUM_BINS = 3
+N_FREQUENCY_BINS = 3
 
 # (first step, last step), 1-based inclusive.
 PAPER_WINDOWS = ((1, 1), (1, 20), (21, 60))
@@ -102,7 +102,7 @@ def vrmse(pred, target, n_spatial_dims: int | None = None, eps: float = EPS) -> 
 
 
 # ----------------------------------------------------------------------------------- spectral
-def spectral_bin_edges(spatial_shape: Sequence[int], n_bins: int = N_SPECTRUM_BINS) -> np.ndarray:
+def spectral_bin_edges(spatial_shape: Sequence[int], n_bins: int = N_FREQUENCY_BINS) -> np.ndarray:
     """the_well's default edges: logspace(log10(2*pi / max N), log10(pi * sqrt(ndim) + 1e-6),
     n_bins + 1) with the first edge set to 0. Computed in float64 so that the Nyquist corner
     |k| = pi * sqrt(ndim) falls inside the last bin rather than on a rounding boundary."""
