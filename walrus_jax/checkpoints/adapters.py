@@ -204,7 +204,7 @@ def _delta_from_workdir(path: str) -> Delta:
     if ck is None:
         raise PathError(f"adapters={path!r} is neither an exported adapter delta ({DELTA_FILE} missing) nor a "
                         "fine-tuning workdir (no checkpoints/<step>/state)")
-    trained = read_weights(path)
+    trained = read_weights(path, what="adapters")
     step = int(trained.source.rsplit("/", 1)[-1])
     meta = Checkpointer(ck, keep=1_000_000, async_save=False).read_meta(step)
     if META_KEY not in meta or trained.cfg.lora_rank <= 0:
@@ -262,7 +262,7 @@ def load(base_dir: str, adapters: str, *, dtype: str | None = None, **overrides)
     from walrus_jax.checkpoints.pretrained import make_vocabulary
 
     delta = read_delta(adapters)
-    base = read_weights(str(base_dir))
+    base = read_weights(str(base_dir), what="base checkpoint")
     check_base(delta, fingerprint(base.params), str(base_dir))
     params = apply_delta(base.params, delta)
     cfg = delta.cfg.replace(**overrides)

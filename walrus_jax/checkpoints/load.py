@@ -41,28 +41,30 @@ def checkpoint_dir(path: str) -> str | None:
     return None
 
 
-def check_path(path: str) -> None:
-    """Fails early (before any compute) when `path` (config init_from) points at nothing usable."""
+def check_path(path: str, what: str = "config init_from") -> None:
+    """Fails early (before any compute) when `path` points at nothing usable; errors name it as
+    `what`={path} (the setting the user gave it in)."""
     if not os.path.exists(path):
-        raise PathError(f"config init_from={path!r} does not exist (expected a walrus_jax workdir or a "
+        raise PathError(f"{what}={path!r} does not exist (expected a walrus_jax workdir or a "
                         "converted checkpoint directory from tools.convert_torch_ckpt)")
     if checkpoint_dir(path) is not None:
         return
     if not os.path.isdir(path) or not os.listdir(path):
-        raise PathError(f"config init_from={path!r} is not a walrus_jax workdir (no checkpoints/<step>/state) "
+        raise PathError(f"{what}={path!r} is not a walrus_jax workdir (no checkpoints/<step>/state) "
                         "and not a converted checkpoint directory")
 
 
-def read_weights(path: str) -> Weights:
-    """Parameters, architecture and vocabulary of the checkpoint at `path` (module docstring)."""
+def read_weights(path: str, what: str = "config init_from") -> Weights:
+    """Parameters, architecture and vocabulary of the checkpoint at `path` (module docstring);
+    errors name it as `what`={path}."""
     from walrus_jax.data import FieldVocabulary
 
-    check_path(path)
+    check_path(path, what)
     ck = checkpoint_dir(path)
     if ck is not None:
         from walrus_jax.checkpoints.train_state import read_params
 
-        step, params, meta = read_params(ck, what=f"config init_from={path!r}")
+        step, params, meta = read_params(ck, what=f"{what}={path!r}")
         vocab = FieldVocabulary.from_dict(meta["vocab"]) if meta.get("vocab") else FieldVocabulary.released()
         return Weights(ModelConfig.from_dict(meta["model_config"]), params, vocab, f"{ck}/{step}")
     from walrus_jax.checkpoints import pretrained
@@ -75,9 +77,10 @@ def read_weights(path: str) -> Weights:
     return Weights(cfg, params, vocab, path)
 
 
-def load_model(path: str, dtype: str = "float32"):
-    """(model, vocabulary, source) from a converted release or a training workdir, in `dtype`."""
-    w = read_weights(path)
+def load_model(path: str, dtype: str = "float32", what: str = "checkpoint"):
+    """(model, vocabulary, source) from a converted release or a training workdir, in `dtype`;
+    errors name it as `what`={path}."""
+    w = read_weights(path, what)
     cfg = w.cfg.replace(dtype=dtype, param_dtype=dtype)
     if len(w.vocab) > cfg.n_states:
         raise DataError(f"checkpoint {path}: its field vocabulary has {len(w.vocab)} names but the model "

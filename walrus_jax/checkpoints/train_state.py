@@ -47,7 +47,7 @@ def read_params(directory: str, what: str) -> tuple[int, dict, dict]:
             ra = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
             state = c.restore(sdir, args=ocp.args.PyTreeRestore(restore_args=ra))
         except Exception as e:  # noqa: BLE001 - corrupt: previous checkpoint
-            log.warning("init_from %s/%d unreadable (%s); trying the previous one", directory, step, e)
+            log.warning("%s: checkpoint %s/%d unreadable (%s); trying the previous one", what, directory, step, e)
             errors.append(step)
             continue
         return step, state["params"], meta

@@ -29,6 +29,15 @@ def _to_2d(frame: np.ndarray) -> np.ndarray:
     raise ValueError(f"cannot display a field with {frame.ndim} spatial axes (shape {frame.shape})")
 
 
+def _save(fig, path: str, dpi: int) -> str:
+    """Lays out, writes (creating its folder) and closes `fig`; returns `path`."""
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def _check(truth, pred, field_names):
     truth, pred = np.asarray(truth), np.asarray(pred)
     if truth.shape != pred.shape:
@@ -66,11 +75,7 @@ def field_panels(truth, pred, field_names: Sequence[str], steps: Sequence[int], 
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=80)
 
 
 def animate(truth, pred, field_names: Sequence[str], path: str, fps: int = 4, field: int | None = None) -> str:
@@ -133,8 +138,4 @@ def metric_vs_step(curves: Mapping[str, Sequence[float]], path: str, ylabel: str
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=90)

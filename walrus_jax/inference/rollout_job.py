@@ -123,16 +123,12 @@ def _load_checkpoint(config):
     if not os.path.isdir(path):
         raise PathError(f"config.checkpoint={path!r} is a file, not a directory (a PyTorch .pt checkpoint must be "
                         "converted first with `python -m tools.convert_torch_ckpt`)")
-    try:
-        if config.get("adapters"):
-            from walrus_jax.checkpoints import adapters
+    if config.get("adapters"):
+        from walrus_jax.checkpoints import adapters
 
-            model = adapters.load(path, str(config.adapters), dtype=config.dtype)
-            return model, model.vocab, f"{path} + adapters {config.adapters}"
-        return load_model(path, config.dtype)
-    except (FileNotFoundError, RuntimeError, DataError) as e:  # read_weights words them for config.init_from
-        msg = str(e).replace("config init_from=", "config.checkpoint=").replace("init_from", "checkpoint")
-        raise PathError(msg) from e
+        model = adapters.load(path, str(config.adapters), dtype=config.dtype)
+        return model, model.vocab, f"{path} + adapters {config.adapters}"
+    return load_model(path, config.dtype, what="config.checkpoint")
 
 
 @dataclasses.dataclass
