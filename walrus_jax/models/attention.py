@@ -74,7 +74,10 @@ class TimeAttention(nnx.Module):
             # token's T x T attention is a contiguous block (see frame_attention).
             xt = jnp.transpose(xn.reshape(B, T, L, hid), (0, 2, 1, 3))  # (B, L, T, hid)
             qkv = self.qkv(xt, k_qkv).reshape(B * L, T, nh, 3, hd)
-            q, k, v = self.q_norm(qkv[..., 0, :]), self.k_norm(qkv[..., 1, :]), qkv[..., 2, :]
+            # split, not indexing: its gradient is one concatenation, where three indexings' is a sum
+            # of three padded arrays that XLA:CPU fuses into one slow kernel.
+            q, k, v = (a[..., 0, :] for a in jnp.split(qkv, 3, axis=-2))
+            q, k = self.q_norm(q), self.k_norm(k)
             o = self.out(frame_attention(q, k, v, bias, cfg.causal_in_time).reshape(B, L, T, hid), k_out)
             o = jnp.transpose(o, (0, 2, 1, 3)).reshape(x.shape)
         else:
@@ -93,21 +96,59 @@ def frame_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, c
 
     With T ~ 6 the two products are N * heads tiny T x T x head_dim matrix products: XLA:CPU runs
     them as batched dots behind transposes to (N, heads, T, head_dim) and back, forward and
-    backward. Elementwise, every token's q, k, v block stays contiguous and fused; the time-attention
-    gradient is ~20% faster at the small configuration (hidden 192, 128^2)."""
-    T, hd = q.shape[1], q.shape[-1]
-    qf, kf, vf = (a.astype(jnp.float32) for a in (q, k, v))
-    prod = qf[:, :, None] * kf[:, None]  # (N, Tq, Tk, heads, head_dim), fused into the sum below
-    # Halved with elementwise adds before the reduction: XLA:CPU otherwise materialises the product
-    # for a windowed reduction over head_dim (two passes over N * T^2 * hidden floats).
+    backward. Elementwise, every token's q, k, v block stays contiguous and fused. The backward pass
+    is written out (`_frame_attention_bwd`): differentiated automatically, XLA fused it into a few
+    large elementwise kernels that recompute the softmax per output element, ~16x the forward's
+    time; written out it saves the probabilities (T^2 x heads floats per token, a fraction of q, k,
+    v) and is ~3x the forward."""
+    return _frame_attention(q, k, v, bias, causal)
+
+
+def _sum_head_dim(prod: jax.Array) -> jax.Array:
+    """Sum over the last axis, halved with elementwise adds first: XLA:CPU otherwise materialises
+    the product for a windowed reduction over head_dim (two passes over N * T^2 * hidden floats)."""
     while prod.shape[-1] > 16 and prod.shape[-1] % 2 == 0:
         prod = prod[..., :prod.shape[-1] // 2] + prod[..., prod.shape[-1] // 2:]
-    logits = jnp.sum(prod, axis=-1) * np.float32(1.0 / np.sqrt(hd))  # (N, Tq, Tk, heads)
+    return jnp.sum(prod, axis=-1)
+
+
+def _frame_probabilities(qf, kf, bias, causal):
+    """float32 softmax over keys, (N, Tq, Tk, heads)."""
+    T, hd = qf.shape[1], qf.shape[-1]
+    logits = _sum_head_dim(qf[:, :, None] * kf[:, None]) * np.float32(1.0 / np.sqrt(hd))
     logits = logits + jnp.transpose(bias.astype(jnp.float32), (1, 2, 0))[None]
     if causal:
         logits = jnp.where(np.tril(np.ones((T, T), bool))[None, :, :, None], logits, -jnp.inf)
-    p = jax.nn.softmax(logits, axis=2)
-    return jnp.sum(p[..., None] * vf[:, None], axis=2).astype(v.dtype)
+    return jax.nn.softmax(logits, axis=2)
+
+
+def _frame_attention_fwd(q, k, v, bias, causal):
+    qf, kf, vf = (a.astype(jnp.float32) for a in (q, k, v))
+    p = _frame_probabilities(qf, kf, bias, causal)
+    o = jnp.sum(p[..., None] * vf[:, None], axis=2)  # (N, Tq, heads, head_dim)
+    return o.astype(v.dtype), (q, k, v, bias, p, o)
+
+
+def _frame_attention_bwd(causal, residuals, do):
+    """dv = p^T do;  dp = do v^T;  ds = p (dp - rowsum(do o));  dq = scale ds k;  dk = scale ds^T q;
+    dbias = sum over tokens of ds. Masked (causal) entries have p = 0, hence ds = 0."""
+    q, k, v, bias, p, o = residuals
+    qf, kf, vf = (a.astype(jnp.float32) for a in (q, k, v))
+    dof = do.astype(jnp.float32)
+    scale = np.float32(1.0 / np.sqrt(q.shape[-1]))
+    dv = jnp.sum(p[..., None] * dof[:, :, None], axis=1)  # (N, Tk, heads, head_dim)
+    dp = _sum_head_dim(dof[:, :, None] * vf[:, None])  # (N, Tq, Tk, heads)
+    delta = _sum_head_dim(dof * o)  # (N, Tq, heads)
+    ds = p * (dp - delta[:, :, None])
+    dq = jnp.sum(ds[..., None] * kf[:, None], axis=2) * scale
+    dk = jnp.sum(ds[..., None] * qf[:, :, None], axis=1) * scale
+    dbias = jnp.transpose(jnp.sum(ds, axis=0), (2, 0, 1))  # (heads, Tq, Tk)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias.astype(bias.dtype)
+
+
+_frame_attention = jax.custom_vjp(lambda q, k, v, bias, causal: _frame_attention_fwd(q, k, v, bias, causal)[0],
+                                  nondiff_argnums=(4,))
+_frame_attention.defvjp(_frame_attention_fwd, _frame_attention_bwd)
 
 
 class SpaceAttention(nnx.Module):
