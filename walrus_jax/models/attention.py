@@ -60,13 +60,17 @@ class TimeAttention(nnx.Module):
                               dtype=pdt, rngs=rngs)
         self.out = Dense(hid, hid, ("attn", "embed"), dtype=dt, param_dtype=pdt, rngs=rngs)
 
-    def __call__(self, x: jax.Array, rate=0.0, key: jax.Array | None = None) -> jax.Array:
-        """x (B, T, h, w, d, hid) -> same."""
+    def __call__(self, x: jax.Array, rate=0.0, key: jax.Array | None = None, last_frame_only: bool = False) -> jax.Array:
+        """x (B, T, h, w, d, hid) -> same, or with last_frame_only (B, 1, h, w, d, hid): the last
+        frame's output alone (its query attends to every frame; the causal mask's last row is all
+        ones), the same numbers as the full call's [:, -1:]."""
         cfg = self.cfg
         B, T, h, w, d, hid = x.shape
         nh, hd, L = cfg.num_heads, cfg.head_dim, h * w * d
+        Tq = 1 if last_frame_only else T
+        causal = cfg.causal_in_time and not last_frame_only
         bias = positional.time_bias(self.rel_bias[...], T, cfg.causal_in_time, cfg.rel_pos_buckets,
-                                    cfg.rel_pos_max_distance)  # (heads, T, T)
+                                    cfg.rel_pos_max_distance)[:, T - Tq:]  # (heads, Tq, T)
         xn = self.norm(x, SPATIAL)
         k_qkv, k_out = lora.branch_keys(key, 2)
         if jax.default_backend() == "cpu":
@@ -77,16 +81,17 @@ class TimeAttention(nnx.Module):
             # split, not indexing: its gradient is one concatenation, where three indexings' is a sum
             # of three padded arrays that XLA:CPU fuses into one slow kernel.
             q, k, v = (a[..., 0, :] for a in jnp.split(qkv, 3, axis=-2))
-            q, k = self.q_norm(q), self.k_norm(k)
-            o = self.out(frame_attention(q, k, v, bias, cfg.causal_in_time).reshape(B, L, T, hid), k_out)
-            o = jnp.transpose(o, (0, 2, 1, 3)).reshape(x.shape)
+            q, k = self.q_norm(q[:, T - Tq:]), self.k_norm(k)
+            o = self.out(frame_attention(q, k, v, bias, causal).reshape(B, L, Tq, hid), k_out)
+            o = jnp.transpose(o, (0, 2, 1, 3)).reshape((B, Tq) + x.shape[2:])
         else:
             qkv = self.qkv(xn, k_qkv).reshape(B, T, h, w, d, nh, 3, hd)
             qkv = jnp.transpose(qkv, (6, 0, 2, 3, 4, 1, 5, 7)).reshape(3, B * L, T, nh, hd)
-            q, k, v = self.q_norm(qkv[0]), self.k_norm(qkv[1]), qkv[2]
-            o = _attention(q, k, v, bias=bias[None], is_causal=cfg.causal_in_time)
-            o = self.out(jnp.transpose(o.reshape(B, h, w, d, T, hid), (0, 4, 1, 2, 3, 5)), k_out)
-        return x + drop_path(o.astype(x.dtype), rate, key, draw_axes=(1,))  # one draw per frame, shared by the batch
+            q, k, v = self.q_norm(qkv[0][:, T - Tq:]), self.k_norm(qkv[1]), qkv[2]
+            o = _attention(q, k, v, bias=bias[None], is_causal=causal)
+            o = self.out(jnp.transpose(o.reshape(B, h, w, d, Tq, hid), (0, 4, 1, 2, 3, 5)), k_out)
+        # one draw per frame, shared by the batch
+        return x[:, T - Tq:] + drop_path(o.astype(x.dtype), rate, key, draw_axes=(1,), n_frames=T)
 
 
 def frame_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, causal: bool) -> jax.Array:
@@ -176,8 +181,9 @@ class SpaceAttention(nnx.Module):
         else:
             self.rope_freqs = param(rope, (3, n_f), ("rope_axes", "rope"))
 
-    def __call__(self, x: jax.Array, rate=0.0, key: jax.Array | None = None) -> jax.Array:
-        """x (B, T, h, w, d, hid) -> same."""
+    def __call__(self, x: jax.Array, rate=0.0, key: jax.Array | None = None, n_frames: int | None = None) -> jax.Array:
+        """x (B, T, h, w, d, hid) -> same. Frames are independent here; n_frames: x holds the last
+        T of that many frames (drop path draws as for all of them, see `drop_path`)."""
         cfg = self.cfg
         B, T, h, w, d, hid = x.shape
         nh, hd, L = cfg.num_heads, cfg.head_dim, h * w * d
@@ -191,7 +197,7 @@ class SpaceAttention(nnx.Module):
         o = _attention(q, k, v.reshape(B * T, L, nh, hd)).reshape(B * T, L, hid)
         value, gate = jnp.split(ff, 2, axis=-1)  # the original's SwiGLU: first half value, second half gate
         branch = self.attn_out(o, k_attn) + self.ff_out(jax.nn.silu(gate) * value, k_ff)
-        return x + drop_path(branch.reshape(x.shape).astype(x.dtype), rate, key, draw_axes=(0, 1))
+        return x + drop_path(branch.reshape(x.shape).astype(x.dtype), rate, key, draw_axes=(0, 1), n_frames=n_frames)
 
 
 class RopeFreqs(nnx.Variable):

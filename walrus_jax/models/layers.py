@@ -130,15 +130,24 @@ class RMSGroupNorm(nnx.Module):
         return y.astype(x.dtype)
 
 
-def drop_path(x: jax.Array, rate, key: jax.Array | None, draw_axes: tuple[int, ...]) -> jax.Array:
+def drop_path(x: jax.Array, rate, key: jax.Array | None, draw_axes: tuple[int, ...],
+              n_frames: int | None = None) -> jax.Array:
     """Stochastic depth on a residual branch: each index of the axes `draw_axes` (one draw per index,
     shared along every other axis) keeps its branch with probability 1 - rate and is rescaled by
     1 / (1 - rate). `rate` may be traced (it is scanned over blocks); with key None it is the identity
     (eval). The original's time branch is (T, B, ...) with one draw per frame shared by the batch
-    (draw_axes=(1,) on (B, T, ...)); its space branch draws per (sample, frame) (draw_axes=(0, 1))."""
+    (draw_axes=(1,) on (B, T, ...)); its space branch draws per (sample, frame) (draw_axes=(0, 1)).
+
+    n_frames: x holds only the last of `n_frames` frames on axis 1 (a processor's last block when only
+    the last frame is needed); the draw is made for all of them and the last one's kept, so the result
+    is that frame of the full computation's."""
     if key is None:
         return x
     keep = 1.0 - rate
     shape = tuple(x.shape[a] if a in draw_axes else 1 for a in range(x.ndim))
+    if n_frames is not None and 1 in draw_axes:
+        shape = shape[:1] + (n_frames,) + shape[2:]
     mask = jax.random.bernoulli(key, keep, shape)
+    if n_frames is not None and 1 in draw_axes:
+        mask = mask[:, -x.shape[1]:]
     return jnp.where(mask, x / jnp.maximum(keep, 1e-12).astype(x.dtype), jnp.zeros_like(x))

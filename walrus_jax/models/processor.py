@@ -36,9 +36,12 @@ class Block(nnx.Module):
         self.time = TimeAttention(cfg, rngs=rngs)
         self.space = SpaceAttention(cfg, rngs=rngs)
 
-    def __call__(self, x, rate=0.0, key=None):
+    def __call__(self, x, rate=0.0, key=None, last_frame_only: bool = False):
+        """x (B, T, h, w, d, hid) -> same, or (B, 1, h, w, d, hid) with last_frame_only: only the
+        last frame's output (space attention treats frames independently, so it runs on that one)."""
         kt, ks = (None, None) if key is None else jax.random.split(key)
-        return self.space(self.time(x, rate, kt), rate, ks)
+        y = self.time(x, rate, kt, last_frame_only=last_frame_only)
+        return self.space(y, rate, ks, n_frames=x.shape[1] if last_frame_only else None)
 
 
 def roll_tokens(x: jax.Array, shift: jax.Array) -> jax.Array:
@@ -62,9 +65,17 @@ class Processor(nnx.Module):
 
         self.blocks = create(rngs)
 
-    def __call__(self, x: jax.Array, token_shift: jax.Array | None = None, key: jax.Array | None = None) -> jax.Array:
-        """x (B, T, h, w, d, hid) tokens. token_shift (n_blocks, 3): roll before each block, undone
-        after the last one; None for no roll. key: drop-path randomness (None: eval)."""
+    def __call__(self, x: jax.Array, token_shift: jax.Array | None = None, key: jax.Array | None = None,
+                 last_frame_only: bool = False) -> jax.Array:
+        """x (B, T, h, w, d, hid) tokens -> same, or (B, 1, h, w, d, hid) with last_frame_only.
+        token_shift (n_blocks, 3): roll before each block, undone after the last one; None for no
+        roll. key: drop-path randomness (None: eval).
+
+        last_frame_only: the caller needs only the last frame's tokens (a rollout, or a model that
+        predicts from the last frame alone). Every block but the last still needs all frames (the
+        next block's time attention reads them), but the last block computes one frame: its time
+        attention asks one query per token and its space attention runs on one frame of T, about
+        (T - 1) / T of the last block's work saved, same numbers."""
         cfg = self.cfg
         rates = jnp.asarray(cfg.drop_path_rates())
         xs = {"rate": rates}
@@ -73,17 +84,21 @@ class Processor(nnx.Module):
         if key is not None:
             xs["key"] = jax.random.split(key, cfg.n_blocks)
 
-        def step(block: Block, x, xs):
-            if "shift" in xs:
-                x = roll_tokens(x, xs["shift"])
-            return block(x, xs["rate"], xs.get("key"))
-
         scanned = cfg.scan_layers and not (key is not None and jax.default_backend() == "cpu"
                                            and cfg.n_blocks <= CPU_UNROLL_MAX_BLOCKS)
-        if cfg.remat != "none":
-            step = nnx.remat(step, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not scanned)
 
-        if scanned:
+        def block_step(last: bool):
+            def step(block: Block, x, xs):
+                if "shift" in xs:
+                    x = roll_tokens(x, xs["shift"])
+                return block(x, xs["rate"], xs.get("key"), last_frame_only=last)
+            if cfg.remat != "none":
+                step = nnx.remat(step, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not scanned)
+            return step
+
+        step = block_step(last=False)
+
+        if scanned and not last_frame_only:
             @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata=STACKED)
             def run(block, x, xs):
                 return step(block, x, xs)
@@ -91,10 +106,24 @@ class Processor(nnx.Module):
             x = run(self.blocks, x, xs)
         else:
             graphdef, state = nnx.split(self.blocks)
-            for i in range(cfg.n_blocks):
-                # jnp: the weights may be numpy arrays (closed over), which cannot be indexed by tracers later.
-                block = nnx.merge(graphdef, jax.tree.map(lambda a: jnp.asarray(a)[i], state))
-                x = step(block, x, jax.tree.map(lambda a: a[i], xs))
+            # jnp: the weights may be numpy arrays (closed over), which cannot be indexed by tracers later.
+            state = jax.tree.map(jnp.asarray, state)
+            block_at = lambda i: nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+            n_full = cfg.n_blocks - 1 if last_frame_only else cfg.n_blocks
+            if scanned:
+                # The first n_blocks - 1 blocks as a scan over block indices (indexing the stacked
+                # weights in place: scanning over a slice of them would copy (N - 1) / N of them).
+                def body(x, i_xs):
+                    i, xs_i = i_xs
+                    return step(block_at(i), x, xs_i), None
+
+                x, _ = jax.lax.scan(body, x, (jnp.arange(n_full), jax.tree.map(lambda a: a[:n_full], xs)))
+            else:
+                for i in range(n_full):
+                    x = step(block_at(i), x, jax.tree.map(lambda a: a[i], xs))
+            if last_frame_only:
+                i = cfg.n_blocks - 1
+                x = block_step(last=True)(block_at(i), x, jax.tree.map(lambda a: a[i], xs))
         if token_shift is not None:
             x = roll_tokens(x, -jnp.sum(xs["shift"], axis=0))
         return x

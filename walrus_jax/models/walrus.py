@@ -160,10 +160,11 @@ class Walrus(nnx.Module):
         token_shift = None if jitter is None else jnp.asarray(jitter.token_shift, jnp.int32)
         if token_shift is not None and token_shift.shape != (cfg.n_blocks, 3):
             raise ValueError(f"jitter.token_shift has shape {token_shift.shape}, expected ({cfg.n_blocks}, 3)")
-        tokens = self.processor(tokens, token_shift, k_proc)
+        # Only the last frame is decoded (a rollout's step, or a non-causal model's single
+        # prediction): the processor's last block computes just that frame.
+        last_only = last_frame_only or not cfg.causal_in_time
+        tokens = self.processor(tokens, token_shift, k_proc, last_frame_only=last_only)
         inter["before_decoder"] = tokens
-        if last_frame_only or not cfg.causal_in_time:
-            tokens = tokens[:, -1:]
         T_out = tokens.shape[1]
         periodic = [lo == PERIODIC for lo, _ in bcs3]
         y = self.debed[f"d{dim_key}"](tokens.reshape((B * T_out,) + tokens.shape[2:]), field_indices, strides, periodic)
