@@ -9,8 +9,16 @@ convolutions as they are):
 - `conv3d` computes a strided VALID convolution as a stride-1 convolution of the space-to-depth input
   (each s-block of samples becomes s * I channels) with the matching rearranged kernel: the same
   products, summed in a different order (float32 rounding only);
-- `conv_stride1` is a stride-1 convolution whose weight gradient is written out as one matrix
-  product per kernel tap, dW[tap] = x[tap-shifted window]^T dy (its input gradient stays XLA's);
+- `conv_stride1` is a stride-1 convolution as one large matrix product (`_gemm_conv`): XLA:CPU's own
+  convolutions ran these layers at 25-45 GFLOP/s where its matrix products reach ~200, e.g. the
+  decoder's last layer took 81 ms forward for 0.8 GFLOP, 20 ms as a product. Either
+  * patches: the k^3 shifted windows of x side by side on the channel axis, (P, k^3 I), times the
+    kernel (k^3 I, O); its gradient is a product and a sum of shifted windows (chosen when I <= O), or
+  * taps: x (P, I) times all taps' kernels side by side (I, k^3 O), then the sum of each tap's
+    output shifted into place (chosen when O < I: k^3 O columns are fewer than k^3 I).
+  Both hold a k^3-times-wider intermediate; frames are processed in groups so that it stays under
+  `GEMM_CONV_BYTES`, and where one frame is too large alone (large 3-D grids) XLA's convolution is used,
+  with its weight gradient written out as one product per tap (XLA's own took 0.3-0.9 s per layer);
 - `conv_transpose3d` (the decoder's) is one stride-1 convolution followed by depth-to-space.
 
 `fold_singleton_axes` collapses kernel axes over singleton input axes (2-D data through 3-D weights).
@@ -66,11 +74,58 @@ def _conv(x, w, padding):
     return jax.lax.conv_general_dilated(x, w, (1, 1, 1), [tuple(p) for p in padding], dimension_numbers=DIMS)
 
 
+GEMM_CONV_BYTES = 512 * 2**20  # the widened intermediate of one group of frames (see the module doc)
+
+
 def conv_stride1(x: jax.Array, w: jax.Array, padding) -> jax.Array:
-    """Stride-1 convolution with zero padding ((lo, hi),) * 3 (a static tuple); on CPU with the
-    per-tap weight gradient, elsewhere plain XLA (autodiff)."""
+    """Stride-1 convolution with zero padding ((lo, hi),) * 3 (a static tuple). On CPU a matrix
+    product over groups of frames (`_gemm_conv`), or where one frame's intermediate is too large,
+    XLA's convolution with the per-tap weight gradient; elsewhere plain XLA (autodiff)."""
     padding = tuple(tuple(int(v) for v in p) for p in padding)
-    return _conv_cpu(x, w, padding) if jax.default_backend() == "cpu" else _conv(x, w, padding)
+    if jax.default_backend() != "cpu":
+        return _conv(x, w, padding)
+    group = _frames_per_group(x.shape, w.shape, padding, x.dtype)
+    if group == 0:
+        return _conv_cpu(x, w, padding)
+    if group == x.shape[0]:
+        return _gemm_conv(x, w, padding)
+    xs = x.reshape((x.shape[0] // group, group) + x.shape[1:])
+    y = jax.lax.map(lambda xg: _gemm_conv(xg, w, padding), xs)
+    return y.reshape((x.shape[0],) + y.shape[2:])
+
+
+def _frames_per_group(x_shape, w_shape, padding, dtype) -> int:
+    """The largest divisor of N whose frames' widened intermediate fits GEMM_CONV_BYTES (0: not
+    even one frame's)."""
+    k, (n_in, n_out) = w_shape[:3], w_shape[3:]
+    padded = [n + lo + hi for n, (lo, hi) in zip(x_shape[1:4], padding)]
+    taps = int(np.prod(k))
+    if n_in <= n_out:  # patches: (output positions, taps * I)
+        per_frame = int(np.prod([p - ka + 1 for p, ka in zip(padded, k)])) * taps * n_in
+    else:  # taps: (input positions, taps * O)
+        per_frame = int(np.prod(padded)) * taps * n_out
+    fit = GEMM_CONV_BYTES // max(1, per_frame * jnp.dtype(dtype).itemsize)
+    return max([g for g in range(1, x_shape[0] + 1) if x_shape[0] % g == 0 and g <= fit], default=0)
+
+
+def _gemm_conv(x: jax.Array, w: jax.Array, padding) -> jax.Array:
+    """Stride-1 convolution as one matrix product (patches or taps form, see the module doc).
+    x (N, n1, n2, n3, I), w (k1, k2, k3, I, O) -> (N, n_a + lo_a + hi_a - k_a + 1, O)."""
+    xp = jnp.pad(x, [(0, 0)] + list(padding) + [(0, 0)])
+    k, (n_in, n_out) = w.shape[:3], w.shape[3:]
+    out = [n - ka + 1 for n, ka in zip(xp.shape[1:4], k)]
+    taps = [(a, b, c) for a in range(k[0]) for b in range(k[1]) for c in range(k[2])]
+    window = lambda a, tap: a[:, tap[0]:tap[0] + out[0], tap[1]:tap[1] + out[1], tap[2]:tap[2] + out[2]]
+    if n_in <= n_out:
+        patches = jnp.concatenate([window(xp, t) for t in taps], axis=-1)  # (N, *out, taps * I), tap-major
+        y = jnp.dot(patches.reshape(-1, len(taps) * n_in), w.reshape(len(taps) * n_in, n_out),
+                    preferred_element_type=jnp.float32)
+        return y.reshape((x.shape[0],) + tuple(out) + (n_out,)).astype(x.dtype)
+    w_taps = jnp.transpose(w.reshape(len(taps), n_in, n_out), (1, 0, 2)).reshape(n_in, len(taps) * n_out)
+    z = jnp.dot(xp.reshape(-1, n_in), w_taps, preferred_element_type=jnp.float32)
+    z = z.reshape(xp.shape[:4] + (len(taps), n_out))
+    y = sum(window(z, t)[..., i, :] for i, t in enumerate(taps))
+    return y.astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
