@@ -93,20 +93,21 @@ def test_conv_stride1_gradient(padding):
         assert rel_err(a, b) <= 2e-5
 
 
-@pytest.mark.parametrize("budget,n_out", [(40 * 2**10, 5), (40 * 2**10, 2), (64, 5)])
-def test_conv_stride1_frame_groups_and_fallback(monkeypatch, budget, n_out):
-    """A small GEMM_CONV_BYTES splits the frames into groups (one map step each), or, when one frame's
-    intermediate does not fit, falls back to XLA's convolution; both forms (patches: I <= O, taps:
-    O < I); same values and gradients."""
+@pytest.mark.parametrize("group_bytes,frame_bytes,n_out,group", [
+    (40 * 2**10, 2**20, 5, 1), (80 * 2**10, 2**20, 2, 2), (2**20, 64, 5, 0)])
+def test_conv_stride1_frame_groups_and_fallback(monkeypatch, group_bytes, frame_bytes, n_out, group):
+    """Small budgets split the frames into groups (one map step each), or, when one frame's
+    intermediate is over GEMM_CONV_MAX_FRAME_BYTES, fall back to XLA's convolution; both forms
+    (patches: I <= O, taps: O < I); same values and gradients."""
     from walrus_jax.models import convolution
 
     kx, kw = jax.random.split(jax.random.key(5))
     x = jax.random.normal(kx, (4, 7, 6, 5, 4))
     w = jax.random.normal(kw, (2, 3, 2, 4, n_out)) / 5
     padding = ((1, 1), (0, 0), (1, 0))
-    monkeypatch.setattr(convolution, "GEMM_CONV_BYTES", budget)
-    group = convolution._frames_per_group(x.shape, w.shape, padding, x.dtype)
-    assert group == (0 if budget == 64 else 1)
+    monkeypatch.setattr(convolution, "GEMM_CONV_GROUP_BYTES", group_bytes)
+    monkeypatch.setattr(convolution, "GEMM_CONV_MAX_FRAME_BYTES", frame_bytes)
+    assert convolution._frames_per_group(x.shape, w.shape, padding, x.dtype) == group
     assert rel_err(conv_stride1(x, w, padding), lax_conv(x, w, (1, 1, 1), padding)) <= 1e-5
     for a, b in zip(grads(lambda x, w: conv_stride1(x, w, padding), x, w),
                     grads(lambda x, w: lax_conv(x, w, (1, 1, 1), padding), x, w)):
