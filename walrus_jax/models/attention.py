@@ -96,8 +96,9 @@ class TimeAttention(nnx.Module):
 
 def frame_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, causal: bool) -> jax.Array:
     """Attention over a handful of frames per token, as broadcast products and sums (the CPU form of
-    time attention). q, k, v (N, T, heads, head_dim); bias (heads, T, T) [query, key] -> (N, T,
-    heads, head_dim); logits, softmax and the weighted sum in float32.
+    time attention). q (N, Tq, heads, head_dim), k, v (N, T, heads, head_dim); bias (heads, Tq, T)
+    [query, key] -> (N, Tq, heads, head_dim); logits, softmax and the weighted sum in float32.
+    causal (a lower-triangular mask) needs Tq = T.
 
     With T ~ 6 the two products are N * heads tiny T x T x head_dim matrix products: XLA:CPU runs
     them as batched dots behind transposes to (N, heads, T, head_dim) and back, forward and
