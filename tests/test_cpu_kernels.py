@@ -69,7 +69,10 @@ def grads(fn, x, w):
     ((9, 10, 11), (4, 4, 4), (2, 1, 3), 7),    # 3-D, mixed strides
     ((12, 12, 1), (4, 4, 1), (2, 2, 1), 40),   # many channels
 ])
-def test_conv3d_equals_strided_convolution(spatial, kernel, strides, channels):
+def test_conv3d_equals_strided_convolution(spatial, kernel, strides, channels, monkeypatch):
+    from walrus_jax.models import convolution
+
+    monkeypatch.setattr(convolution, "GEMM_CONV_MIN_FLOPS", 0)  # the matrix-product forms, however small
     kx, kw = jax.random.split(jax.random.key(1))
     x = jax.random.normal(kx, (2,) + spatial + (channels,))
     w = jax.random.normal(kw, kernel + (channels, 6)) / np.sqrt(np.prod(kernel) * channels)
@@ -83,7 +86,10 @@ def test_conv3d_equals_strided_convolution(spatial, kernel, strides, channels):
 
 
 @pytest.mark.parametrize("padding", [((0, 0),) * 3, ((1, 1), (1, 1), (0, 0)), ((3, 3), (0, 0), (2, 2))])
-def test_conv_stride1_gradient(padding):
+def test_conv_stride1_gradient(padding, monkeypatch):
+    from walrus_jax.models import convolution
+
+    monkeypatch.setattr(convolution, "GEMM_CONV_MIN_FLOPS", 0)  # the matrix-product forms, however small
     kx, kw = jax.random.split(jax.random.key(4))
     x = jax.random.normal(kx, (3, 7, 6, 5, 4))
     w = jax.random.normal(kw, (2, 3, 2, 4, 5)) / 5
@@ -105,6 +111,8 @@ def test_conv_stride1_frame_groups_and_fallback(monkeypatch, group_bytes, frame_
     x = jax.random.normal(kx, (4, 7, 6, 5, 4))
     w = jax.random.normal(kw, (2, 3, 2, 4, n_out)) / 5
     padding = ((1, 1), (0, 0), (1, 0))
+    assert convolution._frames_per_group(x.shape, w.shape, padding, x.dtype) == 0  # tiny: XLA's form
+    monkeypatch.setattr(convolution, "GEMM_CONV_MIN_FLOPS", 0)
     monkeypatch.setattr(convolution, "GEMM_CONV_GROUP_BYTES", group_bytes)
     monkeypatch.setattr(convolution, "GEMM_CONV_MAX_FRAME_BYTES", frame_bytes)
     assert convolution._frames_per_group(x.shape, w.shape, padding, x.dtype) == group

@@ -16,7 +16,10 @@ convolutions as they are):
     kernel (k^3 I, O); its gradient is a product and a sum of shifted windows (chosen when I <= O), or
   * taps: x (P, I) times all taps' kernels side by side (I, k^3 O), then the sum of each tap's
     output shifted into place (chosen when O < I: k^3 O columns are fewer than k^3 I).
-  Both hold a k^3-times-wider intermediate; frames are processed in groups of about
+  Convolutions under `GEMM_CONV_MIN_FLOPS` keep XLA's form: they take a few milliseconds either
+  way, and the k^3 windows make the program slower to compile (a tiny model's gradient on 32^2, with
+  64-tap stride-1 convolutions: 7 s -> 11 s).
+  Both forms hold a k^3-times-wider intermediate; frames are processed in groups of about
   `GEMM_CONV_GROUP_BYTES` of it (the same speed as all frames at once, ~25 MB less peak memory in the
   small configuration's forward pass), and where one frame's exceeds `GEMM_CONV_MAX_FRAME_BYTES`
   (large 3-D grids) XLA's convolution is used, with its weight gradient written out as one product
@@ -76,6 +79,7 @@ def _conv(x, w, padding):
     return jax.lax.conv_general_dilated(x, w, (1, 1, 1), [tuple(p) for p in padding], dimension_numbers=DIMS)
 
 
+GEMM_CONV_MIN_FLOPS = 2.5e8  # smaller convolutions keep XLA's form (module doc)
 GEMM_CONV_GROUP_BYTES = 16 * 2**20  # the widened intermediate of one group of frames (module doc)
 GEMM_CONV_MAX_FRAME_BYTES = 512 * 2**20  # ... of one frame, beyond which XLA's convolution is used
 
@@ -99,12 +103,16 @@ def conv_stride1(x: jax.Array, w: jax.Array, padding) -> jax.Array:
 
 def _frames_per_group(x_shape, w_shape, padding, dtype) -> int:
     """The largest divisor of N whose frames' widened intermediate fits GEMM_CONV_GROUP_BYTES (at
-    least 1); 0 when one frame's exceeds GEMM_CONV_MAX_FRAME_BYTES."""
+    least 1); 0 (XLA's convolution) when one frame's exceeds GEMM_CONV_MAX_FRAME_BYTES or the
+    convolution has fewer than GEMM_CONV_MIN_FLOPS."""
     k, (n_in, n_out) = w_shape[:3], w_shape[3:]
     padded = [n + lo + hi for n, (lo, hi) in zip(x_shape[1:4], padding)]
     taps = int(np.prod(k))
+    positions = int(np.prod([p - ka + 1 for p, ka in zip(padded, k)]))
+    if 2.0 * x_shape[0] * positions * taps * n_in * n_out < GEMM_CONV_MIN_FLOPS:
+        return 0
     if n_in <= n_out:  # patches: (output positions, taps * I)
-        per_frame = int(np.prod([p - ka + 1 for p, ka in zip(padded, k)])) * taps * n_in
+        per_frame = positions * taps * n_in
     else:  # taps: (input positions, taps * O)
         per_frame = int(np.prod(padded)) * taps * n_out
     per_frame *= jnp.dtype(dtype).itemsize
