@@ -86,8 +86,9 @@ GEMM_CONV_MAX_FRAME_BYTES = 512 * 2**20  # ... of one frame, beyond which XLA's 
 
 def conv_stride1(x: jax.Array, w: jax.Array, padding) -> jax.Array:
     """Stride-1 convolution with zero padding ((lo, hi),) * 3 (a static tuple). On CPU a matrix
-    product over groups of frames (`_gemm_conv`), or where one frame's intermediate is too large,
-    XLA's convolution with the per-tap weight gradient; elsewhere plain XLA (autodiff)."""
+    product over groups of frames (`_gemm_conv`), or, for a small convolution or one whose single
+    frame's intermediate is too large, XLA's convolution with the per-tap weight gradient; elsewhere
+    plain XLA (autodiff)."""
     padding = tuple(tuple(int(v) for v in p) for p in padding)
     if jax.default_backend() != "cpu":
         return _conv(x, w, padding)
