@@ -45,7 +45,7 @@ inline vf load(const float* p) {
   return v;
 }
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
-inline vf splat(float x) { return vf{} + x; }
+inline vf splat(float x) { return vf{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }  // (0 + x would cost an add)
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // exp on a vector: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2, and a degree-6 polynomial for
@@ -111,19 +111,27 @@ inline void rows_of(int64_t M, const float* A, int64_t sa_row, int64_t sa_col, c
   for (; r < M; ++r) tile<1, NV>(A + r * sa_row, sa_row, sa_col, B, ldb, K, C + r * ldc, ldc, accumulate);
 }
 
-// C[M x Nc] (+)= A[M x K] B[K x Nc], Nc a multiple of 16. Column panels of up to 64 floats; within
-// a panel every row tile reuses the same K x panel slice of B (cache-resident for the sizes here).
+// C[M x Nc] (+)= A[M x K] B[K x Nc], Nc a multiple of 16. Column panels of up to 64 floats, and
+// the contraction in chunks whose slice of B (chunk x panel, <= 24 KB) stays in L1 while every row
+// tile of C passes over it: with the whole of a long contraction (P V over 1024 keys) each row tile
+// streamed B from L2, and that, not the multiply-adds, set the pace.
 void matmul(int64_t M, int64_t Nc, int64_t K, const float* A, int64_t sa_row, int64_t sa_col, const float* B,
             int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   for (int64_t c = 0; c < Nc; c += 4 * kW) {
-    int nv = static_cast<int>(std::min<int64_t>(4, (Nc - c) / kW));
-    const float* Bc = B + c;
-    float* Cc = C + c;
-    switch (nv) {
-      case 4: rows_of<4>(M, A, sa_row, sa_col, Bc, ldb, K, Cc, ldc, accumulate); break;
-      case 3: rows_of<3>(M, A, sa_row, sa_col, Bc, ldb, K, Cc, ldc, accumulate); break;
-      case 2: rows_of<2>(M, A, sa_row, sa_col, Bc, ldb, K, Cc, ldc, accumulate); break;
-      default: rows_of<1>(M, A, sa_row, sa_col, Bc, ldb, K, Cc, ldc, accumulate); break;
+    const int nv = static_cast<int>(std::min<int64_t>(4, (Nc - c) / kW));
+    const int64_t kc = 24 * 1024 / (nv * kW * 4);
+    for (int64_t k0 = 0; k0 < K; k0 += kc) {
+      const float* Ak = A + k0 * sa_col;
+      const float* Bk = B + k0 * ldb + c;
+      const int64_t kn = std::min(kc, K - k0);
+      const bool acc = accumulate || k0 > 0;
+      float* Cc = C + c;
+      switch (nv) {
+        case 4: rows_of<4>(M, Ak, sa_row, sa_col, Bk, ldb, kn, Cc, ldc, acc); break;
+        case 3: rows_of<3>(M, Ak, sa_row, sa_col, Bk, ldb, kn, Cc, ldc, acc); break;
+        case 2: rows_of<2>(M, Ak, sa_row, sa_col, Bk, ldb, kn, Cc, ldc, acc); break;
+        default: rows_of<1>(M, Ak, sa_row, sa_col, Bk, ldb, kn, Cc, ldc, acc); break;
+      }
     }
   }
 }

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from walrus_jax.cpu_kernels import attention as fused_attention
 from walrus_jax.models import initializers, lora, positional
 from walrus_jax.models.blocked_attention import blocked_attention
 from walrus_jax.models.config import ModelConfig
@@ -20,8 +21,9 @@ def _attention(q, k, v, bias=None, is_causal=False):
     """Softmax attention on (N, L, heads, hd) tensors; logits and softmax in float32.
 
     On GPU with bf16/fp16 inputs this is cuDNN's fused flash attention. On CPU, unbiased non-causal
-    attention (space attention) runs block by block (`blocked_attention`): the materialised L x L
-    softmax is memory-bound there and took half of a block's time. Otherwise (time attention over a
+    attention (space attention) is the project's fused C++ kernel for float32
+    (`cpu_kernels.attention`), or else runs block by block in XLA (`blocked_attention`): the
+    materialised L x L softmax is memory-bound there and took half of a block's time. Otherwise (time attention over a
     handful of frames, GPU/TPU float32) it is two einsums around a float32 softmax; on CPU that runs
     ~2x faster than `jax.nn.dot_product_attention`'s XLA path (which transposes to (N, heads, L, hd)
     and back around every product).
@@ -30,6 +32,8 @@ def _attention(q, k, v, bias=None, is_causal=False):
         return jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(q.dtype),
                                             is_causal=is_causal, implementation="cudnn")
     if jax.default_backend() == "cpu" and bias is None and not is_causal:
+        if fused_attention.supports(q, k, v) and fused_attention.available():
+            return fused_attention.fused_attention(q, k, v)
         return blocked_attention(q, k, v)
     scale = 1.0 / np.sqrt(q.shape[-1])
     logits = jnp.einsum("nqhd,nkhd->nhqk", q, k, preferred_element_type=jnp.float32) * np.float32(scale)
