@@ -4,6 +4,7 @@ checkpoint with the released keys and shapes (random values).
     python -m tools.bench.convert                          # float32 and bfloat16 outputs
     python -m tools.bench.convert --dtypes float32 --load  # also time load_pretrained
     python -m tools.bench.convert --tmp /scratch           # where the ~10 GB of temporary files go
+    python -m tools.bench.convert --dtypes float32 --forward   # + a forward through load_pretrained
 
 1. A random state_dict with exactly the keys and shapes of
    tests/fixtures/pretrained_state_dict_manifest.json (857 tensors, 1,286,199,487 float32 values)
@@ -13,6 +14,11 @@ checkpoint with the released keys and shapes (random values).
    its wall time and peak resident set (`/usr/bin/time -v`: it counts the file-backed pages of the
    memory-mapped checkpoint as well as anonymous memory) are recorded.
 3. Optionally `walrus_jax.load_pretrained` runs in a subprocess (time, peak RSS).
+4. Optionally (`--forward`) a further subprocess loads the converted weights with `load_pretrained`
+   and runs the released model's forward on the side-by-side benchmark's input (2D 128x128, both
+   axes periodic, T=6, 4 fields, batch 1, eval, jitter off, `wj.jit`): the resident set right after
+   loading, the first call (compile included), the median of `--repeats` timed forwards, and the
+   peak resident set while running; with numpy's float32 matmul rate measured just before.
 Prints a Markdown table; all temporary files are deleted at the end (also on failure).
 """
 from __future__ import annotations
@@ -85,11 +91,46 @@ def run_child(cmd: list[str], label: str) -> tuple[float, int, str]:
     return wall, peak, r.stdout
 
 
+FORWARD_CHILD = """
+import json, statistics, sys, time
+import numpy as np
+def rss(key):
+    with open('/proc/self/status') as f:
+        return int(next(l for l in f if l.startswith(key)).split()[1]) * 1024
+a = np.random.default_rng(0).standard_normal((4096, 4096), dtype=np.float32)
+a @ a; t = time.perf_counter(); a @ a; matmul = 2 * 4096 ** 3 / (time.perf_counter() - t) / 1e9
+del a
+import jax, walrus_jax as wj
+from flax import nnx
+from walrus_jax.checkpoints.pretrained import load_pretrained
+t = time.perf_counter()
+model = load_pretrained(sys.argv[1], dtype=sys.argv[2])
+[v.get_value().block_until_ready() for _, v in nnx.to_flat_state(nnx.state(model))]
+load_s, loaded, load_peak = time.perf_counter() - t, rss('VmRSS'), rss('VmHWM')
+gd, st = nnx.split(model)
+del model
+x = jax.random.normal(jax.random.key(0), (1, 6, 128, 128, 4)).astype(sys.argv[2])
+fields, bcs = np.arange(3, 7), ((2, 2), (2, 2))
+f = wj.jit(lambda st, x: nnx.merge(gd, st)(x, fields, bcs))
+t = time.perf_counter(); f(st, x).block_until_ready(); first = time.perf_counter() - t
+times = []
+for _ in range(int(sys.argv[3])):
+    t = time.perf_counter(); f(st, x).block_until_ready(); times.append(time.perf_counter() - t)
+print('FORWARD', json.dumps(dict(load_s=round(load_s, 1), rss_loaded_gb=round(loaded / 1e9, 2),
+      peak_rss_loading_gb=round(load_peak / 1e9, 2),
+      first_call_s=round(first, 1), forward_s=round(statistics.median(times), 1),
+      peak_rss_gb=round(rss('VmHWM') / 1e9, 2), matmul_gflops=round(matmul))))
+"""
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--tmp", default=None, help="directory for the temporary files (default: the system temp dir)")
     p.add_argument("--load", action="store_true", help="also time walrus_jax.load_pretrained on the output")
+    p.add_argument("--forward", action="store_true",
+                   help="also run the released model's forward through load_pretrained (time, memory)")
+    p.add_argument("--repeats", type=int, default=1, help="timed forwards after the first call (--forward)")
     p.add_argument("--json", default=None, help="write the rows to this file")
     args = p.parse_args(argv)
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
@@ -142,6 +183,14 @@ def main(argv=None) -> int:
                 row = dict(step=f"load_pretrained ({dt})", wall_s=round(wall, 1), stream_write_s=None,
                            peak_rss_gb=round(peak2 / 1e9, 2), rss_over_file=None,
                            output_gb=None)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            if args.forward:
+                _, _, log = run_child([sys.executable, "-c", FORWARD_CHILD, out, dt, str(args.repeats)],
+                                      f"forward ({dt})")
+                fwd = json.loads(log.split("FORWARD", 1)[1])
+                row = dict(step=f"load_pretrained + forward ({dt}): {json.dumps(fwd)}", wall_s=fwd["forward_s"],
+                           stream_write_s=None, peak_rss_gb=fwd["peak_rss_gb"], rss_over_file=None, output_gb=None)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             shutil.rmtree(out, ignore_errors=True)

@@ -41,6 +41,7 @@ from flax import nnx
 from walrus_jax.checkpoints import params as parameters
 from walrus_jax.errors import DataError
 from walrus_jax.models.config import ModelConfig
+from walrus_jax.models.init import host_buffer
 
 FORMAT = "walrus_jax.pretrained"
 VERSION = 1
@@ -361,7 +362,9 @@ def _restore_host(directory: str, cfg: ModelConfig, meta: Mapping, dtypes: Mappi
             else:
                 i = int(g.split("_")[1])
                 if name not in out:
-                    out[name] = np.empty((cfg.n_blocks,) + tuple(v.shape), dtypes[name])
+                    # 64-byte aligned: on CPU the device array then uses this memory instead of a
+                    # copy (a stacked weight of the released model is up to 2.2 GB)
+                    out[name] = host_buffer((cfg.n_blocks,) + tuple(v.shape), dtypes[name])
                 out[name][i] = v
     return out
 
