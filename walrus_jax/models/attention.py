@@ -23,8 +23,9 @@ def _attention(q, k, v, bias=None, is_causal=False):
     On GPU with bf16/fp16 inputs this is cuDNN's fused flash attention. On CPU, unbiased non-causal
     attention (space attention) is the project's fused C++ kernel for float32
     (`cpu_kernels.attention`), or else runs block by block in XLA (`blocked_attention`): the
-    materialised L x L softmax is memory-bound there and took half of a block's time. Otherwise (time attention over a
-    handful of frames, GPU/TPU float32) it is two einsums around a float32 softmax; on CPU that runs
+    materialised L x L softmax is memory-bound there and took half of a block's time. Otherwise
+    (time attention over a handful of frames, GPU/TPU float32) it is two einsums around a float32
+    softmax; on CPU that runs
     ~2x faster than `jax.nn.dot_product_attention`'s XLA path (which transposes to (N, heads, L, hd)
     and back around every product).
     """
