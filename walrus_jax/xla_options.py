@@ -23,6 +23,8 @@ import os
 import jax
 import numpy as np
 
+from walrus_jax import host_memory
+
 YNN_FUSIONS = "xla_cpu_experimental_ynn_fusion_type"
 
 
@@ -42,7 +44,8 @@ def compiler_options() -> dict[str, str]:
 def jit(fn, **jit_kwargs):
     """`jax.jit(fn, **jit_kwargs)`, with `compiler_options()` whenever it is called (or lowered) at
     top level; inside another trace it is the plain jit. Supports calling, `.lower` and the
-    attributes of the jitted function."""
+    attributes of the jitted function. Also installs `host_memory.trim_after_compile` (once)."""
+    host_memory.trim_after_compile()
     return _TopLevelJit(fn, jit_kwargs)
 
 
