@@ -55,6 +55,19 @@ def test_save_load_round_trip_and_oracle(saved):
     assert np.abs(y - ref).max() / np.abs(ref).max() <= 1e-5
 
 
+def test_loading_hands_freed_host_memory_back(saved, monkeypatch):
+    """Both loading paths end by returning the C heap's freed pages (the per-group reads and the
+    per-variable host arrays would otherwise stay resident beside the weights)."""
+    from walrus_jax import host_memory
+
+    calls = []
+    monkeypatch.setattr(host_memory, "release_free_memory", lambda: calls.append(1) or True)
+    model = pretrained.load_pretrained(saved["path"])
+    assert len(calls) == 1
+    wj.convert.load_state_dict(model, wj.convert.to_state_dict(saved["model"]))
+    assert len(calls) == 2
+
+
 def test_vocabulary_on_model_and_by_directory(saved, monkeypatch):
     model = pretrained.load_pretrained(saved["path"])
     v = pretrained.model_vocabulary(saved["path"])

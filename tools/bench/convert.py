@@ -17,8 +17,9 @@ checkpoint with the released keys and shapes (random values).
 4. Optionally (`--forward`) a further subprocess loads the converted weights with `load_pretrained`
    and runs the released model's forward on the side-by-side benchmark's input (2D 128x128, both
    axes periodic, T=6, 4 fields, batch 1, eval, jitter off, `wj.jit`): the resident set right after
-   loading, the first call (compile included), the median of `--repeats` timed forwards, and the
-   peak resident set while running; with numpy's float32 matmul rate measured just before.
+   loading and the peak while compiling and running (MiB, measured as the side-by-side benchmark
+   measures the original), the first call (compile included) and the median of `--repeats` timed
+   forwards; with numpy's float32 matmul rate measured just before in its own process.
 Prints a Markdown table; all temporary files are deleted at the end (also on failure).
 """
 from __future__ import annotations
@@ -91,24 +92,36 @@ def run_child(cmd: list[str], label: str) -> tuple[float, int, str]:
     return wall, peak, r.stdout
 
 
-FORWARD_CHILD = """
-import json, statistics, sys, time
-import numpy as np
-def rss(key):
-    with open('/proc/self/status') as f:
-        return int(next(l for l in f if l.startswith(key)).split()[1]) * 1024
+MATMUL_CHILD = """
+import time, numpy as np
 a = np.random.default_rng(0).standard_normal((4096, 4096), dtype=np.float32)
-a @ a; t = time.perf_counter(); a @ a; matmul = 2 * 4096 ** 3 / (time.perf_counter() - t) / 1e9
-del a
+a @ a; t = time.perf_counter(); a @ a
+print('MATMUL', 2 * 4096 ** 3 / (time.perf_counter() - t) / 1e9)
+"""
+
+# Memory as the side-by-side benchmark records it (MiB from /proc/self/status): the resident set once
+# the weights are loaded, and the peak while compiling and running (the kernel's peak counter is reset
+# after loading through /proc/self/clear_refs).
+FORWARD_CHILD = """
+import gc, json, statistics, sys, time
+import numpy as np
+def mib(key):
+    with open('/proc/self/status') as f:
+        return int(next(l for l in f if l.startswith(key + ':')).split()[1]) / 1024
 import jax, walrus_jax as wj
 from flax import nnx
 from walrus_jax.checkpoints.pretrained import load_pretrained
 t = time.perf_counter()
 model = load_pretrained(sys.argv[1], dtype=sys.argv[2])
 [v.get_value().block_until_ready() for _, v in nnx.to_flat_state(nnx.state(model))]
-load_s, loaded, load_peak = time.perf_counter() - t, rss('VmRSS'), rss('VmHWM')
 gd, st = nnx.split(model)
 del model
+gc.collect()
+load_s, loaded, load_peak = time.perf_counter() - t, mib('VmRSS'), mib('VmHWM')
+try:
+    open('/proc/self/clear_refs', 'w').write('5')
+except OSError:
+    pass
 x = jax.random.normal(jax.random.key(0), (1, 6, 128, 128, 4)).astype(sys.argv[2])
 fields, bcs = np.arange(3, 7), ((2, 2), (2, 2))
 f = wj.jit(lambda st, x: nnx.merge(gd, st)(x, fields, bcs))
@@ -116,10 +129,9 @@ t = time.perf_counter(); f(st, x).block_until_ready(); first = time.perf_counter
 times = []
 for _ in range(int(sys.argv[3])):
     t = time.perf_counter(); f(st, x).block_until_ready(); times.append(time.perf_counter() - t)
-print('FORWARD', json.dumps(dict(load_s=round(load_s, 1), rss_loaded_gb=round(loaded / 1e9, 2),
-      peak_rss_loading_gb=round(load_peak / 1e9, 2),
-      first_call_s=round(first, 1), forward_s=round(statistics.median(times), 1),
-      peak_rss_gb=round(rss('VmHWM') / 1e9, 2), matmul_gflops=round(matmul))))
+print('FORWARD', json.dumps(dict(load_s=round(load_s, 1), rss_loaded_mib=round(loaded),
+      peak_loading_mib=round(load_peak), first_call_s=round(first, 1), forward_s=round(statistics.median(times), 1),
+      peak_running_mib=round(mib('VmHWM')))))
 """
 
 
@@ -186,11 +198,14 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             if args.forward:
-                _, _, log = run_child([sys.executable, "-c", FORWARD_CHILD, out, dt, str(args.repeats)],
+                _, _, log = run_child([sys.executable, "-c", MATMUL_CHILD], "numpy matmul")
+                matmul = float(log.split("MATMUL", 1)[1].split()[0])
+                _, peak, log = run_child([sys.executable, "-c", FORWARD_CHILD, out, dt, str(args.repeats)],
                                       f"forward ({dt})")
-                fwd = json.loads(log.split("FORWARD", 1)[1])
+                fwd = json.loads(log.split("FORWARD", 1)[1].split("\n", 1)[0])
+                fwd["matmul_gflops"] = round(matmul)
                 row = dict(step=f"load_pretrained + forward ({dt}): {json.dumps(fwd)}", wall_s=fwd["forward_s"],
-                           stream_write_s=None, peak_rss_gb=fwd["peak_rss_gb"], rss_over_file=None, output_gb=None)
+                           stream_write_s=None, peak_rss_gb=round(peak / 1e9, 2), rss_over_file=None, output_gb=None)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             shutil.rmtree(out, ignore_errors=True)

@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
+from walrus_jax import host_memory
 from walrus_jax.checkpoints import params as parameters
 from walrus_jax.errors import DataError
 from walrus_jax.models.config import ModelConfig
@@ -274,21 +275,8 @@ def load_state_dict(model, state_dict: Mapping[str, np.ndarray], *, source: str 
             value[t.index] = t.transform(np.asarray(state_dict[key]))
         var.set_value(to_device(value, var.get_value().dtype))
         del value
-    release_free_memory()
-
-
-def release_free_memory() -> None:
-    """Returns the C heap's free pages to the OS (glibc only; elsewhere a no-op).
-
-    Arrays below glibc's mmap threshold (which rises to the size of the largest array freed so
-    far, up to 32 MiB) live on the heap; after a conversion frees one array per variable, most of
-    that freed memory sits in holes that glibc keeps mapped, ~1-2x the model's size of resident
-    memory that no one uses. malloc_trim(0) hands those pages back; it frees nothing in use."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    # the per-variable host arrays freed above sit in glibc's heap holes (~1-2x the model's size)
+    host_memory.release_free_memory()
 
 
 def to_state_dict(model) -> dict[str, np.ndarray]:
