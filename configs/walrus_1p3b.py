@@ -20,7 +20,7 @@ def get_config(variant: str = ""):
 
     c = common.base_config()
     c.name = "walrus_1p3b"
-    c.model = common.model_section(ModelConfig.walrus_1p3b(remat="dots_with_no_batch_dims_saveable"))
+    c.model = common.model_section(ModelConfig.walrus_1p3b(remat="dots_and_attention"))
     c.data.generate = ""  # the released recipe needs The Well: set data.root
     c.data.batch_size = 8  # 2 per device x 4 devices (one fsdp group)
     c.data.n_steps_input = 6

@@ -46,10 +46,11 @@ def test_scan_equals_unrolled_loop(monkeypatch):
     assert rel_err(y_loop, y_scan) <= 1e-6
 
 
-def test_remat_policy_does_not_change_values_or_gradients():
+@pytest.mark.parametrize("policy", ["full", "dots_and_attention"])
+def test_remat_policy_does_not_change_values_or_gradients(policy):
     model = tiny()
     x = inputs()
-    remat = wj.Walrus(model.cfg.replace(remat="full"), rngs=nnx.Rngs(0))
+    remat = wj.Walrus(model.cfg.replace(remat=policy), rngs=nnx.Rngs(0))
     nnx.update(remat, nnx.state(model))
 
     def loss(m):
@@ -123,6 +124,26 @@ def test_last_frame_only_is_the_last_frame_of_the_full_output():
     assert y_last.shape == (2, 1, 32, 32, 3)
     assert rel_err(y_last, y[:, -1:]) <= 1e-6
 
+
+
+def test_dots_and_attention_keeps_the_fused_attention_output():
+    """Under "dots_and_attention" the backward pass reuses the fused kernel's saved output and
+    log-sum-exp: the forward kernel runs once per block, where "full" runs it again."""
+    from walrus_jax.cpu_kernels import attention as fused
+
+    if jax.default_backend() != "cpu" or not fused.available():
+        pytest.skip("the fused attention kernel is a CPU kernel and needs a C++ compiler")
+    x = inputs()
+
+    def forward_kernel_calls(policy):
+        model = wj.Walrus(tiny().cfg.replace(remat=policy, scan_layers=False), rngs=nnx.Rngs(0))
+        loss = lambda m: jnp.mean(jnp.abs(m(x, FI, BCS)))
+        text = jax.jit(nnx.grad(loss)).lower(model).as_text()
+        return text.count(f"custom_call @{fused._FORWARD}(")
+
+    n_blocks = tiny().cfg.n_blocks
+    assert forward_kernel_calls("full") == 2 * n_blocks
+    assert forward_kernel_calls("dots_and_attention") == n_blocks
 
 @pytest.mark.parametrize("causal,scan_layers,remat", [(True, True, "none"), (False, False, "full")])
 def test_processor_last_frame_only_matches_full_processor(causal, scan_layers, remat):

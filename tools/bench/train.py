@@ -137,7 +137,8 @@ def main(argv=None):
     ap.add_argument("--size", type=int, default=32, help="square 2D grid size (on the stride table)")
     ap.add_argument("--fields", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--remat", default="none")
+    ap.add_argument("--remat", default="",
+                    help="remat policy (models/config.py REMAT_CHOICES); default: the preset's own (medium: dots_and_attention)")
     ap.add_argument("--jitter", action="store_true", help="patch/token jitter on (the reference step has it off)")
     ap.add_argument("--json", default="")
     a = ap.parse_args(argv)
@@ -146,7 +147,7 @@ def main(argv=None):
           f"measured f32 matmul rate {peak / 1e12:.3f} TFLOP/s")
     rows = []
     for name in a.models.split(","):
-        cfg = MODELS[name](drop_path=0.0, remat=a.remat)
+        cfg = MODELS[name](drop_path=0.0, **({"remat": a.remat} if a.remat else {}))
         row = bench_one(name, cfg, a.batch, a.t_in, a.size, a.fields, a.steps, a.jitter)
         row["MFU"] = row["achieved_TFLOPs"] * 1e12 / peak
         rows.append(row)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from walrus_jax.cpu_kernels import build
 
@@ -45,8 +46,14 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return _forward(q, k, v)[0]
 
 
+# Names of the saved output and log-sum-exp: a remat policy can keep them (models/processor.py's
+# "dots_and_attention") so that the backward pass does not run the forward kernel again.
+OUTPUT_NAMES = ("fused_attention_out", "fused_attention_lse")
+
+
 def _fwd(q, k, v):
     o, lse = _forward(q, k, v)
+    o, lse = (checkpoint_name(a, n) for a, n in zip((o, lse), OUTPUT_NAMES))
     return o, (q, k, v, o, lse)
 
 

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from walrus_jax.cpu_kernels import attention as fused_attention
 from walrus_jax.models import lora
 from walrus_jax.models.attention import SpaceAttention, TimeAttention
 from walrus_jax.models.config import ModelConfig
@@ -14,6 +15,9 @@ REMAT_POLICIES = {
     "full": None,  # save nothing
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_and_attention": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(*fused_attention.OUTPUT_NAMES)),
 }
 TOKEN_AXES = (2, 3, 4)  # (h, w, d) of a (B, T, h, w, d, hid) tensor
 # The blocks' weights are stacked along a leading axis named "layers": nnx.vmap prepends the name to
