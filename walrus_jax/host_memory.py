@@ -1,4 +1,6 @@
-"""Returning the XLA compiler's freed memory to the operating system after each compile (glibc).
+"""Returning freed C-heap memory to the operating system (glibc): after each XLA compile, and at the
+end of the weight-loading paths (`load_pretrained`, `convert.load_state_dict`), whose per-array reads
+leave freed buffers in glibc's arenas (~340 MiB beside the released model's weights).
 
 Compiling a program on CPU allocates and frees a few hundred MB (LLVM's working memory). glibc keeps
 freed memory in its per-thread arenas rather than unmapping it, and the program's buffers are then
