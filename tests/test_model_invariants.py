@@ -125,7 +125,6 @@ def test_last_frame_only_is_the_last_frame_of_the_full_output():
     assert rel_err(y_last, y[:, -1:]) <= 1e-6
 
 
-
 def test_dots_and_attention_keeps_the_fused_attention_output():
     """Under "dots_and_attention" the backward pass reuses the fused kernel's saved output and
     log-sum-exp: the forward kernel runs once per block, where "full" runs it again."""
@@ -144,6 +143,7 @@ def test_dots_and_attention_keeps_the_fused_attention_output():
     n_blocks = tiny().cfg.n_blocks
     assert forward_kernel_calls("full") == 2 * n_blocks
     assert forward_kernel_calls("dots_and_attention") == n_blocks
+
 
 @pytest.mark.parametrize("causal,scan_layers,remat", [(True, True, "none"), (False, False, "full")])
 def test_processor_last_frame_only_matches_full_processor(causal, scan_layers, remat):

@@ -25,9 +25,8 @@ def _attention(q, k, v, bias=None, is_causal=False):
     (`cpu_kernels.attention`), or else runs block by block in XLA (`blocked_attention`): the
     materialised L x L softmax is memory-bound there and took half of a block's time. Otherwise
     (time attention over a handful of frames, GPU/TPU float32) it is two einsums around a float32
-    softmax; on CPU that runs
-    ~2x faster than `jax.nn.dot_product_attention`'s XLA path (which transposes to (N, heads, L, hd)
-    and back around every product).
+    softmax; on CPU that runs ~2x faster than `jax.nn.dot_product_attention`'s XLA path (which
+    transposes to (N, heads, L, hd) and back around every product).
     """
     if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
         return jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(q.dtype),
