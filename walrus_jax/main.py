@@ -28,6 +28,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from walrus_jax.errors import ConfigError, PathError, run_command, verbose_requested
+from walrus_jax.huge_pages import reexec_with_huge_pages
 
 
 
@@ -212,6 +213,7 @@ def cli(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    reexec_with_huge_pages()  # once, before any work: glibc reads its tunables only at start-up
     rc = cli()
     sys.stdout.flush()
     sys.stderr.flush()

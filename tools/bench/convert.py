@@ -37,6 +37,8 @@ import time
 
 import numpy as np
 
+from walrus_jax.huge_pages import reexec_with_huge_pages
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MANIFEST = os.path.join(ROOT, "tests", "fixtures", "pretrained_state_dict_manifest.json")
 YAML = os.path.join(ROOT, "tests", "fixtures", "walrus_extended_config.yaml")
@@ -225,4 +227,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    reexec_with_huge_pages()  # as `python -m walrus_jax.main` runs (walrus_jax/huge_pages.py)
     sys.exit(main())

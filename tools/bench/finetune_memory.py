@@ -32,6 +32,7 @@ from flax import nnx
 
 from walrus_jax import xla_options
 from walrus_jax.checkpoints import adapters
+from walrus_jax.huge_pages import reexec_with_huge_pages
 from walrus_jax.training import optim, steps
 from walrus_jax.models import ModelConfig, Walrus
 from walrus_jax.models.config import LORA_TARGETS
@@ -123,4 +124,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    reexec_with_huge_pages()  # as `python -m walrus_jax.main` runs (walrus_jax/huge_pages.py)
     main()

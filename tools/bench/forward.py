@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 import walrus_jax as wj
+from walrus_jax.huge_pages import reexec_with_huge_pages
 from walrus_jax.models.config import PERIODIC
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -160,4 +161,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    reexec_with_huge_pages()  # as `python -m walrus_jax.main` runs (walrus_jax/huge_pages.py)
     main()

@@ -22,6 +22,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from walrus_jax.huge_pages import reexec_with_huge_pages  # noqa: E402
+
 
 def _peak_bytes(dev) -> int | None:
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
@@ -155,4 +157,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    reexec_with_huge_pages()  # as `python -m walrus_jax.main` runs (walrus_jax/huge_pages.py)
     main()

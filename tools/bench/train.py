@@ -27,9 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from walrus_jax.training import optim, steps
+from walrus_jax.huge_pages import reexec_with_huge_pages
 from walrus_jax.models import ModelConfig, Walrus
 from walrus_jax.models.patching import choose_strides
+from walrus_jax.training import optim, steps
 
 
 def matmul_rate(dtype=jnp.float32, n: int | None = None, reps: int = 5) -> float:
@@ -164,4 +165,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    reexec_with_huge_pages()  # as `python -m walrus_jax.main` runs (walrus_jax/huge_pages.py)
     main()
