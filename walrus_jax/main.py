@@ -15,6 +15,10 @@ SLURM, ...). On CPU, cross-process collectives use gloo.
 A mistake of the user's (unknown config key, unreadable config file, bad path or data, a full disk
 or read-only directory) ends with one line `error: <message>` on stderr and exit status 2; `--verbose`
 (or WALRUS_JAX_VERBOSE=1) prints the traceback too.
+
+On Linux the command first re-executes itself once under glibc's `glibc.malloc.hugetlb=1` tunable,
+where the kernel grants transparent huge pages on request: XLA:CPU's per-call buffers then fault in
+2 MiB at a time (walrus_jax/huge_pages.py; WALRUS_JAX_HUGE_PAGES=0 turns it off).
 """
 from __future__ import annotations
 
