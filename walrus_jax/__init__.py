@@ -6,19 +6,52 @@
     preds = wj.rollout(model, input_fields, field_indices=..., bcs=..., n_steps=...)
     fwd = wj.jit(f)      # jax.jit + wj.compiler_options() at top level: ~20% faster forward on CPU
 """
-from walrus_jax import data
-from walrus_jax.checkpoints import convert  # wj.convert.load_state_dict / to_state_dict: PyTorch names <-> NNX
-from walrus_jax.checkpoints.pretrained import load_pretrained, model_config, model_vocabulary, save_pretrained
-from walrus_jax.inference import metrics
-from walrus_jax.inference.rollouts import rollout, rollout_ensemble
-from walrus_jax.models import OPEN, PERIODIC, WALL, Jitter, ModelConfig, Walrus, sample_jitter
-from walrus_jax.normalization import normalize_window, normalized_delta_targets
-from walrus_jax.xla_options import compiler_options, jit
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+# The names below are imported on first use (PEP 562), so that `python -m walrus_jax.main` can
+# re-execute itself (walrus_jax/huge_pages.py) before jax, flax and the model are imported, and
+# so that a light submodule (walrus_jax.errors) does not pull in the whole package.
+_EXPORTS = {
+    "data": ("walrus_jax.data", None),
+    "convert": ("walrus_jax.checkpoints.convert", None),  # wj.convert.load_state_dict / to_state_dict
+    "metrics": ("walrus_jax.inference.metrics", None),
+    **{name: ("walrus_jax.checkpoints.pretrained", name)
+       for name in ("load_pretrained", "save_pretrained", "model_config", "model_vocabulary")},
+    **{name: ("walrus_jax.inference.rollouts", name) for name in ("rollout", "rollout_ensemble")},
+    **{name: ("walrus_jax.models", name)
+       for name in ("ModelConfig", "Walrus", "Jitter", "sample_jitter", "WALL", "OPEN", "PERIODIC")},
+    **{name: ("walrus_jax.normalization", name) for name in ("normalize_window", "normalized_delta_targets")},
+    **{name: ("walrus_jax.xla_options", name) for name in ("compiler_options", "jit")},
+}
 
 __version__ = "0.1.0"
-__all__ = [
-    "ModelConfig", "Walrus", "Jitter", "sample_jitter", "WALL", "OPEN", "PERIODIC",
-    "load_pretrained", "save_pretrained", "model_config", "model_vocabulary",
-    "rollout", "rollout_ensemble", "metrics", "data", "convert", "normalize_window", "normalized_delta_targets",
-    "compiler_options", "jit",
-]
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'walrus_jax' has no attribute {name!r}")
+    module, attr = _EXPORTS[name]
+    value = importlib.import_module(module)
+    if attr is not None:
+        value = getattr(value, attr)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # what type checkers and IDEs see
+    from walrus_jax import data
+    from walrus_jax.checkpoints import convert
+    from walrus_jax.checkpoints.pretrained import load_pretrained, model_config, model_vocabulary, save_pretrained
+    from walrus_jax.inference import metrics
+    from walrus_jax.inference.rollouts import rollout, rollout_ensemble
+    from walrus_jax.models import OPEN, PERIODIC, WALL, Jitter, ModelConfig, Walrus, sample_jitter
+    from walrus_jax.normalization import normalize_window, normalized_delta_targets
+    from walrus_jax.xla_options import compiler_options, jit
