@@ -3,12 +3,12 @@ once under glibc's `glibc.malloc.hugetlb=1` tunable.
 
 Why: on CPU, XLA allocates each compiled program's temporary buffers afresh on every call and frees
 them after it. glibc serves allocations above 32 MiB with their own `mmap` and unmaps them on free,
-so every call faults its working memory in again, 4 KiB at a time: the small configuration's training
-step (batch 2x6x128x128x4) took ~2.0 million page faults per four steps. With the tunable, glibc asks
-the kernel for transparent huge pages (`madvise(MADV_HUGEPAGE)`) on those mappings: 2 MiB per fault,
-and fewer TLB misses on every later access. Measured on a 2-core Sapphire Rapids VM, same process
-size: train step 3.5 -> 2.9-3.1 s (0.24 million faults), forward 0.59 -> 0.45 s, 10-step rollout
-3.70 -> 3.34 s.
+so every call faults its working memory in again, 4 KiB at a time: a benchmark run of the small
+configuration's training step (batch 2x6x128x128x4, compile, warm-up and four steps) took ~2.0
+million page faults. With the tunable, glibc asks the kernel for transparent huge pages
+(`madvise(MADV_HUGEPAGE)`) on those mappings: 2 MiB per fault, and fewer TLB misses on every later
+access. Measured on a 2-core Sapphire Rapids VM, same peak memory: train step 3.5 -> 2.9-3.1 s
+(0.23 million faults in the same run), forward 0.59 -> 0.45 s, 10-step rollout 3.70 -> 3.34 s.
 
 glibc reads its tunables once, when the process starts, so the setting cannot be made from inside a
 running Python: `python -m walrus_jax.main` (and the `tools.bench` scripts) call
