@@ -46,8 +46,8 @@ def test_thp_mode_reads_the_bracketed_word(tmp_path):
 
 
 def test_reexecution_keeps_the_command_line_and_happens_once():
-    """A real re-execution on this machine (when it qualifies): the interpreter's options, the
-    arguments and stdin's text survive, and the second process does not re-execute again."""
+    """A real re-execution on this machine (when it qualifies): the interpreter's options and the
+    arguments survive, and the second process does not re-execute again."""
     code = ("import os, sys; from walrus_jax.huge_pages import reexec_with_huge_pages; "
             "print('start', flush=True); reexec_with_huge_pages(); "
             "print(bool(sys.flags.dont_write_bytecode), sys.argv[1:], os.environ.get('GLIBC_TUNABLES'))")
