@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["walrus_jax", "walrus_jax.*", "configs", "tools", "tools.*"]),
     # C++ sources of the CPU kernels, compiled for the host on first use (walrus_jax/cpu_kernels/build.py)
-    package_data={"walrus_jax.cpu_kernels": ["*.cc"]},
+    package_data={"walrus_jax.cpu_kernels": ["*.cc", "*.h"]},
     install_requires=[
         "jax>=0.7",
         "flax>=0.12",

@@ -1,7 +1,8 @@
 """Builds the project's C++ CPU kernels on first use and registers them with XLA (FFI).
 
 The kernels are compiled for the host CPU (`-march=native`) by the system's C++ compiler the first
-time a process needs them, then cached. The cache key covers the source, the compiler, the flags,
+time a process needs them, then cached. The cache key covers the source and the shared headers
+(`*.h` here), the compiler, the flags,
 jaxlib (whose FFI headers the source includes) and the CPU's instruction-set flags, so a home
 directory shared by different machines gets one build per kind of CPU. A build is written to a
 temporary file and renamed into place: concurrent first uses cannot see half a library.
@@ -65,7 +66,8 @@ def _build_key(source: bytes, compiler: list[str]) -> str:
     except (OSError, subprocess.SubprocessError) as e:
         raise RuntimeError(f"no C++ compiler ({' '.join(compiler)}: {e})") from e
     h = hashlib.sha256()
-    for part in (source, version.encode(), " ".join(FLAGS).encode(), jaxlib.__version__.encode(),
+    headers = b"".join(p.read_bytes() for p in sorted(SOURCE_DIR.glob("*.h")))  # the kernels' shared code
+    for part in (source, headers, version.encode(), " ".join(FLAGS).encode(), jaxlib.__version__.encode(),
                  _cpu_flags().encode()):
         h.update(part)
         h.update(b"\0")
@@ -82,7 +84,7 @@ def _build(name: str) -> pathlib.Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    cmd = [*compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(src), "-o", tmp]
+    cmd = [*compiler, *FLAGS, f"-I{SOURCE_DIR}", f"-I{jax.ffi.include_dir()}", str(src), "-o", tmp]
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         if res.returncode != 0:

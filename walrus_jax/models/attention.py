@@ -9,6 +9,7 @@ import numpy as np
 from flax import nnx
 
 from walrus_jax.cpu_kernels import attention as fused_attention
+from walrus_jax.cpu_kernels import qk_norm_rope
 from walrus_jax.models import initializers, lora, positional
 from walrus_jax.models.blocked_attention import blocked_attention
 from walrus_jax.models.config import ModelConfig
@@ -194,15 +195,27 @@ class SpaceAttention(nnx.Module):
         nh, hd, L = cfg.num_heads, cfg.head_dim, h * w * d
         k_fused, k_attn, k_ff = lora.branch_keys(key, 3)
         f = self.fused(self.norm(x, SPATIAL), k_fused).reshape(B * T, L, 7 * hid)
-        ff, q, k, v = jnp.split(f, [4 * hid, 5 * hid, 6 * hid], axis=-1)
-        q = self.q_norm(q.reshape(B * T, L, nh, hd))
-        k = self.k_norm(k.reshape(B * T, L, nh, hd))
+        ff, qk, v = jnp.split(f, [4 * hid, 6 * hid], axis=-1)
         angles = positional.rope_angles(self.rope_freqs[...], (h, w, d)).reshape(L, -1)
-        q, k = positional.apply_rope(q, angles), positional.apply_rope(k, angles)
+        q, k = self._prepare_qk(qk.reshape(B * T, L, 2, nh, hd), angles)
         o = _attention(q, k, v.reshape(B * T, L, nh, hd)).reshape(B * T, L, hid)
         value, gate = jnp.split(ff, 2, axis=-1)  # the original's SwiGLU: first half value, second half gate
         branch = self.attn_out(o, k_attn) + self.ff_out(jax.nn.silu(gate) * value, k_ff)
         return x + drop_path(branch.reshape(x.shape).astype(x.dtype), rate, key, draw_axes=(0, 1), n_frames=n_frames)
+
+
+    def _prepare_qk(self, qk: jax.Array, angles: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """qk (N, L, 2, heads, head_dim) -> q, k (N, L, heads, head_dim): each head LayerNormed,
+        then rotated. On CPU, in float32 with fixed frequencies (learned_rope "none": they take no
+        gradient), one fused C++ op (`cpu_kernels.qk_norm_rope`); otherwise XLA's operations."""
+        weights = [n.scale[...] for n in (self.q_norm, self.k_norm)], [n.bias[...] for n in (self.q_norm, self.k_norm)]
+        scale, bias = (jnp.stack(w) for w in weights)
+        if (jax.default_backend() == "cpu" and self.cfg.learned_rope == "none"
+                and qk_norm_rope.supports(qk, scale, bias) and qk_norm_rope.available()):
+            cos, sin = positional.rope_tables(jax.lax.stop_gradient(angles), qk.shape[-1])
+            return qk_norm_rope.qk_norm_rope(qk, scale, bias, cos, sin)
+        q, k = self.q_norm(qk[:, :, 0]), self.k_norm(qk[:, :, 1])
+        return positional.apply_rope(q, angles), positional.apply_rope(k, angles)
 
 
 class RopeFreqs(nnx.Variable):

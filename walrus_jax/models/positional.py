@@ -77,6 +77,18 @@ def rope_angles(freqs: jax.Array, grid: tuple[int, int, int]) -> jax.Array:
     return jnp.concatenate(blocks, axis=-1)
 
 
+def rope_tables(angles: jax.Array, head_dim: int) -> tuple[jax.Array, jax.Array]:
+    """The multipliers of `apply_rope`: cos and signed sin (L, head_dim), float32, for angles
+    (L, n_rot): y = x * cos + swap_pairs(x) * sin, with sin = -sin(angle) at even channels and
+    +sin(angle) at odd ones, and cos = 1, sin = 0 on the head_dim - n_rot channels not rotated."""
+    L, n_rot = angles.shape
+    angles = angles.astype(jnp.float32)
+    pad = jnp.zeros((L, head_dim - n_rot), jnp.float32)
+    sign = jnp.asarray(np.tile(np.array([-1.0, 1.0], np.float32), n_rot // 2))
+    return (jnp.concatenate([jnp.cos(angles), pad + 1.0], axis=-1),
+            jnp.concatenate([jnp.sin(angles) * sign, pad], axis=-1))
+
+
 def apply_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
     """Rotates the first angles.shape[-1] channels of each head in interleaved pairs (2m, 2m+1):
     (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin); the remaining channels pass unchanged.
@@ -84,12 +96,8 @@ def apply_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
     Written as x * cos + swap_pairs(x) * signed_sin over the whole head (cos = 1, sin = 0 on the
     unrotated channels), so XLA fuses it into one elementwise pass instead of slicing, stacking and
     concatenating. x: (..., L, heads, head_dim); angles: (L, n_rot). Computed in float32."""
-    L, n_rot = angles.shape
     hd, dtype = x.shape[-1], x.dtype
-    pad = jnp.zeros((L, hd - n_rot), jnp.float32)
-    cos = jnp.concatenate([jnp.cos(angles), pad + 1.0], axis=-1)[:, None, :]
-    sign = jnp.asarray(np.tile(np.array([-1.0, 1.0], np.float32), n_rot // 2))
-    sin = jnp.concatenate([jnp.sin(angles) * sign, pad], axis=-1)[:, None, :]
+    cos, sin = (t[:, None, :] for t in rope_tables(angles, hd))
     xf = x.astype(jnp.float32)
     swapped = xf.reshape(xf.shape[:-1] + (hd // 2, 2))[..., ::-1].reshape(xf.shape)  # (x1, x0) per pair
     return (xf * cos + swapped * sin).astype(dtype)

@@ -1,0 +1,240 @@
+// Space attention's query / key preparation for XLA:CPU, forward and backward, float32 (XLA FFI).
+//
+// Every head vector of q and of k (head_dim D channels) gets a LayerNorm over its channels (its own
+// weight and bias for q and for k), then the rotary embedding of its token:
+//
+//   z = (x - mean) / sqrt(var + eps) * scale + bias
+//   y[2m]   = z[2m]   cos[2m]   + z[2m+1] sin[2m]        (sin holds -sin(angle) at even channels,
+//   y[2m+1] = z[2m+1] cos[2m+1] + z[2m]   sin[2m+1]       +sin(angle) at odd ones; cos = 1, sin = 0
+//                                                          on channels that are not rotated)
+//
+// XLA:CPU ran this as reductions over the 48-channel minor axis and a gather for the pair swap,
+// ~3 ns per element; here one pass per head vector keeps it in registers.
+//
+// Layout: qk (R, 2, H, D) row-major, R = all leading axes and the tokens flattened, [:, 0] the
+// queries and [:, 1] the keys (the slice of the fused projection that holds them); q and k out
+// (R, H, D) each; scale and bias (2, D) (row 0 for q, row 1 for k); cos and sin (L, D) with the
+// token of row r at r % L.
+//
+// backward: dz = dy cos + swap(dy sin);  dscale = sum over vectors of dz xhat;  dbias = sum of dz;
+//           g = dz scale;  dx = (g - mean(g) - xhat mean(g xhat)) / sqrt(var + eps).
+// The weight gradients are written as one partial sum per work item ((items, 2, 2, D): [item,
+// {scale, bias}, {q, k}, channel]), summed by the caller: deterministic, whatever the threads.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using walrus_jax::parallel_for;
+
+namespace {
+
+constexpr float kEps = 1e-5f;  // torch.nn.LayerNorm's default
+
+struct Shape {
+  int64_t R, H, D, L;
+};
+
+// Work items for the backward pass's partial sums: a function of the shape alone (the output's
+// leading dimension), rows cut into nearly equal runs.
+int64_t n_items(int64_t rows) { return std::min<int64_t>(rows, 64); }
+
+constexpr int kW = 16;  // floats per vector
+typedef float vf __attribute__((vector_size(64)));
+
+inline vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+inline vf splat(float x) { return vf{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+inline float hsum(vf v) {
+  float s = 0.f;
+  for (int i = 0; i < kW; ++i) s += v[i];
+  return s;
+}
+// (v[1], v[0], v[3], v[2], ...): each channel pair's partner (a vector starts at an even channel).
+inline vf swap_pairs(vf v) { return __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14); }
+
+// mean and 1 / sqrt(var + eps) of x[0, D): whole vectors, then the remaining channels one by one.
+inline void moments(const float* x, int64_t D, float* mean, float* rstd) {
+  vf acc{};
+  int64_t d = 0;
+  for (; d + kW <= D; d += kW) acc += load(x + d);
+  float s = hsum(acc);
+  for (; d < D; ++d) s += x[d];
+  const float m = s / static_cast<float>(D);
+  vf vacc{};
+  for (d = 0; d + kW <= D; d += kW) {
+    const vf c = load(x + d) - splat(m);
+    vacc += c * c;
+  }
+  float v = hsum(vacc);
+  for (; d < D; ++d) v += (x[d] - m) * (x[d] - m);
+  *mean = m;
+  *rstd = 1.f / std::sqrt(v / static_cast<float>(D) + kEps);
+}
+
+// One head vector: y = rope(LayerNorm(x)).
+inline void norm_rope(const float* x, const float* w, const float* b, const float* c, const float* sn, int64_t D,
+                      float* y) {
+  float mean, rstd;
+  moments(x, D, &mean, &rstd);
+  int64_t d = 0;
+  for (; d + kW <= D; d += kW) {
+    const vf z = (load(x + d) - splat(mean)) * splat(rstd) * load(w + d) + load(b + d);
+    store(y + d, z * load(c + d) + swap_pairs(z) * load(sn + d));
+  }
+  for (; d < D; d += 2) {
+    const float z0 = (x[d] - mean) * rstd * w[d] + b[d], z1 = (x[d + 1] - mean) * rstd * w[d + 1] + b[d + 1];
+    y[d] = z0 * c[d] + z1 * sn[d];
+    y[d + 1] = z1 * c[d + 1] + z0 * sn[d + 1];
+  }
+}
+
+// One head vector's backward: dx, and dz xhat and dz added to dscale and dbias.
+inline void norm_rope_backward(const float* x, const float* w, const float* c, const float* sn, const float* dy,
+                               int64_t D, float* dx, float* dscale, float* dbias) {
+  float mean, rstd;
+  moments(x, D, &mean, &rstd);
+  float dz[256], xhat[256];  // D <= 256 (checked)
+  vf g_acc{}, gx_acc{};
+  int64_t d = 0;
+  for (; d + kW <= D; d += kW) {
+    const vf z = load(dy + d) * load(c + d) + swap_pairs(load(dy + d) * load(sn + d));
+    const vf xh = (load(x + d) - splat(mean)) * splat(rstd);
+    store(dz + d, z);
+    store(xhat + d, xh);
+    store(dscale + d, load(dscale + d) + z * xh);
+    store(dbias + d, load(dbias + d) + z);
+    const vf g = z * load(w + d);
+    g_acc += g;
+    gx_acc += g * xh;
+  }
+  float g_sum = hsum(g_acc), gx_sum = hsum(gx_acc);
+  for (; d < D; d += 2) {
+    dz[d] = dy[d] * c[d] + dy[d + 1] * sn[d + 1];
+    dz[d + 1] = dy[d + 1] * c[d + 1] + dy[d] * sn[d];
+    for (int64_t e = d; e < d + 2; ++e) {
+      xhat[e] = (x[e] - mean) * rstd;
+      dscale[e] += dz[e] * xhat[e];
+      dbias[e] += dz[e];
+      g_sum += dz[e] * w[e];
+      gx_sum += dz[e] * w[e] * xhat[e];
+    }
+  }
+  const float g_mean = g_sum / static_cast<float>(D), gx_mean = gx_sum / static_cast<float>(D);
+  for (d = 0; d < D; ++d) dx[d] = rstd * (dz[d] * w[d] - g_mean - xhat[d] * gx_mean);
+}
+
+void forward_rows(const Shape& s, int64_t r0, int64_t r1, const float* qk, const float* scale, const float* bias,
+                  const float* cos, const float* sin, float* q, float* k) {
+  const int64_t D = s.D;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* c = cos + (r % s.L) * D;
+    const float* sn = sin + (r % s.L) * D;
+    for (int64_t which = 0; which < 2; ++which) {
+      float* out = (which == 0 ? q : k) + r * s.H * D;
+      for (int64_t h = 0; h < s.H; ++h)
+        norm_rope(qk + ((r * 2 + which) * s.H + h) * D, scale + which * D, bias + which * D, c, sn, D, out + h * D);
+    }
+  }
+}
+
+void backward_rows(const Shape& s, int64_t r0, int64_t r1, const float* qk, const float* scale, const float* cos,
+                   const float* sin, const float* dq, const float* dk, float* dqk, float* partial) {
+  const int64_t D = s.D;
+  float* dscale = partial;         // (2, D)
+  float* dbias = partial + 2 * D;  // (2, D)
+  std::fill(partial, partial + 4 * D, 0.f);
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* c = cos + (r % s.L) * D;
+    const float* sn = sin + (r % s.L) * D;
+    for (int64_t which = 0; which < 2; ++which) {
+      const float* dout = (which == 0 ? dq : dk) + r * s.H * D;
+      for (int64_t h = 0; h < s.H; ++h) {
+        const int64_t at = ((r * 2 + which) * s.H + h) * D;
+        norm_rope_backward(qk + at, scale + which * D, c, sn, dout + h * D, D, dqk + at, dscale + which * D,
+                           dbias + which * D);
+      }
+    }
+  }
+}
+
+ffi::Error check(ffi::Span<const int64_t> dims, Shape* s, ffi::Span<const int64_t> table_dims) {
+  const int rank = static_cast<int>(dims.size());
+  if (rank < 4 || dims[rank - 3] != 2) return ffi::Error::InvalidArgument("qk_norm_rope: qk must be (..., L, 2, H, D)");
+  s->R = 1;
+  for (int i = 0; i < rank - 3; ++i) s->R *= dims[i];
+  s->H = dims[rank - 2];
+  s->D = dims[rank - 1];
+  s->L = dims[rank - 4];
+  if (s->D % 2 || s->D > 256) return ffi::Error::InvalidArgument("qk_norm_rope: head_dim must be even and <= 256");
+  if (table_dims.size() != 2 || table_dims[0] != s->L || table_dims[1] != s->D)
+    return ffi::Error::InvalidArgument("qk_norm_rope: cos and sin must be (L, head_dim)");
+  return ffi::Error::Success();
+}
+
+// Rows cut into n nearly equal runs: run i is [bound(i), bound(i + 1)).
+inline int64_t bound(int64_t rows, int64_t n, int64_t i) { return rows * i / n; }
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qk, ffi::Buffer<ffi::F32> scale,
+                   ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
+                   ffi::ResultBuffer<ffi::F32> q, ffi::ResultBuffer<ffi::F32> k) {
+  Shape s;
+  if (ffi::Error e = check(qk.dimensions(), &s, cos.dimensions()); e.failure()) return e;
+  const int64_t n = n_items(s.R);
+  const float *x = qk.typed_data(), *w = scale.typed_data(), *b = bias.typed_data(), *c = cos.typed_data(),
+              *sn = sin.typed_data();
+  float *qp = q->typed_data(), *kp = k->typed_data();
+  parallel_for(pool, n, [&](int64_t i) {
+    forward_rows(s, bound(s.R, n, i), bound(s.R, n, i + 1), x, w, b, c, sn, qp, kp);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qk, ffi::Buffer<ffi::F32> scale,
+                    ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::F32> dq,
+                    ffi::Buffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dqk, ffi::ResultBuffer<ffi::F32> partial) {
+  Shape s;
+  if (ffi::Error e = check(qk.dimensions(), &s, cos.dimensions()); e.failure()) return e;
+  const int64_t n = n_items(s.R);
+  const float *x = qk.typed_data(), *w = scale.typed_data(), *c = cos.typed_data(), *sn = sin.typed_data(),
+              *dqp = dq.typed_data(), *dkp = dk.typed_data();
+  float *dx = dqk->typed_data(), *part = partial->typed_data();
+  parallel_for(pool, n, [&](int64_t i) {
+    backward_rows(s, bound(s.R, n, i), bound(s.R, n, i + 1), x, w, c, sn, dqp, dkp, dx, part + i * 4 * s.D);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(WjQkNormRopeForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(WjQkNormRopeBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
