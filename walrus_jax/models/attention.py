@@ -9,7 +9,7 @@ import numpy as np
 from flax import nnx
 
 from walrus_jax.cpu_kernels import attention as fused_attention
-from walrus_jax.cpu_kernels import qk_norm_rope
+from walrus_jax.cpu_kernels import qkv_norm_rope
 from walrus_jax.models import initializers, lora, positional
 from walrus_jax.models.blocked_attention import blocked_attention
 from walrus_jax.models.config import ModelConfig
@@ -83,10 +83,15 @@ class TimeAttention(nnx.Module):
             # token's T x T attention is a contiguous block (see frame_attention).
             xt = jnp.transpose(xn.reshape(B, T, L, hid), (0, 2, 1, 3))  # (B, L, T, hid)
             qkv = self.qkv(xt, k_qkv).reshape(B * L, T, nh, 3, hd)
-            # split, not indexing: its gradient is one concatenation, where three indexings' is a sum
-            # of three padded arrays that XLA:CPU fuses into one slow kernel.
-            q, k, v = (a[..., 0, :] for a in jnp.split(qkv, 3, axis=-2))
-            q, k = self.q_norm(q[:, T - Tq:]), self.k_norm(k)
+            fused = _fused_qkv_norm(qkv, self.q_norm, self.k_norm, None, heads_major=True)
+            if fused is not None:  # one C++ pass (cpu_kernels.qkv_norm_rope); last_frame_only: every q normalised, one kept
+                q, k, v = fused
+                q = q[:, T - Tq:]
+            else:
+                # split, not indexing: its gradient is one concatenation, where three indexings' is
+                # a sum of three padded arrays that XLA:CPU fuses into one slow kernel.
+                q, k, v = (a[..., 0, :] for a in jnp.split(qkv, 3, axis=-2))
+                q, k = self.q_norm(q[:, T - Tq:]), self.k_norm(k)
             o = self.out(frame_attention(q, k, v, bias, causal).reshape(B, L, Tq, hid), k_out)
             o = jnp.transpose(o, (0, 2, 1, 3)).reshape((B, Tq) + x.shape[2:])
         else:
@@ -195,27 +200,40 @@ class SpaceAttention(nnx.Module):
         nh, hd, L = cfg.num_heads, cfg.head_dim, h * w * d
         k_fused, k_attn, k_ff = lora.branch_keys(key, 3)
         f = self.fused(self.norm(x, SPATIAL), k_fused).reshape(B * T, L, 7 * hid)
-        ff, qk, v = jnp.split(f, [4 * hid, 6 * hid], axis=-1)
+        ff, qkv = jnp.split(f, [4 * hid], axis=-1)
         angles = positional.rope_angles(self.rope_freqs[...], (h, w, d)).reshape(L, -1)
-        q, k = self._prepare_qk(qk.reshape(B * T, L, 2, nh, hd), angles)
-        o = _attention(q, k, v.reshape(B * T, L, nh, hd)).reshape(B * T, L, hid)
+        q, k, v = self._prepare_qkv(qkv.reshape(B * T, L, 3, nh, hd), angles)
+        o = _attention(q, k, v).reshape(B * T, L, hid)
         value, gate = jnp.split(ff, 2, axis=-1)  # the original's SwiGLU: first half value, second half gate
         branch = self.attn_out(o, k_attn) + self.ff_out(jax.nn.silu(gate) * value, k_ff)
         return x + drop_path(branch.reshape(x.shape).astype(x.dtype), rate, key, draw_axes=(0, 1), n_frames=n_frames)
 
 
-    def _prepare_qk(self, qk: jax.Array, angles: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """qk (N, L, 2, heads, head_dim) -> q, k (N, L, heads, head_dim): each head LayerNormed,
-        then rotated. On CPU, in float32 with fixed frequencies (learned_rope "none": they take no
-        gradient), one fused C++ op (`cpu_kernels.qk_norm_rope`); otherwise XLA's operations."""
-        weights = [n.scale[...] for n in (self.q_norm, self.k_norm)], [n.bias[...] for n in (self.q_norm, self.k_norm)]
-        scale, bias = (jnp.stack(w) for w in weights)
-        if (jax.default_backend() == "cpu" and self.cfg.learned_rope == "none"
-                and qk_norm_rope.supports(qk, scale, bias) and qk_norm_rope.available()):
-            cos, sin = positional.rope_tables(jax.lax.stop_gradient(angles), qk.shape[-1])
-            return qk_norm_rope.qk_norm_rope(qk, scale, bias, cos, sin)
-        q, k = self.q_norm(qk[:, :, 0]), self.k_norm(qk[:, :, 1])
-        return positional.apply_rope(q, angles), positional.apply_rope(k, angles)
+    def _prepare_qkv(self, qkv: jax.Array, angles: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """qkv (N, L, 3, heads, head_dim) -> q, k, v (N, L, heads, head_dim): q and k LayerNormed per
+        head, then rotated. On CPU in float32 with fixed frequencies (learned_rope "none": they take
+        no gradient), one fused C++ op (`cpu_kernels.qkv_norm_rope`); otherwise XLA's operations."""
+        if jax.default_backend() == "cpu" and self.cfg.learned_rope == "none":
+            fused = _fused_qkv_norm(qkv, self.q_norm, self.k_norm, jax.lax.stop_gradient(angles), heads_major=False)
+            if fused is not None:
+                return fused
+        q, k = self.q_norm(qkv[:, :, 0]), self.k_norm(qkv[:, :, 1])
+        return positional.apply_rope(q, angles), positional.apply_rope(k, angles), qkv[:, :, 2]
+
+
+def _fused_qkv_norm(qkv, q_norm: HeadLayerNorm, k_norm: HeadLayerNorm, angles, heads_major: bool):
+    """`cpu_kernels.qkv_norm_rope` on qkv with the two HeadLayerNorms' weights, rotated by angles
+    (L, n_rot) or not at all (None); None when the kernel does not apply (dtype, shape, no build)."""
+    scale = jnp.stack([q_norm.scale[...], k_norm.scale[...]])
+    bias = jnp.stack([q_norm.bias[...], k_norm.bias[...]])
+    if not (qkv_norm_rope.supports(qkv, scale, bias, heads_major) and qkv_norm_rope.available()):
+        return None
+    L, hd = qkv.shape[-4], qkv.shape[-1]
+    if angles is None:
+        cos, sin = jnp.ones((L, hd), jnp.float32), jnp.zeros((L, hd), jnp.float32)
+    else:
+        cos, sin = positional.rope_tables(angles, hd)
+    return qkv_norm_rope.qkv_norm_rope(qkv, scale, bias, cos, sin, heads_major)
 
 
 class RopeFreqs(nnx.Variable):

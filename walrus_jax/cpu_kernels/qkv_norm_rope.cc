@@ -1,4 +1,4 @@
-// Space attention's query / key preparation for XLA:CPU, forward and backward, float32 (XLA FFI).
+// Query / key preparation of both attentions for XLA:CPU, forward and backward, float32 (XLA FFI).
 //
 // Every head vector of q and of k (head_dim D channels) gets a LayerNorm over its channels (its own
 // weight and bias for q and for k), then the rotary embedding of its token:
@@ -11,10 +11,13 @@
 // XLA:CPU ran this as reductions over the 48-channel minor axis and a gather for the pair swap,
 // ~3 ns per element; here one pass per head vector keeps it in registers.
 //
-// Layout: qk (R, 2, H, D) row-major, R = all leading axes and the tokens flattened, [:, 0] the
-// queries and [:, 1] the keys (the slice of the fused projection that holds them); q and k out
-// (R, H, D) each; scale and bias (2, D) (row 0 for q, row 1 for k); cos and sin (L, D) with the
-// token of row r at r % L.
+// Layout: qkv holds R rows (all leading axes and the tokens flattened), each 3 x H x D floats: the
+// queries, keys and values of one token, as the fused projection produced them, in one of two
+// orders: (3, H, D) (space attention: all query heads, then all keys, then all values) or
+// (H, 3, D) with heads_major (time attention: per head its query, key and value). q, k, v out
+// (R, H, D) each (v copied, so that the attention that follows reads contiguous rows); scale and
+// bias (2, D) (row 0 for q, row 1 for k); cos and sin (L, D) with the token of row r at r % L
+// (ones and zeros where nothing is rotated).
 //
 // backward: dz = dy cos + swap(dy sin);  dscale = sum over vectors of dz xhat;  dbias = sum of dz;
 //           g = dz scale;  dx = (g - mean(g) - xhat mean(g xhat)) / sqrt(var + eps).
@@ -38,6 +41,8 @@ constexpr float kEps = 1e-5f;  // torch.nn.LayerNorm's default
 
 struct Shape {
   int64_t R, H, D, L;
+  int64_t which_stride, head_stride;  // floats from q to k (to v) and from one head to the next
+  int64_t at(int64_t r, int64_t which, int64_t h) const { return r * 3 * H * D + which * which_stride + h * head_stride; }
 };
 
 // Work items for the backward pass's partial sums: a function of the shape alone (the output's
@@ -133,22 +138,23 @@ inline void norm_rope_backward(const float* x, const float* w, const float* c, c
   for (d = 0; d < D; ++d) dx[d] = rstd * (dz[d] * w[d] - g_mean - xhat[d] * gx_mean);
 }
 
-void forward_rows(const Shape& s, int64_t r0, int64_t r1, const float* qk, const float* scale, const float* bias,
-                  const float* cos, const float* sin, float* q, float* k) {
+void forward_rows(const Shape& s, int64_t r0, int64_t r1, const float* qkv, const float* scale, const float* bias,
+                  const float* cos, const float* sin, float* q, float* k, float* v) {
   const int64_t D = s.D;
   for (int64_t r = r0; r < r1; ++r) {
     const float* c = cos + (r % s.L) * D;
     const float* sn = sin + (r % s.L) * D;
-    for (int64_t which = 0; which < 2; ++which) {
-      float* out = (which == 0 ? q : k) + r * s.H * D;
-      for (int64_t h = 0; h < s.H; ++h)
-        norm_rope(qk + ((r * 2 + which) * s.H + h) * D, scale + which * D, bias + which * D, c, sn, D, out + h * D);
+    for (int64_t h = 0; h < s.H; ++h) {
+      const int64_t out = (r * s.H + h) * D;
+      norm_rope(qkv + s.at(r, 0, h), scale, bias, c, sn, D, q + out);
+      norm_rope(qkv + s.at(r, 1, h), scale + D, bias + D, c, sn, D, k + out);
+      std::memcpy(v + out, qkv + s.at(r, 2, h), D * sizeof(float));
     }
   }
 }
 
-void backward_rows(const Shape& s, int64_t r0, int64_t r1, const float* qk, const float* scale, const float* cos,
-                   const float* sin, const float* dq, const float* dk, float* dqk, float* partial) {
+void backward_rows(const Shape& s, int64_t r0, int64_t r1, const float* qkv, const float* scale, const float* cos,
+                   const float* sin, const float* dq, const float* dk, const float* dv, float* dqkv, float* partial) {
   const int64_t D = s.D;
   float* dscale = partial;         // (2, D)
   float* dbias = partial + 2 * D;  // (2, D)
@@ -156,67 +162,74 @@ void backward_rows(const Shape& s, int64_t r0, int64_t r1, const float* qk, cons
   for (int64_t r = r0; r < r1; ++r) {
     const float* c = cos + (r % s.L) * D;
     const float* sn = sin + (r % s.L) * D;
-    for (int64_t which = 0; which < 2; ++which) {
-      const float* dout = (which == 0 ? dq : dk) + r * s.H * D;
-      for (int64_t h = 0; h < s.H; ++h) {
-        const int64_t at = ((r * 2 + which) * s.H + h) * D;
-        norm_rope_backward(qk + at, scale + which * D, c, sn, dout + h * D, D, dqk + at, dscale + which * D,
-                           dbias + which * D);
+    for (int64_t h = 0; h < s.H; ++h) {
+      const int64_t out = (r * s.H + h) * D;
+      for (int64_t which = 0; which < 2; ++which) {
+        const int64_t at = s.at(r, which, h);
+        norm_rope_backward(qkv + at, scale + which * D, c, sn, (which == 0 ? dq : dk) + out, D, dqkv + at,
+                           dscale + which * D, dbias + which * D);
       }
+      std::memcpy(dqkv + s.at(r, 2, h), dv + out, D * sizeof(float));
     }
   }
 }
 
-ffi::Error check(ffi::Span<const int64_t> dims, Shape* s, ffi::Span<const int64_t> table_dims) {
+ffi::Error check(ffi::Span<const int64_t> dims, int64_t heads_major, ffi::Span<const int64_t> table_dims, Shape* s) {
   const int rank = static_cast<int>(dims.size());
-  if (rank < 4 || dims[rank - 3] != 2) return ffi::Error::InvalidArgument("qk_norm_rope: qk must be (..., L, 2, H, D)");
+  if (rank < 4 || dims[heads_major ? rank - 2 : rank - 3] != 3)
+    return ffi::Error::InvalidArgument(heads_major ? "qkv_norm_rope: qkv must be (..., L, H, 3, D)"
+                                                   : "qkv_norm_rope: qkv must be (..., L, 3, H, D)");
   s->R = 1;
   for (int i = 0; i < rank - 3; ++i) s->R *= dims[i];
-  s->H = dims[rank - 2];
+  s->H = dims[heads_major ? rank - 3 : rank - 2];
   s->D = dims[rank - 1];
   s->L = dims[rank - 4];
-  if (s->D % 2 || s->D > 256) return ffi::Error::InvalidArgument("qk_norm_rope: head_dim must be even and <= 256");
+  s->which_stride = heads_major ? s->D : s->H * s->D;
+  s->head_stride = heads_major ? 3 * s->D : s->D;
+  if (s->D % 2 || s->D > 256) return ffi::Error::InvalidArgument("qkv_norm_rope: head_dim must be even and <= 256");
   if (table_dims.size() != 2 || table_dims[0] != s->L || table_dims[1] != s->D)
-    return ffi::Error::InvalidArgument("qk_norm_rope: cos and sin must be (L, head_dim)");
+    return ffi::Error::InvalidArgument("qkv_norm_rope: cos and sin must be (L, head_dim)");
   return ffi::Error::Success();
 }
 
 // Rows cut into n nearly equal runs: run i is [bound(i), bound(i + 1)).
 inline int64_t bound(int64_t rows, int64_t n, int64_t i) { return rows * i / n; }
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qk, ffi::Buffer<ffi::F32> scale,
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> scale,
                    ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
-                   ffi::ResultBuffer<ffi::F32> q, ffi::ResultBuffer<ffi::F32> k) {
+                   ffi::ResultBuffer<ffi::F32> q, ffi::ResultBuffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> v,
+                   int64_t heads_major) {
   Shape s;
-  if (ffi::Error e = check(qk.dimensions(), &s, cos.dimensions()); e.failure()) return e;
+  if (ffi::Error e = check(qkv.dimensions(), heads_major, cos.dimensions(), &s); e.failure()) return e;
   const int64_t n = n_items(s.R);
-  const float *x = qk.typed_data(), *w = scale.typed_data(), *b = bias.typed_data(), *c = cos.typed_data(),
+  const float *x = qkv.typed_data(), *w = scale.typed_data(), *b = bias.typed_data(), *c = cos.typed_data(),
               *sn = sin.typed_data();
-  float *qp = q->typed_data(), *kp = k->typed_data();
+  float *qp = q->typed_data(), *kp = k->typed_data(), *vp = v->typed_data();
   parallel_for(pool, n, [&](int64_t i) {
-    forward_rows(s, bound(s.R, n, i), bound(s.R, n, i + 1), x, w, b, c, sn, qp, kp);
+    forward_rows(s, bound(s.R, n, i), bound(s.R, n, i + 1), x, w, b, c, sn, qp, kp, vp);
   });
   return ffi::Error::Success();
 }
 
-ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qk, ffi::Buffer<ffi::F32> scale,
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> scale,
                     ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin, ffi::Buffer<ffi::F32> dq,
-                    ffi::Buffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dqk, ffi::ResultBuffer<ffi::F32> partial) {
+                    ffi::Buffer<ffi::F32> dk, ffi::Buffer<ffi::F32> dv, ffi::ResultBuffer<ffi::F32> dqkv,
+                    ffi::ResultBuffer<ffi::F32> partial, int64_t heads_major) {
   Shape s;
-  if (ffi::Error e = check(qk.dimensions(), &s, cos.dimensions()); e.failure()) return e;
+  if (ffi::Error e = check(qkv.dimensions(), heads_major, cos.dimensions(), &s); e.failure()) return e;
   const int64_t n = n_items(s.R);
-  const float *x = qk.typed_data(), *w = scale.typed_data(), *c = cos.typed_data(), *sn = sin.typed_data(),
-              *dqp = dq.typed_data(), *dkp = dk.typed_data();
-  float *dx = dqk->typed_data(), *part = partial->typed_data();
+  const float *x = qkv.typed_data(), *w = scale.typed_data(), *c = cos.typed_data(), *sn = sin.typed_data(),
+              *dqp = dq.typed_data(), *dkp = dk.typed_data(), *dvp = dv.typed_data();
+  float *dx = dqkv->typed_data(), *part = partial->typed_data();
   parallel_for(pool, n, [&](int64_t i) {
-    backward_rows(s, bound(s.R, n, i), bound(s.R, n, i + 1), x, w, c, sn, dqp, dkp, dx, part + i * 4 * s.D);
+    backward_rows(s, bound(s.R, n, i), bound(s.R, n, i + 1), x, w, c, sn, dqp, dkp, dvp, dx, part + i * 4 * s.D);
   });
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(WjQkNormRopeForward, Forward,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(WjQkvNormRopeForward, Forward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -225,9 +238,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(WjQkNormRopeForward, Forward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("heads_major"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(WjQkNormRopeBackward, Backward,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(WjQkvNormRopeBackward, Backward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -236,5 +251,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(WjQkNormRopeBackward, Backward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("heads_major"));
