@@ -186,16 +186,25 @@ def test_load_state_dict_round_trip_and_strictness():
         np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_frame_attention_equals_materialised(causal):
-    """The CPU form of time attention (broadcast products over T frames) equals softmax attention
-    written with einsums, bias and causal mask included; values and gradients."""
-    from walrus_jax.models.attention import frame_attention
+@pytest.mark.parametrize("impl", ["kernel", "xla"])
+@pytest.mark.parametrize("causal, N, Tq, D", [
+    (True, 5, 6, 8),      # causal: the mask
+    (False, 5, 6, 8),
+    (False, 130, 6, 48),  # the small configuration's head_dim (whole vectors); more tokens than work items
+    (False, 7, 1, 20),    # a rollout's last frame only: one query per token; head_dim with a tail
+])
+def test_frame_attention_equals_materialised(impl, causal, N, Tq, D):
+    """The CPU forms of time attention (the C++ kernel, and the XLA form of broadcast products over T
+    frames) equal softmax attention written with einsums, bias and causal mask included; values and
+    gradients."""
+    from walrus_jax.cpu_kernels import frame_attention as kernel
+    from walrus_jax.models import attention
 
-    N, T, H, D = 5, 6, 3, 8
+    T, H = 6, 3
     kq, kk, kv, kb = jax.random.split(jax.random.key(1), 4)
-    q, k, v = (2.0 * jax.random.normal(kk_, (N, T, H, D)) for kk_ in (kq, kk, kv))
-    bias = jax.random.normal(kb, (H, T, T))
+    q = 2.0 * jax.random.normal(kq, (N, Tq, H, D))
+    k, v = (2.0 * jax.random.normal(kk_, (N, T, H, D)) for kk_ in (kk, kv))
+    bias = jax.random.normal(kb, (H, Tq, T))
 
     def reference(q, k, v, bias):
         logits = jnp.einsum("nqhd,nkhd->nhqk", q, k) / np.sqrt(D) + bias[None]
@@ -203,10 +212,15 @@ def test_frame_attention_equals_materialised(causal):
             logits = jnp.where(np.tril(np.ones((T, T), bool)), logits, -jnp.inf)
         return jnp.einsum("nhqk,nkhd->nqhd", jax.nn.softmax(logits, axis=-1), v)
 
-    f = lambda q, k, v, b: frame_attention(q, k, v, b, causal)
-    assert rel_err(f(q, k, v, bias), reference(q, k, v, bias)) <= 1e-6
+    if impl == "kernel":
+        assert kernel.available() and kernel.supports(q, k, v, bias)
+        assert "WjFrameAttentionForward" in str(jax.make_jaxpr(attention.frame_attention, static_argnums=4)(q, k, v, bias, causal))
+        f = lambda q, k, v, b: kernel.frame_attention(q, k, v, b, causal)
+    else:
+        f = lambda q, k, v, b: attention._frame_attention(q, k, v, b, causal)
+    assert rel_err(jax.jit(f)(q, k, v, bias), reference(q, k, v, bias)) <= 1e-6
     loss = lambda fn: (lambda *a: jnp.sum(jnp.cos(fn(*a)) * jnp.arange(D)))
-    for a, b in zip(jax.grad(loss(f), argnums=(0, 1, 2, 3))(q, k, v, bias),
+    for a, b in zip(jax.jit(jax.grad(loss(f), argnums=(0, 1, 2, 3)))(q, k, v, bias),
                     jax.grad(loss(reference), argnums=(0, 1, 2, 3))(q, k, v, bias)):
         assert rel_err(a, b) <= 1e-5
 
