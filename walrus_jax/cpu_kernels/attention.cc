@@ -30,24 +30,14 @@
 #include <vector>
 
 #include "parallel.h"
+#include "vec.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
-using walrus_jax::parallel_for;
+using namespace walrus_jax;  // parallel_for, vf and its helpers
 
 namespace {
 
-constexpr int kW = 16;  // floats per vector
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-
-inline vf load(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
-inline vf splat(float x) { return vf{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }  // (0 + x would cost an add)
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // exp on a vector: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2, and a degree-6 polynomial for
@@ -70,17 +60,6 @@ inline vf vexp(vf x) {
   vi e = (__builtin_convertvector(n, vi) + 127) << 23;
   vf y = p * (vf)e;  // the exponent bits of 2^n
   return zero_mask ? splat(0.0f) : y;
-}
-
-inline float hsum(vf v) {
-  float s = 0.f;
-  for (int i = 0; i < kW; ++i) s += v[i];
-  return s;
-}
-inline float hmax(vf v) {
-  float m = v[0];
-  for (int i = 1; i < kW; ++i) m = std::max(m, v[i]);
-  return m;
 }
 
 // max of row[0, n), n a multiple of 16. Two independent running maxima (then four), so that the

@@ -21,10 +21,11 @@
 #include <cstring>
 
 #include "parallel.h"
+#include "vec.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
-using walrus_jax::parallel_for;
+using namespace walrus_jax;  // parallel_runs, dot
 
 namespace {
 
@@ -35,25 +36,6 @@ struct Shape {
   float scale;
   bool causal;
 };
-
-int64_t n_items(int64_t n) { return std::min<int64_t>(n, 64); }  // also the dbias partials' count
-inline int64_t bound(int64_t n, int64_t items, int64_t i) { return n * i / items; }
-
-inline float dot(const float* a, const float* b, int64_t D) {
-  typedef float vf __attribute__((vector_size(64)));
-  vf acc{};
-  int64_t d = 0;
-  for (; d + 16 <= D; d += 16) {
-    vf x, y;
-    std::memcpy(&x, a + d, sizeof(x));
-    std::memcpy(&y, b + d, sizeof(y));
-    acc += x * y;
-  }
-  float s = 0.f;
-  for (int i = 0; i < 16; ++i) s += acc[i];
-  for (; d < D; ++d) s += a[d] * b[d];
-  return s;
-}
 
 // y[0, D) += a x[0, D)
 inline void axpy(float a, const float* x, float* y, int64_t D) {
@@ -161,11 +143,10 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
   Shape s;
   if (ffi::Error e = check(q.dimensions(), k.dimensions(), bias.dimensions(), causal != 0, &s); e.failure())
     return e;
-  const int64_t items = n_items(s.N);
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data(), *bp = bias.typed_data();
   float* op = o->typed_data();
-  parallel_for(pool, items, [&](int64_t i) {
-    forward_tokens(s, bound(s.N, items, i), bound(s.N, items, i + 1), qp, kp, vp, bp, op);
+  parallel_runs(pool, s.N, partial_items(s.N), [&](int64_t, int64_t n0, int64_t n1) {
+    forward_tokens(s, n0, n1, qp, kp, vp, bp, op);
   });
   return ffi::Error::Success();
 }
@@ -177,13 +158,11 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   Shape s;
   if (ffi::Error e = check(q.dimensions(), k.dimensions(), bias.dimensions(), causal != 0, &s); e.failure())
     return e;
-  const int64_t items = n_items(s.N);
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data(), *bp = bias.typed_data(),
               *dop = dout.typed_data();
   float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data(), *dbp = dbias->typed_data();
-  parallel_for(pool, items, [&](int64_t i) {
-    backward_tokens(s, bound(s.N, items, i), bound(s.N, items, i + 1), qp, kp, vp, bp, dop, dqp, dkp, dvp,
-                    dbp + i * s.H * s.Tq * s.T);
+  parallel_runs(pool, s.N, partial_items(s.N), [&](int64_t i, int64_t n0, int64_t n1) {
+    backward_tokens(s, n0, n1, qp, kp, vp, bp, dop, dqp, dkp, dvp, dbp + i * s.H * s.Tq * s.T);
   });
   return ffi::Error::Success();
 }

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from walrus_jax import cpu_kernels
 from walrus_jax.cpu_kernels import build
 
 _FORWARD, _BACKWARD = "WjFrameAttentionForward", "WjFrameAttentionBackward"
@@ -33,9 +34,6 @@ def supports(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> bool:
             and bias.shape == (k.shape[2], q.shape[1], k.shape[1])
             and all(a.dtype == jnp.float32 for a in (q, k, v, bias)))
 
-
-def _n_items(n: int) -> int:
-    return min(n, 64)  # as n_items in frame_attention.cc: the backward's dbias partial sums
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -59,7 +57,7 @@ def _fwd(q, k, v, bias, causal):
 def _bwd(causal, residuals, do):
     q, k, v, bias = residuals
     spec = lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32)
-    partial = jax.ShapeDtypeStruct((_n_items(q.shape[0]),) + bias.shape, jnp.float32)
+    partial = jax.ShapeDtypeStruct((cpu_kernels.partial_items(q.shape[0]),) + bias.shape, jnp.float32)
     dq, dk, dv, dbias = jax.ffi.ffi_call(_BACKWARD, (spec(q), spec(k), spec(v), partial), vmap_method="sequential")(
         q, k, v, bias, do.astype(jnp.float32), causal=np.int64(causal))
     return dq, dk, dv, jnp.sum(dbias, axis=0)

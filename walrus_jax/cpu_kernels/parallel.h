@@ -39,6 +39,18 @@ inline void parallel_for(xla::ffi::ThreadPool& pool, int64_t n_items, const std:
   while (state->done.load(std::memory_order_acquire) < n_items) std::this_thread::yield();
 }
 
+// Work items of a kernel whose backward writes one partial sum per item (summed by the caller): a
+// function of the item count alone, so that the partials' shape is known when tracing
+// (`cpu_kernels.partial_items` in Python mirrors it).
+inline int64_t partial_items(int64_t n) { return std::min<int64_t>(n, 64); }
+
+// fn(item, begin, end) for n units cut into `items` nearly equal runs: run i is
+// [n i / items, n (i + 1) / items).
+inline void parallel_runs(xla::ffi::ThreadPool& pool, int64_t n, int64_t items,
+                          const std::function<void(int64_t, int64_t, int64_t)>& fn) {
+  parallel_for(pool, items, [&](int64_t i) { fn(i, n * i / items, n * (i + 1) / items); });
+}
+
 }  // namespace walrus_jax
 
 #endif  // WALRUS_JAX_CPU_KERNELS_PARALLEL_H_

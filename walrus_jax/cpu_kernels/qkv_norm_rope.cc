@@ -30,10 +30,11 @@
 #include <cstring>
 
 #include "parallel.h"
+#include "vec.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
-using walrus_jax::parallel_for;
+using namespace walrus_jax;  // parallel_runs, vf and its helpers
 
 namespace {
 
@@ -45,25 +46,6 @@ struct Shape {
   int64_t at(int64_t r, int64_t which, int64_t h) const { return r * 3 * H * D + which * which_stride + h * head_stride; }
 };
 
-// Work items for the backward pass's partial sums: a function of the shape alone (the output's
-// leading dimension), rows cut into nearly equal runs.
-int64_t n_items(int64_t rows) { return std::min<int64_t>(rows, 64); }
-
-constexpr int kW = 16;  // floats per vector
-typedef float vf __attribute__((vector_size(64)));
-
-inline vf load(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
-inline vf splat(float x) { return vf{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
-inline float hsum(vf v) {
-  float s = 0.f;
-  for (int i = 0; i < kW; ++i) s += v[i];
-  return s;
-}
 // (v[1], v[0], v[3], v[2], ...): each channel pair's partner (a vector starts at an even channel).
 inline vf swap_pairs(vf v) { return __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14); }
 
@@ -192,21 +174,17 @@ ffi::Error check(ffi::Span<const int64_t> dims, int64_t heads_major, ffi::Span<c
   return ffi::Error::Success();
 }
 
-// Rows cut into n nearly equal runs: run i is [bound(i), bound(i + 1)).
-inline int64_t bound(int64_t rows, int64_t n, int64_t i) { return rows * i / n; }
-
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> scale,
                    ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
                    ffi::ResultBuffer<ffi::F32> q, ffi::ResultBuffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> v,
                    int64_t heads_major) {
   Shape s;
   if (ffi::Error e = check(qkv.dimensions(), heads_major, cos.dimensions(), &s); e.failure()) return e;
-  const int64_t n = n_items(s.R);
   const float *x = qkv.typed_data(), *w = scale.typed_data(), *b = bias.typed_data(), *c = cos.typed_data(),
               *sn = sin.typed_data();
   float *qp = q->typed_data(), *kp = k->typed_data(), *vp = v->typed_data();
-  parallel_for(pool, n, [&](int64_t i) {
-    forward_rows(s, bound(s.R, n, i), bound(s.R, n, i + 1), x, w, b, c, sn, qp, kp, vp);
+  parallel_runs(pool, s.R, partial_items(s.R), [&](int64_t, int64_t r0, int64_t r1) {
+    forward_rows(s, r0, r1, x, w, b, c, sn, qp, kp, vp);
   });
   return ffi::Error::Success();
 }
@@ -217,12 +195,11 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer
                     ffi::ResultBuffer<ffi::F32> partial, int64_t heads_major) {
   Shape s;
   if (ffi::Error e = check(qkv.dimensions(), heads_major, cos.dimensions(), &s); e.failure()) return e;
-  const int64_t n = n_items(s.R);
   const float *x = qkv.typed_data(), *w = scale.typed_data(), *c = cos.typed_data(), *sn = sin.typed_data(),
               *dqp = dq.typed_data(), *dkp = dk.typed_data(), *dvp = dv.typed_data();
   float *dx = dqkv->typed_data(), *part = partial->typed_data();
-  parallel_for(pool, n, [&](int64_t i) {
-    backward_rows(s, bound(s.R, n, i), bound(s.R, n, i + 1), x, w, c, sn, dqp, dkp, dvp, dx, part + i * 4 * s.D);
+  parallel_runs(pool, s.R, partial_items(s.R), [&](int64_t i, int64_t r0, int64_t r1) {
+    backward_rows(s, r0, r1, x, w, c, sn, dqp, dkp, dvp, dx, part + i * 4 * s.D);
   });
   return ffi::Error::Success();
 }

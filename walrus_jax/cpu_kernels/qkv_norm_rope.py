@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from walrus_jax import cpu_kernels
 from walrus_jax.cpu_kernels import build
 
 _FORWARD, _BACKWARD = "WjQkvNormRopeForward", "WjQkvNormRopeBackward"
@@ -60,15 +61,12 @@ def _fwd(qkv, scale, bias, cos, sin, heads_major):
     return _forward(qkv, scale, bias, cos, sin, heads_major), (qkv, scale, cos, sin)
 
 
-def _n_items(rows: int) -> int:
-    return min(rows, 64)  # as n_items in qkv_norm_rope.cc: the backward's partial sums
-
 
 def _bwd(heads_major, residuals, cotangents):
     qkv, scale, cos, sin = residuals
     dq, dk, dv = (c.astype(jnp.float32) for c in cotangents)
     rows = int(np.prod(qkv.shape[:-3]))
-    partial = jax.ShapeDtypeStruct((_n_items(rows), 2, 2, qkv.shape[-1]), jnp.float32)
+    partial = jax.ShapeDtypeStruct((cpu_kernels.partial_items(rows), 2, 2, qkv.shape[-1]), jnp.float32)
     dqkv, part = jax.ffi.ffi_call(_BACKWARD, (jax.ShapeDtypeStruct(qkv.shape, jnp.float32), partial),
                                   vmap_method="sequential")(qkv, scale, cos, sin, dq, dk, dv,
                                                             heads_major=np.int64(heads_major))

@@ -213,7 +213,6 @@ class SpaceAttention(nnx.Module):
         branch = self.attn_out(o, k_attn) + self.ff_out(jax.nn.silu(gate) * value, k_ff)
         return x + drop_path(branch.reshape(x.shape).astype(x.dtype), rate, key, draw_axes=(0, 1), n_frames=n_frames)
 
-
     def _prepare_qkv(self, qkv: jax.Array, angles: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """qkv (N, L, 3, heads, head_dim) -> q, k, v (N, L, heads, head_dim): q and k LayerNormed per
         head, then rotated. On CPU in float32 with fixed frequencies (learned_rope "none": they take
