@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.nnx import filterlib
 
 from walrus_jax.cpu_kernels import attention as fused_attention
 from walrus_jax.models import lora
@@ -31,6 +32,14 @@ STACKED = {nnx.PARTITION_NAME: "layers"}
 # the scan: unrolled, XLA:CPU keeps more buffers alive at once (S forward peak 1.18x -> 1.47x the
 # original's). Deeper models keep the scan (compile time grows with every unrolled block).
 CPU_UNROLL_MAX_BLOCKS = 4
+# Inside a scan each block's weights are dynamic slices of the stacked ones. XLA:CPU fuses the slice
+# of a small weight (a bias, a norm scale) into every elementwise kernel that reads it and then
+# computes it per element, unvectorised: the space block's bias + SwiGLU took 15 ms instead of 3 per
+# small-config block. On CPU, weights of at most this many elements per block are therefore taken
+# from the stack as a product with the one-hot block index (`_block_slice`, exact: one term is
+# 1 * w, the others 0 * w'), which XLA computes once and does not fuse. Larger weights are
+# matrix-product operands, which XLA copies out of the stack anyway.
+CPU_SMALL_WEIGHT_ELEMENTS = 2 ** 16
 
 
 class Block(nnx.Module):
@@ -103,8 +112,20 @@ class Processor(nnx.Module):
         step = block_step(last=False)
 
         if scanned and not last_frame_only:
-            @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata=STACKED)
+            small = _small_weight_paths(self.blocks)
+            if small:  # CPU: the small weights enter whole and are picked per step (CPU_SMALL_WEIGHT_ELEMENTS)
+                small_filter = filterlib.PathIn(*small)
+                block_axes = nnx.StateAxes({small_filter: None, ...: 0})
+                xs["index"] = jnp.arange(cfg.n_blocks)
+            else:
+                block_axes = 0
+
+            @nnx.scan(in_axes=(block_axes, nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata=STACKED)
             def run(block, x, xs):
+                if small:
+                    graphdef, stacked, rest = nnx.split(block, small_filter, ...)
+                    picked = jax.tree.map(lambda a: _block_slice(a, xs["index"]), stacked)
+                    block = nnx.merge(graphdef, picked, rest)
                 return step(block, x, xs)
 
             x = run(self.blocks, x, xs)
@@ -112,7 +133,7 @@ class Processor(nnx.Module):
             graphdef, state = nnx.split(self.blocks)
             # jnp: the weights may be numpy arrays (closed over), which cannot be indexed by tracers later.
             state = jax.tree.map(jnp.asarray, state)
-            block_at = lambda i: nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))
+            block_at = lambda i: nnx.merge(graphdef, jax.tree.map(lambda a: _block_slice(a, i), state))
             n_full = cfg.n_blocks - 1 if last_frame_only else cfg.n_blocks
             if scanned:
                 # The first n_blocks - 1 blocks as a scan over block indices (indexing the stacked
@@ -131,3 +152,23 @@ class Processor(nnx.Module):
         if token_shift is not None:
             x = roll_tokens(x, -jnp.sum(xs["shift"], axis=0))
         return x
+
+
+def _is_small(a) -> bool:
+    """A stacked weight (n_blocks, ...) of at most CPU_SMALL_WEIGHT_ELEMENTS floats per block."""
+    return jnp.issubdtype(a.dtype, jnp.floating) and a.size <= CPU_SMALL_WEIGHT_ELEMENTS * a.shape[0]
+
+
+def _small_weight_paths(blocks: nnx.Module) -> tuple:
+    """Paths (within a block) of the stacked small weights, on CPU; () elsewhere."""
+    if jax.default_backend() != "cpu":
+        return ()
+    return tuple(path for path, a in nnx.to_flat_state(nnx.state(blocks)) if _is_small(a.get_value()))
+
+
+def _block_slice(a: jax.Array, i) -> jax.Array:
+    """a[i] of a stacked weight a (n_blocks, ...); on CPU, for a traced i and a small weight, as
+    one_hot(i) . a (see CPU_SMALL_WEIGHT_ELEMENTS)."""
+    if isinstance(i, int) or jax.default_backend() != "cpu" or not _is_small(a):
+        return a[i]
+    return jnp.tensordot(jax.nn.one_hot(i, a.shape[0], dtype=a.dtype), a, axes=1)
