@@ -85,14 +85,15 @@ def test_conv3d_equals_strided_convolution(spatial, kernel, strides, channels, m
         assert rel_err(a, b) <= 2e-5
 
 
+@pytest.mark.parametrize("n_out", [5, 3])  # patches form (I <= O), taps form (O < I, its own gradient)
 @pytest.mark.parametrize("padding", [((0, 0),) * 3, ((1, 1), (1, 1), (0, 0)), ((3, 3), (0, 0), (2, 2))])
-def test_conv_stride1_gradient(padding, monkeypatch):
+def test_conv_stride1_gradient(padding, n_out, monkeypatch):
     from walrus_jax.models import convolution
 
     monkeypatch.setattr(convolution, "GEMM_CONV_MIN_FLOPS", 0)  # the matrix-product forms, however small
     kx, kw = jax.random.split(jax.random.key(4))
     x = jax.random.normal(kx, (3, 7, 6, 5, 4))
-    w = jax.random.normal(kw, (2, 3, 2, 4, 5)) / 5
+    w = jax.random.normal(kw, (2, 3, 2, 4, n_out)) / 5
     assert rel_err(conv_stride1(x, w, padding), lax_conv(x, w, (1, 1, 1), padding)) <= 1e-5
     for a, b in zip(grads(lambda x, w: conv_stride1(x, w, padding), x, w),
                     grads(lambda x, w: lax_conv(x, w, (1, 1, 1), padding), x, w)):
