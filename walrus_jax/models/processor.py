@@ -36,9 +36,9 @@ CPU_UNROLL_MAX_BLOCKS = 4
 # of a small weight (a bias, a norm scale) into every elementwise kernel that reads it and then
 # computes it per element, unvectorised: the space block's bias + SwiGLU took 15 ms instead of 3 per
 # small-config block. On CPU, weights of at most this many elements per block are therefore taken
-# from the stack as a product with the one-hot block index (`_block_slice`, exact: one term is
-# 1 * w, the others 0 * w'), which XLA computes once and does not fuse. Larger weights are
-# matrix-product operands, which XLA copies out of the stack anyway.
+# from the stack as a product with the one-hot block index (`_block_slice`, exact for finite
+# weights: one term is 1 * w, the others 0 * w'), which XLA computes once and does not fuse.
+# Larger weights are matrix-product operands, which XLA copies out of the stack anyway.
 CPU_SMALL_WEIGHT_ELEMENTS = 2 ** 16
 
 
