@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+import walrus_jax as wj
 from tools.convert_torch_ckpt import cli
 from walrus_jax.checkpoints import convert as conv
 from walrus_jax.checkpoints import params as parameters
@@ -92,6 +93,7 @@ def test_small_ckpt_cli_subprocess_matches_oracle(work, small_dir):
     assert model.cfg.n_states == 8 and model.cfg.hidden_dim == 96 and model.cfg.n_blocks == 2
     assert model.cfg.learned_rope == "none" and model.cfg.ape_grid is None
     assert _rel_err(model, work["small"]) <= 1e-5
+    assert _rel_err(wj.with_kernels(model, "xla"), work["small"]) <= 1e-5  # the portable path
     assert model.vocab is None and pretrained.model_vocabulary(small_dir) is None
     with open(os.path.join(small_dir, pretrained.VOCAB_FILE)) as f:
         rec = json.load(f)
@@ -124,6 +126,7 @@ def test_finetune_ckpt_in_process_matches_oracle(work, capsys):
             np.testing.assert_array_equal(freqs[i, a], sd[f"blocks.{i}.space_mixing.rotary_emb.freqs.{a}"].numpy())
     np.testing.assert_array_equal(np.asarray(model.ape[...]), sd["ape"].numpy()[0, 0].transpose(1, 2, 3, 0))
     assert _rel_err(model, work["ft"]) <= 1e-5
+    assert _rel_err(wj.with_kernels(model, "xla"), work["ft"]) <= 1e-5  # the portable path
     assert model.vocab.to_dict() == FT_VOCAB and pretrained.model_vocabulary(out).to_dict() == FT_VOCAB
 
 

@@ -56,10 +56,11 @@ def test_fused_attention_under_vmap():
 
 def test_model_attention_uses_the_kernel_for_float32_only():
     q = jnp.ones((1, 16, 2, 8), jnp.float32)
-    text = str(jax.make_jaxpr(model_attention._attention)(q, q, q))
+    cpu_form = lambda q, k, v: model_attention.space_attention_core(q, k, v, "cpu")
+    text = str(jax.make_jaxpr(cpu_form)(q, q, q))
     assert "WjAttentionForward" in text
     # other dtypes take XLA's blocked path
-    text16 = str(jax.make_jaxpr(model_attention._attention)(*(q.astype(jnp.bfloat16),) * 3))
+    text16 = str(jax.make_jaxpr(cpu_form)(*(q.astype(jnp.bfloat16),) * 3))
     assert "WjAttentionForward" not in text16
 
 
@@ -70,7 +71,7 @@ def test_disabled_kernel_falls_back(monkeypatch):
         assert not fused.available()
         q = jnp.ones((1, 16, 2, 8), jnp.float32)
         # a new function object: make_jaxpr caches traces per function
-        jaxpr = jax.make_jaxpr(lambda q, k, v: model_attention._attention(q, k, v))(q, q, q)
+        jaxpr = jax.make_jaxpr(lambda q, k, v: model_attention.space_attention_core(q, k, v, "cpu"))(q, q, q)
         assert "WjAttentionForward" not in str(jaxpr)
     finally:
         monkeypatch.delenv("WALRUS_JAX_CPU_KERNELS")

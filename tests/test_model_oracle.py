@@ -17,13 +17,15 @@ from walrus_jax.models import positional
 from conftest import from_well, oracle, oracle_meta, rel_err, small_weights, to_well
 
 CASES = ["case_2d_periodic", "case_2d_open_wall", "case_3d_mixed"]
+# "auto": this host's forms (CPU kernels); "xla": the portable path GPUs and TPUs share (models/kernels.py)
+KERNELS = ["auto", "xla"]
 TOL = 1e-5
 
 
 @functools.lru_cache(maxsize=None)
-def small_model() -> wj.Walrus:
+def small_model(kernels: str = "auto") -> wj.Walrus:
     meta = oracle_meta(CASES[0])
-    cfg = wj.ModelConfig.from_torch_config(meta["config"], n_states=meta["config"]["n_states"])
+    cfg = wj.ModelConfig.from_torch_config(meta["config"], n_states=meta["config"]["n_states"], kernels=kernels)
     model = wj.Walrus(cfg, rngs=nnx.Rngs(0))
     convert.load_state_dict(model, small_weights())
     return model
@@ -41,9 +43,9 @@ def recorded_jitter(case: dict, n_blocks: int) -> wj.Jitter:
 
 
 @functools.lru_cache(maxsize=None)
-def run_case(name: str, jittered: bool):
+def run_case(name: str, jittered: bool, kernels: str = "auto"):
     c = oracle(name)
-    model = small_model()
+    model = small_model(kernels)
     jitter = recorded_jitter(c, model.cfg.n_blocks) if jittered else None
     bcs = c["bcs"][0]
     # One jit per (case, jitter on/off): the jitter values are traced arguments.
@@ -52,22 +54,25 @@ def run_case(name: str, jittered: bool):
     return np.asarray(y), jax.tree.map(np.asarray, inter)
 
 
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("name", CASES)
-def test_output_without_jitter(name):
-    y, _ = run_case(name, False)
+def test_output_without_jitter(name, kernels):
+    y, _ = run_case(name, False, kernels)
     assert rel_err(from_well(y), oracle(name)["y_nojitter"]) <= TOL
 
 
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("name", CASES)
-def test_output_with_recorded_jitter(name):
-    y, _ = run_case(name, True)
+def test_output_with_recorded_jitter(name, kernels):
+    y, _ = run_case(name, True, kernels)
     assert rel_err(from_well(y), oracle(name)["y_jitter"]) <= TOL
 
 
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("name", CASES)
-def test_intermediates(name):
+def test_intermediates(name, kernels):
     c = oracle(name)
-    _, inter = run_case(name, False)
+    _, inter = run_case(name, False, kernels)
     B, T = c["x"].shape[1], c["x"].shape[0]
     ti = c["inter_time_indices"]
     enc_in = inter["encoder_input"].reshape((B, T) + inter["encoder_input"].shape[1:])[0, ti]

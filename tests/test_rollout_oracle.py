@@ -67,6 +67,15 @@ def test_rollout_matches_oracle_every_step(oracle, preds_f32):
     np.testing.assert_array_equal(case["step1_next_state"], ref[:, :1])
 
 
+def test_portable_path_rollout_matches_oracle(oracle):
+    """The same rollout through XLA's portable forms (what GPUs and TPUs run; models/kernels.py)."""
+    model, case, _ = oracle
+    preds = _rollout(wj.with_kernels(model, "xla"), case)
+    ref = case["rollout_predictions"]
+    for s in range(ref.shape[1]):
+        assert rel_err(preds[:, s], ref[:, s]) <= TOL, f"step {s + 1}"
+
+
 def test_step1_intermediates(oracle, preds_f32):
     """Step 1 spelled out: formatter, statistics, normalized input, raw model output, next state."""
     model, case, _ = oracle

@@ -309,11 +309,13 @@ def test_device_batch_errors():
 
 
 # ------------------------------------------------------------------------------ the original's trainer
+@pytest.mark.parametrize("kernels", ["auto", "xla"])
 @pytest.mark.parametrize("path", [ORACLE_2D, ORACLE_MASK], ids=["2d_padded_velocity_z", "2d_object_mask"])
-def test_train_step_matches_the_original_trainer(path):
+def test_train_step_matches_the_original_trainer(path, kernels):
     """Loss per micro-batch, gradient norm, clip coefficient, lr (1e-5), every gradient (1e-4) and
-    every parameter update w1 − w0, w3 − w0 (1e-3 of the update) through the real train step."""
-    ok, rows = check_train_oracle.run(path)
+    every parameter update w1 − w0, w3 − w0 (1e-3 of the update) through the real train step, with
+    this host's kernels and with the portable path ("xla") GPUs and TPUs share."""
+    ok, rows = check_train_oracle.run(path, kernels)
     bad = [r for r in rows if not r[3]]
     assert ok and not bad, bad[:10]
     kinds = {r[0].split(" ")[0].split("[")[0] for r in rows}

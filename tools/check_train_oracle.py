@@ -41,13 +41,13 @@ UPDATE_TOL = 1e-3
 NOISE = 1e-6
 
 
-def _settings(meta: dict):
+def _settings(meta: dict, kernels: str = "auto"):
     """(ModelConfig, AdamWConfig, Schedule, StepOptions, n_micro, grad_accum) from config_json."""
     from walrus_jax.training import optim, steps
     from walrus_jax.models import ModelConfig
 
     mc = meta["model_config"]
-    cfg = ModelConfig.from_torch_config(mc, n_states=int(mc["n_states"]))
+    cfg = ModelConfig.from_torch_config(mc, n_states=int(mc["n_states"]), kernels=kernels)
     o, s, t = meta["optimizer"], meta["scheduler"], meta["trainer"]
     k = int(t["grad_acc_steps"])
     opt = optim.AdamWConfig(b1=float(o["betas"][0]), b2=float(o["betas"][1]), eps=float(o["eps"]),
@@ -102,8 +102,9 @@ def _to_torch_names(cfg, tree) -> dict[str, np.ndarray]:
     return out
 
 
-def run(path: str) -> tuple[bool, list[tuple[str, float, float, bool]]]:
-    """Runs the check on one file. Returns (passed, rows of (quantity, error, bound, ok))."""
+def run(path: str, kernels: str = "auto") -> tuple[bool, list[tuple[str, float, float, bool]]]:
+    """Runs the check on one file through the model's `kernels` forms ("xla": the portable path).
+    Returns (passed, rows of (quantity, error, bound, ok))."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -114,7 +115,7 @@ def run(path: str) -> tuple[bool, list[tuple[str, float, float, bool]]]:
 
     f = np.load(path)
     meta = json.loads(str(f["config_json"]))
-    cfg, opt, sched, opts, n_micro, k = _settings(meta)
+    cfg, opt, sched, opts, n_micro, k = _settings(meta, kernels)
     w0 = {n[3:]: f[n] for n in f.files if n.startswith("w0/")}
     # the weights decide what the YAML cannot: vocabulary size, block count, learnable RoPE, APE
     cfg = convert.infer_config({n: v.shape for n, v in w0.items()}, cfg)
@@ -209,11 +210,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("files", nargs="+", help="training oracle .npz files")
     ap.add_argument("--verbose", action="store_true", help="print every row, not only the worst per group")
+    ap.add_argument("--kernels", default="auto", choices=("auto", "xla", "cpu"),
+                    help="the model's kernels (ModelConfig.kernels); xla checks the portable path")
     args = ap.parse_args(argv)
     ok_all = True
     for path in args.files:
         try:
-            ok, rows = run(path)
+            ok, rows = run(path, args.kernels)
         except (OSError, KeyError, ValueError) as e:
             print(f"error: {path}: {e}", file=sys.stderr)
             return 2

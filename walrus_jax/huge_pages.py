@@ -13,7 +13,8 @@ access. Measured on a 2-core Sapphire Rapids VM, same peak memory: train step 3.
 glibc reads its tunables once, when the process starts, so the setting cannot be made from inside a
 running Python: `python -m walrus_jax.main` (and the `tools.bench` scripts) call
 `reexec_with_huge_pages()` before they do any work, which replaces the process with the same command
-under `GLIBC_TUNABLES=...:glibc.malloc.hugetlb=1`. It does so only where it helps: Linux, glibc >= 2.35
+under `GLIBC_TUNABLES=...:glibc.malloc.hugetlb=1`. It does so only where it helps: a CPU job
+(`JAX_PLATFORMS=cpu`, or no GPU / TPU device files on the machine), Linux, glibc >= 2.35
 (the first with the tunable), and the kernel's transparent huge pages in `madvise` mode (in `always`
 mode every large mapping gets them already; in `never` mode none can). A tunable the user set
 already (`glibc.malloc.hugetlb=0` included) is left alone, and `WALRUS_JAX_HUGE_PAGES=0` turns the
@@ -22,6 +23,7 @@ re-execution off. In a notebook or your own script, start Python with
 """
 from __future__ import annotations
 
+import glob
 import os
 import sys
 from typing import Mapping
@@ -52,14 +54,32 @@ def glibc_version() -> tuple[int, int] | None:
         return None
 
 
+ACCELERATOR_DEVICE_FILES = ("/dev/nvidia[0-9]*", "/dev/accel[0-9]*", "/dev/vfio/[0-9]*")  # CUDA GPUs, TPUs
+
+
+def cpu_job(environ: Mapping[str, str], accelerator_files: bool) -> bool:
+    """Whether JAX will compute on the CPU: JAX_PLATFORMS says so, or is unset and the machine has no
+    GPU or TPU device files (`accelerator_files`). Decided before jax is imported (importing it takes
+    seconds, and the re-execution must come first)."""
+    platforms = [p.strip() for p in environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+    if platforms:
+        return platforms[0] == "cpu"
+    return not accelerator_files
+
+
+def accelerator_files_present() -> bool:
+    return any(glob.glob(pattern) for pattern in ACCELERATOR_DEVICE_FILES)
+
+
 def huge_page_environment(environ: Mapping[str, str], platform: str, glibc: tuple[int, int] | None,
-                          mode: str | None) -> dict[str, str] | None:
+                          mode: str | None, on_cpu: bool = True) -> dict[str, str] | None:
     """The environment to re-execute under, or None when re-executing would change nothing.
 
     environ: the current environment; platform: `sys.platform`; glibc: `glibc_version()`;
-    mode: `thp_mode()`. Pure, so that every case can be tested on any machine.
+    mode: `thp_mode()`; on_cpu: `cpu_job(...)` (the tunable is for XLA:CPU's buffers: a GPU or TPU job
+    keeps its process as it is). Pure, so that every case can be tested on any machine.
     """
-    if environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
+    if not on_cpu or environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
         return None
     if not platform.startswith("linux") or glibc is None or glibc < (2, 35) or mode != "madvise":
         return None
@@ -75,7 +95,8 @@ def reexec_with_huge_pages() -> None:
     """Replaces this process with the same command line under the huge-page tunable, where that helps
     (see the module docstring); returns without doing anything otherwise. Call it first thing in a
     `__main__` block, before threads are started or files opened for writing."""
-    env = huge_page_environment(os.environ, sys.platform, glibc_version(), thp_mode())
+    env = huge_page_environment(os.environ, sys.platform, glibc_version(), thp_mode(),
+                                cpu_job(os.environ, accelerator_files_present()))
     if env is None:
         return
     # sys.orig_argv keeps the interpreter's own options and `-m module`; argv[0] becomes the

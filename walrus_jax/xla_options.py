@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from walrus_jax import host_memory
+from walrus_jax.models.kernels import compile_target, platform_of
 
 YNN_FUSIONS = "xla_cpu_experimental_ynn_fusion_type"
 
@@ -44,8 +45,10 @@ def compiler_options() -> dict[str, str]:
 def jit(fn, **jit_kwargs):
     """`jax.jit(fn, **jit_kwargs)`, with `compiler_options()` whenever it is called (or lowered) at
     top level; inside another trace it is the plain jit. Supports calling, `.lower` and the
-    attributes of the jitted function. Also installs `host_memory.trim_after_compile` (once)."""
-    host_memory.trim_after_compile()
+    attributes of the jitted function. In a CPU process, also installs `host_memory.trim_after_compile`
+    (once)."""
+    if jax.default_backend() == "cpu":
+        host_memory.trim_after_compile()
     return _TopLevelJit(fn, jit_kwargs)
 
 
@@ -57,16 +60,38 @@ class _TopLevelJit:
         functools.update_wrapper(self, fn)
 
     def _pick(self, args, kwargs):
-        return self._plain if _inside_trace(args, kwargs) else self._tuned
+        """(the jit to use, the platform the program is compiled for; None inside another trace)."""
+        if _inside_trace(args, kwargs):
+            return self._plain, None
+        platform = _target_platform(args, kwargs)
+        return (self._tuned if platform == "cpu" else self._plain), platform
 
     def __call__(self, *args, **kwargs):
-        return self._pick(args, kwargs)(*args, **kwargs)
+        fn, platform = self._pick(args, kwargs)
+        with compile_target(platform):  # the model's kernels for that platform (models/kernels.py)
+            return fn(*args, **kwargs)
 
     def lower(self, *args, **kwargs):
-        return self._pick(args, kwargs).lower(*args, **kwargs)
+        fn, platform = self._pick(args, kwargs)
+        with compile_target(platform):
+            return fn.lower(*args, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self._tuned, name)
+
+
+def _target_platform(args, kwargs) -> str:
+    """The platform the call compiles for: that of the arguments' devices (placed arrays, or abstract
+    ones with a sharding: a TPU program lowered ahead of time on a CPU host), else the default
+    device's, where jax puts uncommitted arguments."""
+    for leaf in jax.tree.leaves((args, kwargs)):
+        devices = getattr(getattr(leaf, "sharding", None), "device_set", None)
+        if devices:
+            return platform_of(devices)
+    default = jax.config.jax_default_device
+    if isinstance(default, str):
+        return platform_of(jax.devices(default)[:1])
+    return platform_of([default] if default is not None else jax.devices()[:1])
 
 
 def _inside_trace(args, kwargs) -> bool:

@@ -3,6 +3,8 @@
 Tokens are channels-last, (B, T, h, w, d, hidden). Both modules return x + drop_path(branch)."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,31 +14,19 @@ from walrus_jax.cpu_kernels import attention as fused_attention
 from walrus_jax.cpu_kernels import frame_attention as cpu_frame_attention
 from walrus_jax.cpu_kernels import qkv_norm_rope
 from walrus_jax.models import initializers, lora, positional
+from walrus_jax.models.activation_sharding import per_batch_shard
 from walrus_jax.models.blocked_attention import blocked_attention
 from walrus_jax.models.config import ModelConfig
+from walrus_jax.models.flash_attention import flash_attention
+from walrus_jax.models.kernels import select
 from walrus_jax.models.layers import Dense, HeadLayerNorm, RMSGroupNorm, drop_path, param
 
 SPATIAL = (2, 3, 4)  # token axes (h, w, d) of a (B, T, h, w, d, C) tensor
 
 
-def _attention(q, k, v, bias=None, is_causal=False):
-    """Softmax attention on (N, L, heads, hd) tensors; logits and softmax in float32.
-
-    On GPU with bf16/fp16 inputs this is cuDNN's fused flash attention. On CPU, unbiased non-causal
-    attention (space attention) is the project's fused C++ kernel for float32
-    (`cpu_kernels.attention`), or else runs block by block in XLA (`blocked_attention`): the
-    materialised L x L softmax is memory-bound there and took half of a block's time. Otherwise
-    (time attention over a handful of frames, GPU/TPU float32) it is two einsums around a float32
-    softmax; on CPU that runs ~2x faster than `jax.nn.dot_product_attention`'s XLA path (which
-    transposes to (N, heads, L, hd) and back around every product).
-    """
-    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
-        return jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(q.dtype),
-                                            is_causal=is_causal, implementation="cudnn")
-    if jax.default_backend() == "cpu" and bias is None and not is_causal:
-        if fused_attention.supports(q, k, v) and fused_attention.available():
-            return fused_attention.fused_attention(q, k, v)
-        return blocked_attention(q, k, v)
+def materialised_attention(q, k, v, bias=None, is_causal=False):
+    """Softmax attention on (N, L, heads, hd) tensors, the portable form: two einsums around a float32
+    softmax over the materialised (L x L) logits per head. bias (heads, Lq, Lk) or (1, heads, Lq, Lk)."""
     scale = 1.0 / np.sqrt(q.shape[-1])
     logits = jnp.einsum("nqhd,nkhd->nhqk", q, k, preferred_element_type=jnp.float32) * np.float32(scale)
     if bias is not None:
@@ -46,6 +36,38 @@ def _attention(q, k, v, bias=None, is_causal=False):
         logits = jnp.where(jnp.asarray(np.tril(np.ones((L, L), bool))), logits, -jnp.inf)
     p = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("nhqk,nkhd->nqhd", p, v)
+
+
+def _cudnn_or_materialised(q, k, v, bias=None, is_causal=False):
+    """CUDA: cuDNN's fused flash attention for bf16/fp16 (float32 is not among its types)."""
+    if q.dtype in (jnp.bfloat16, jnp.float16):
+        return jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(q.dtype),
+                                            is_causal=is_causal, implementation="cudnn")
+    return materialised_attention(q, k, v, bias, is_causal)
+
+
+def _cpu_space_attention(q, k, v):
+    """CPU: the fused C++ kernel (float32, `cpu_kernels.attention`), else XLA block by block
+    (`blocked_attention`): the materialised L x L softmax is memory-bound there."""
+    if fused_attention.supports(q, k, v) and fused_attention.available():
+        return fused_attention.fused_attention(q, k, v)
+    return blocked_attention(q, k, v)
+
+
+def _gpu_space_attention(q, k, v):
+    """CUDA: cuDNN for bf16/fp16; float32 block by block, so the L x L logits never fill memory."""
+    if q.dtype in (jnp.bfloat16, jnp.float16):
+        return _cudnn_or_materialised(q, k, v)
+    return blocked_attention(q, k, v)
+
+
+def space_attention_core(q: jax.Array, k: jax.Array, v: jax.Array, kernels: str = "auto") -> jax.Array:
+    """Non-causal, unbiased softmax attention over a frame's tokens, q, k, v (N, L, heads, hd) -> same;
+    logits and softmax in float32. The form follows `kernels` (`models/kernels.py`): the C++ kernel
+    on CPU, Pallas flash attention on TPU, cuDNN (bf16) on CUDA, else the materialised einsums."""
+    tpu = functools.partial(per_batch_shard, flash_attention)  # a Pallas call runs per device's frames
+    return select(kernels, q, k, v, xla=materialised_attention, cpu=_cpu_space_attention, tpu=tpu,
+                  gpu=_gpu_space_attention)
 
 
 class TimeAttention(nnx.Module):
@@ -79,9 +101,10 @@ class TimeAttention(nnx.Module):
                                     cfg.rel_pos_max_distance)[:, T - Tq:]  # (heads, Tq, T)
         xn = self.norm(x, SPATIAL)
         k_qkv, k_out = lora.branch_keys(key, 2)
-        if jax.default_backend() == "cpu":
-            # Token-major: one transpose of the normalised input and one of the output, then every
-            # token's T x T attention is a contiguous block (see frame_attention).
+
+        def token_major(xn):
+            # The CPU form. Token-major: one transpose of the normalised input and one of the output,
+            # then every token's T x T attention is a contiguous block (see frame_attention).
             xt = jnp.transpose(xn.reshape(B, T, L, hid), (0, 2, 1, 3))  # (B, L, T, hid)
             qkv = self.qkv(xt, k_qkv).reshape(B * L, T, nh, 3, hd)
             fused = _fused_qkv_norm(qkv, self.q_norm, self.k_norm, None, heads_major=True)
@@ -94,13 +117,20 @@ class TimeAttention(nnx.Module):
                 q, k, v = (a[..., 0, :] for a in jnp.split(qkv, 3, axis=-2))
                 q, k = self.q_norm(q[:, T - Tq:]), self.k_norm(k)
             o = self.out(frame_attention(q, k, v, bias, causal).reshape(B, L, Tq, hid), k_out)
-            o = jnp.transpose(o, (0, 2, 1, 3)).reshape((B, Tq) + x.shape[2:])
-        else:
+            return jnp.transpose(o, (0, 2, 1, 3)).reshape((B, Tq) + x.shape[2:])
+
+        def frames_batched(xn):
+            # The portable form: per token, attention over frames as a batch of (Tq x T) problems.
             qkv = self.qkv(xn, k_qkv).reshape(B, T, h, w, d, nh, 3, hd)
             qkv = jnp.transpose(qkv, (6, 0, 2, 3, 4, 1, 5, 7)).reshape(3, B * L, T, nh, hd)
             q, k, v = self.q_norm(qkv[0][:, T - Tq:]), self.k_norm(qkv[1]), qkv[2]
-            o = _attention(q, k, v, bias=bias[None], is_causal=causal)
-            o = self.out(jnp.transpose(o.reshape(B, h, w, d, Tq, hid), (0, 4, 1, 2, 3, 5)), k_out)
+            o = select(cfg.kernels, q, k, v, bias[None], xla=functools.partial(materialised_attention, is_causal=causal),
+                       gpu=functools.partial(_cudnn_or_materialised, is_causal=causal))
+            return self.out(jnp.transpose(o.reshape(B, h, w, d, Tq, hid), (0, 4, 1, 2, 3, 5)), k_out)
+
+        # On TPU and GPU the frames_batched einsums over T ~ 6 frames are small products XLA handles
+        # well; a flash kernel's tiles (>= 128 keys) would be mostly padding.
+        o = select(cfg.kernels, xn, xla=frames_batched, cpu=token_major)
         # one draw per frame, shared by the batch
         return x[:, T - Tq:] + drop_path(o.astype(x.dtype), rate, key, draw_axes=(1,), n_frames=T)
 
@@ -117,10 +147,10 @@ def frame_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, c
     is written out (`_frame_attention_bwd`): differentiated automatically, XLA fused it into a few
     large elementwise kernels that recompute the softmax per output element, ~16x the forward's
     time; written out it saves the probabilities (T^2 x heads floats per token, a fraction of q, k,
-    v) and is ~3x the forward. On CPU in float32 the project's C++ kernel (`cpu_kernels.frame_attention`)
-    does the same per token with its logits in registers, ~10x faster than either."""
-    if (jax.default_backend() == "cpu" and cpu_frame_attention.supports(q, k, v, bias)
-            and cpu_frame_attention.available()):
+    v) and is ~3x the forward. In float32 the project's C++ kernel (`cpu_kernels.frame_attention`)
+    does the same per token with its logits in registers, ~10x faster than either. CPU programs only
+    (`TimeAttention`'s CPU form)."""
+    if cpu_frame_attention.supports(q, k, v, bias) and cpu_frame_attention.available():
         return cpu_frame_attention.frame_attention(q, k, v, bias, causal)
     return _frame_attention(q, k, v, bias, causal)
 
@@ -208,21 +238,26 @@ class SpaceAttention(nnx.Module):
         ff, qkv = jnp.split(f, [4 * hid], axis=-1)
         angles = positional.rope_angles(self.rope_freqs[...], (h, w, d)).reshape(L, -1)
         q, k, v = self._prepare_qkv(qkv.reshape(B * T, L, 3, nh, hd), angles)
-        o = _attention(q, k, v).reshape(B * T, L, hid)
+        o = space_attention_core(q, k, v, cfg.kernels).reshape(B * T, L, hid)
         value, gate = jnp.split(ff, 2, axis=-1)  # the original's SwiGLU: first half value, second half gate
         branch = self.attn_out(o, k_attn) + self.ff_out(jax.nn.silu(gate) * value, k_ff)
         return x + drop_path(branch.reshape(x.shape).astype(x.dtype), rate, key, draw_axes=(0, 1), n_frames=n_frames)
 
     def _prepare_qkv(self, qkv: jax.Array, angles: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """qkv (N, L, 3, heads, head_dim) -> q, k, v (N, L, heads, head_dim): q and k LayerNormed per
-        head, then rotated. On CPU in float32 with fixed frequencies (learned_rope "none": they take
-        no gradient), one fused C++ op (`cpu_kernels.qkv_norm_rope`); otherwise XLA's operations."""
-        if jax.default_backend() == "cpu" and self.cfg.learned_rope == "none":
-            fused = _fused_qkv_norm(qkv, self.q_norm, self.k_norm, jax.lax.stop_gradient(angles), heads_major=False)
-            if fused is not None:
-                return fused
-        q, k = self.q_norm(qkv[:, :, 0]), self.k_norm(qkv[:, :, 1])
-        return positional.apply_rope(q, angles), positional.apply_rope(k, angles), qkv[:, :, 2]
+        head, then rotated. CPU programs in float32 with fixed frequencies (learned_rope "none": they
+        take no gradient) run one fused C++ op (`cpu_kernels.qkv_norm_rope`); otherwise XLA's operations."""
+        def portable(qkv, angles):
+            q, k = self.q_norm(qkv[:, :, 0]), self.k_norm(qkv[:, :, 1])
+            return positional.apply_rope(q, angles), positional.apply_rope(k, angles), qkv[:, :, 2]
+
+        def fused(qkv, angles):
+            out = _fused_qkv_norm(qkv, self.q_norm, self.k_norm, jax.lax.stop_gradient(angles), heads_major=False)
+            return portable(qkv, angles) if out is None else out
+
+        if self.cfg.learned_rope != "none":
+            return portable(qkv, angles)
+        return select(self.cfg.kernels, qkv, angles, xla=portable, cpu=fused)
 
 
 def _fused_qkv_norm(qkv, q_norm: HeadLayerNorm, k_norm: HeadLayerNorm, angles, heads_major: bool):

@@ -20,6 +20,7 @@ LAYER_NORM_EPS = 1e-5
 FLAG_LABELS = (2, 0, 1)
 
 LEARNED_ROPE_CHOICES = ("none", "shared", "per_axis")
+KERNEL_CHOICES = ("auto", "xla", "cpu", "tpu", "gpu")  # models/kernels.py
 REMAT_CHOICES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "dots_and_attention")
 # Projections of each block that may carry a low-rank adapter (walrus_jax/models/lora.py).
 LORA_TARGETS = ("time.qkv", "time.out", "space.fused", "space.attn_out", "space.ff_out")
@@ -61,7 +62,11 @@ class ModelConfig:
     # from ~20 GB to ~7 GB and its time by ~30% on a 2-core CPU (less memory to fault in and
     # stream); at hidden 192 keeping everything ("none") is ~4% faster.
     remat: str = "none"
-    scan_layers: bool = True  # nnx.scan over blocks (False: Python loop; on CPU <= 4 blocks always loop, see processor)
+    scan_layers: bool = True  # nnx.scan over blocks (False: Python loop; CPU training of <= 4 blocks loops, see processor)
+    # Which kernels compute attention, the q/k norm + RoPE, convolutions and the block loop, one of
+    # KERNEL_CHOICES (models/kernels.py): "auto" follows the platform the program is compiled for,
+    # "xla" is the portable path everywhere, "cpu" / "tpu" / "gpu" force that platform's forms.
+    kernels: str = "auto"
     # Low-rank adapters on the block projections (models/lora.py); rank 0: none.
     lora_rank: int = 0
     lora_alpha: float = 16.0
@@ -78,6 +83,8 @@ class ModelConfig:
             problems.append(f"include_d={self.include_d} must be a subset of (1, 2, 3)")
         if self.learned_rope not in LEARNED_ROPE_CHOICES:
             problems.append(f"learned_rope={self.learned_rope!r} not in {LEARNED_ROPE_CHOICES}")
+        if self.kernels not in KERNEL_CHOICES:
+            problems.append(f"kernels={self.kernels!r} not in {KERNEL_CHOICES}")
         if self.remat not in REMAT_CHOICES:
             problems.append(f"remat={self.remat!r} not in {REMAT_CHOICES}")
         if self.ape_grid is not None and len(self.ape_grid) != 3:

@@ -3,8 +3,8 @@
 XLA:CPU has fast paths for stride-1 convolutions and slow generic loops for the rest: a strided
 convolution's input gradient (an input-dilated convolution) took 825 ms where the equivalent
 stride-1 form takes 38 ms, and the weight gradient of any convolution (a convolution whose "kernel"
-is the output gradient) took 0.3-0.9 s per layer. So, on CPU (other backends use XLA's
-convolutions as they are):
+is the output gradient) took 0.3-0.9 s per layer. So, in CPU programs (`kernels`, models/kernels.py;
+other platforms use XLA's convolutions as they are):
 
 - `conv3d` computes a strided VALID convolution as a stride-1 convolution of the space-to-depth input
   (each s-block of samples becomes s * I channels) with the matching rearranged kernel: the same
@@ -40,19 +40,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from walrus_jax.models.kernels import select
+
 DIMS = ("NHWDC", "HWDIO", "NHWDC")
 SPATIAL3 = (1, 2, 3)  # spatial axes of an (N, H, W, D, C) tensor
 
 
-def conv3d(x: jax.Array, w: jax.Array, strides: Sequence[int], dtype) -> jax.Array:
-    """VALID convolution with the given strides, computed in `dtype`. On accelerators this is
-    XLA's strided convolution (cuDNN's kernels handle strides and gradients well)."""
+def conv3d(x: jax.Array, w: jax.Array, strides: Sequence[int], dtype, kernels: str = "auto") -> jax.Array:
+    """VALID convolution with the given strides, computed in `dtype`. The CPU form is the module
+    doc's; elsewhere (`kernels`, see models/kernels.py) it is XLA's strided convolution (cuDNN's and
+    the TPU's kernels handle strides and gradients well)."""
     x, w = x.astype(dtype), w.astype(dtype)
-    if jax.default_backend() != "cpu":
-        return jax.lax.conv_general_dilated(x, w, tuple(strides), "VALID", dimension_numbers=DIMS)
-    if any(s > 1 for s in strides):
-        x, w = space_to_depth(x, w, strides)
-    return conv_stride1(x, w, ((0, 0),) * 3)
+
+    def cpu(x, w):
+        if any(s > 1 for s in strides):
+            x, w = space_to_depth(x, w, strides)
+        return conv_stride1(x, w, ((0, 0),) * 3, kernels="cpu")
+
+    xla = lambda x, w: jax.lax.conv_general_dilated(x, w, tuple(strides), "VALID", dimension_numbers=DIMS)
+    return select(kernels, x, w, xla=xla, cpu=cpu)
 
 
 def space_to_depth(x: jax.Array, w: jax.Array, strides: Sequence[int]) -> tuple[jax.Array, jax.Array]:
@@ -85,14 +91,16 @@ GEMM_CONV_GROUP_BYTES = 16 * 2**20  # the widened intermediate of one group of f
 GEMM_CONV_MAX_FRAME_BYTES = 512 * 2**20  # ... of one frame, beyond which XLA's convolution is used
 
 
-def conv_stride1(x: jax.Array, w: jax.Array, padding) -> jax.Array:
-    """Stride-1 convolution with zero padding ((lo, hi),) * 3 (a static tuple). On CPU a matrix
-    product over groups of frames (`_gemm_conv`), or, for a small convolution or one whose single
-    frame's intermediate is too large, XLA's convolution with the per-tap weight gradient; elsewhere
-    plain XLA (autodiff)."""
+def conv_stride1(x: jax.Array, w: jax.Array, padding, kernels: str = "auto") -> jax.Array:
+    """Stride-1 convolution with zero padding ((lo, hi),) * 3 (a static tuple). The CPU form is a
+    matrix product over groups of frames (`_gemm_conv`), or, for a small convolution or one whose
+    single frame's intermediate is too large, XLA's convolution with the per-tap weight gradient;
+    elsewhere (`kernels`) plain XLA (autodiff)."""
     padding = tuple(tuple(int(v) for v in p) for p in padding)
-    if jax.default_backend() != "cpu":
-        return _conv(x, w, padding)
+    return select(kernels, x, w, xla=lambda x, w: _conv(x, w, padding), cpu=lambda x, w: _cpu_conv_stride1(x, w, padding))
+
+
+def _cpu_conv_stride1(x, w, padding):
     group = _frames_per_group(x.shape, w.shape, padding, x.dtype)
     if group == 0:
         return _conv_cpu(x, w, padding)
@@ -234,7 +242,8 @@ def fold_singleton_axes(w: jax.Array, in_shape: Sequence[int], reduce) -> jax.Ar
     return reduce(w, axis=axes, keepdims=True) if axes else w
 
 
-def conv_transpose3d(x: jax.Array, w: jax.Array, strides: Sequence[int], periodic: Sequence[bool], dtype) -> jax.Array:
+def conv_transpose3d(x: jax.Array, w: jax.Array, strides: Sequence[int], periodic: Sequence[bool], dtype,
+                     kernels: str = "auto") -> jax.Array:
     """PyTorch ConvTranspose3d (no padding) on channels-last data, with the original's periodic
     wrap: on a periodic, non-singleton axis the input is padded circularly by p = (k - s) // s
     tokens and p * s samples are cropped from each side of the output.
@@ -254,14 +263,14 @@ def conv_transpose3d(x: jax.Array, w: jax.Array, strides: Sequence[int], periodi
         pads.append((w.shape[a] - s) // s if (periodic[a] and n > 1) else 0)
     if any(pads):
         x = jnp.pad(x, [(0, 0)] + [(p, p) for p in pads] + [(0, 0)], mode="wrap")
-    y = _transposed_conv_subpixel(x, w, s_eff, dtype)
+    y = _transposed_conv_subpixel(x, w, s_eff, dtype, kernels)
     if any(pads):
         sl = [slice(None)] + [slice(p * s, y.shape[1 + a] - p * s) for a, (p, s) in enumerate(zip(pads, s_eff))]
         y = y[tuple(sl) + (slice(None),)]
     return y
 
 
-def _transposed_conv_subpixel(x: jax.Array, w: jax.Array, strides: Sequence[int], dtype) -> jax.Array:
+def _transposed_conv_subpixel(x: jax.Array, w: jax.Array, strides: Sequence[int], dtype, kernels: str) -> jax.Array:
     """Transposed convolution (no padding) as one stride-1 convolution followed by depth-to-space.
 
     With m = ceil(k / s), output sample l * s + p receives sum_q x[l - q] * w[q * s + p]: for each
@@ -278,7 +287,7 @@ def _transposed_conv_subpixel(x: jax.Array, w: jax.Array, strides: Sequence[int]
     w = w.reshape(m[0], s1, m[1], s2, m[2], s3, n_in, n_out)
     w = jnp.flip(w, axis=(0, 2, 4))  # tap q of the conv reads x[l - (m - 1 - q)]
     w = jnp.transpose(w, (0, 2, 4, 6, 1, 3, 5, 7)).reshape(m[0], m[1], m[2], n_in, s1 * s2 * s3 * n_out)
-    y = conv_stride1(x.astype(dtype), w.astype(dtype), tuple((ma - 1, ma - 1) for ma in m))
+    y = conv_stride1(x.astype(dtype), w.astype(dtype), tuple((ma - 1, ma - 1) for ma in m), kernels)
     N, L1, L2, L3 = y.shape[:4]
     y = y.reshape(N, L1, L2, L3, s1, s2, s3, n_out)
     y = jnp.transpose(y, (0, 1, 4, 2, 5, 3, 6, 7)).reshape(N, L1 * s1, L2 * s2, L3 * s3, n_out)

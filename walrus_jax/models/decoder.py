@@ -34,9 +34,9 @@ class Decoder(nnx.Module):
     def __call__(self, z: jax.Array, field_indices: jax.Array, strides, periodic: Sequence[bool]) -> jax.Array:
         """z (N, h, w, d, hid) -> (N, H', W', D', C) on the padded grid."""
         dtype = jnp.dtype(self.cfg.dtype)
-        y = conv_transpose3d(z, self.proj1[...], [s[1] for s in strides], periodic, dtype)
+        y = conv_transpose3d(z, self.proj1[...], [s[1] for s in strides], periodic, dtype, self.cfg.kernels)
         y = jax.nn.silu(self.norm1(y, SPATIAL3))
         labels = jnp.asarray(field_indices, jnp.int32)
         w2 = jnp.take(self.proj2[...], labels, axis=4)
-        y = conv_transpose3d(y, w2, [s[0] for s in strides], periodic, dtype)
+        y = conv_transpose3d(y, w2, [s[0] for s in strides], periodic, dtype, self.cfg.kernels)
         return y + jnp.take(self.proj2_bias[...], labels).astype(y.dtype)

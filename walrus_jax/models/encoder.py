@@ -44,8 +44,8 @@ class SpaceBagEncoder(nnx.Module):
         spatial = x.shape[1:4]
         w1 = fold_singleton_axes(w1, spatial, jnp.sum)
         s1 = [1 if n == 1 else s[0] for n, s in zip(spatial, strides)]
-        y = jax.nn.silu(self.norm1(conv3d(x, w1, s1, dtype), SPATIAL3))
+        y = jax.nn.silu(self.norm1(conv3d(x, w1, s1, dtype, cfg.kernels), SPATIAL3))
         spatial = y.shape[1:4]
         w2 = fold_singleton_axes(self.proj2[...], spatial, jnp.sum)
         s2 = [1 if n == 1 else s[1] for n, s in zip(spatial, strides)]
-        return jax.nn.silu(self.norm2(conv3d(y, w2, s2, dtype), SPATIAL3))
+        return jax.nn.silu(self.norm2(conv3d(y, w2, s2, dtype, cfg.kernels), SPATIAL3))

@@ -9,8 +9,10 @@ from flax.nnx import filterlib
 
 from walrus_jax.cpu_kernels import attention as fused_attention
 from walrus_jax.models import lora
+from walrus_jax.models.activation_sharding import batch_sharded
 from walrus_jax.models.attention import SpaceAttention, TimeAttention
 from walrus_jax.models.config import ModelConfig
+from walrus_jax.models.kernels import select
 
 REMAT_POLICIES = {
     "full": None,  # save nothing
@@ -25,8 +27,8 @@ TOKEN_AXES = (2, 3, 4)  # (h, w, d) of a (B, T, h, w, d, hid) tensor
 # every weight's logical axis names (out_sharding metadata), and nnx.scan removes it inside each step
 # and restores it after, so a block always sees its own per-block names.
 STACKED = {nnx.PARTITION_NAME: "layers"}
-# On CPU a training call (a drop-path key given) of a processor of at most this many blocks runs
-# as an unrolled loop even with scan_layers: differentiated, a scan writes every block's saved
+# In CPU programs a training call (a drop-path key given) of a processor of at most this many blocks
+# runs as an unrolled loop even with scan_layers: differentiated, a scan writes every block's saved
 # activations into stacked buffers and reads them back, copies XLA:CPU does not elide (S config
 # train step 0.61x -> 0.79x the original's time ratio, peak memory 1.21x -> 1.02x). Inference keeps
 # the scan: unrolled, XLA:CPU keeps more buffers alive at once (S forward peak 1.18x -> 1.47x the
@@ -35,9 +37,10 @@ CPU_UNROLL_MAX_BLOCKS = 4
 # Inside a scan each block's weights are dynamic slices of the stacked ones. XLA:CPU fuses the slice
 # of a small weight (a bias, a norm scale) into every elementwise kernel that reads it and then
 # computes it per element, unvectorised: the space block's bias + SwiGLU took 15 ms instead of 3 per
-# small-config block. On CPU, weights of at most this many elements per block are therefore taken
-# from the stack as a product with the one-hot block index (`_block_slice`, exact for finite
-# weights: one term is 1 * w, the others 0 * w'), which XLA computes once and does not fuse.
+# small-config block. Weights of at most this many elements per block therefore enter the scan
+# whole, and CPU programs take them from the stack as a product with the one-hot block index
+# (`_block_slice`, exact for finite weights: one term is 1 * w, the others 0 * w'), which XLA
+# computes once and does not fuse.
 # Larger weights are matrix-product operands, which XLA copies out of the stack anyway.
 CPU_SMALL_WEIGHT_ELEMENTS = 2 ** 16
 
@@ -97,23 +100,27 @@ class Processor(nnx.Module):
         if key is not None:
             xs["key"] = jax.random.split(key, cfg.n_blocks)
 
-        scanned = cfg.scan_layers and not (key is not None and jax.default_backend() == "cpu"
-                                           and cfg.n_blocks <= CPU_UNROLL_MAX_BLOCKS)
-
-        def block_step(last: bool):
+        def block_step(last: bool, scanned: bool):
             def step(block: Block, x, xs):
+                x = batch_sharded(x)  # each block's input and output stay split by sample (activation_sharding)
                 if "shift" in xs:
                     x = roll_tokens(x, xs["shift"])
-                return block(x, xs["rate"], xs.get("key"), last_frame_only=last)
+                return batch_sharded(block(x, xs["rate"], xs.get("key"), last_frame_only=last))
             if cfg.remat != "none":
                 step = nnx.remat(step, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not scanned)
             return step
 
-        step = block_step(last=False)
+        graphdef, state = nnx.split(self.blocks)
+        # jnp: the weights may be numpy arrays (closed over), which cannot be indexed by tracers later.
+        state = jax.tree.map(jnp.asarray, state)
+        small = _small_weight_paths(state)
 
-        if scanned and not last_frame_only:
-            small = _small_weight_paths(self.blocks)
-            if small:  # CPU: the small weights enter whole and are picked per step (CPU_SMALL_WEIGHT_ELEMENTS)
+        def scanned_blocks(x, xs, state):
+            """All blocks as one nnx.scan; the small weights enter whole and are picked per step
+            (`_block_slice`, see CPU_SMALL_WEIGHT_ELEMENTS)."""
+            blocks, xs = nnx.merge(graphdef, state), dict(xs)
+            step = block_step(last=False, scanned=True)
+            if small:
                 small_filter = filterlib.PathIn(*small)
                 block_axes = nnx.StateAxes({small_filter: None, ...: 0})
                 xs["index"] = jnp.arange(cfg.n_blocks)
@@ -123,32 +130,47 @@ class Processor(nnx.Module):
             @nnx.scan(in_axes=(block_axes, nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata=STACKED)
             def run(block, x, xs):
                 if small:
-                    graphdef, stacked, rest = nnx.split(block, small_filter, ...)
-                    picked = jax.tree.map(lambda a: _block_slice(a, xs["index"]), stacked)
-                    block = nnx.merge(graphdef, picked, rest)
+                    gd, stacked, rest = nnx.split(block, small_filter, ...)
+                    picked = jax.tree.map(lambda a: _block_slice(a, xs["index"], cfg.kernels), stacked)
+                    block = nnx.merge(gd, picked, rest)
                 return step(block, x, xs)
 
-            x = run(self.blocks, x, xs)
+            return run(blocks, x, xs)
+
+        def block_at(state, i):
+            return nnx.merge(graphdef, jax.tree.map(lambda a: _block_slice(a, i, cfg.kernels), state))
+
+        def unrolled_blocks(x, xs, state):
+            step = block_step(last=False, scanned=False)
+            for i in range(cfg.n_blocks):
+                x = step(block_at(state, i), x, jax.tree.map(lambda a: a[i], xs))
+            return x
+
+        if not last_frame_only:
+            if not cfg.scan_layers:
+                x = unrolled_blocks(x, xs, state)
+            elif key is not None and cfg.n_blocks <= CPU_UNROLL_MAX_BLOCKS:
+                x = select(cfg.kernels, x, xs, state, xla=scanned_blocks, cpu=unrolled_blocks)
+            else:
+                x = scanned_blocks(x, xs, state)
         else:
-            graphdef, state = nnx.split(self.blocks)
-            # jnp: the weights may be numpy arrays (closed over), which cannot be indexed by tracers later.
-            state = jax.tree.map(jnp.asarray, state)
-            block_at = lambda i: nnx.merge(graphdef, jax.tree.map(lambda a: _block_slice(a, i), state))
-            n_full = cfg.n_blocks - 1 if last_frame_only else cfg.n_blocks
-            if scanned:
+            n_full = cfg.n_blocks - 1
+            if cfg.scan_layers:
                 # The first n_blocks - 1 blocks as a scan over block indices (indexing the stacked
                 # weights in place: scanning over a slice of them would copy (N - 1) / N of them).
+                step = block_step(last=False, scanned=True)
+
                 def body(x, i_xs):
                     i, xs_i = i_xs
-                    return step(block_at(i), x, xs_i), None
+                    return step(block_at(state, i), x, xs_i), None
 
                 x, _ = jax.lax.scan(body, x, (jnp.arange(n_full), jax.tree.map(lambda a: a[:n_full], xs)))
             else:
+                step = block_step(last=False, scanned=False)
                 for i in range(n_full):
-                    x = step(block_at(i), x, jax.tree.map(lambda a: a[i], xs))
-            if last_frame_only:
-                i = cfg.n_blocks - 1
-                x = block_step(last=True)(block_at(i), x, jax.tree.map(lambda a: a[i], xs))
+                    x = step(block_at(state, i), x, jax.tree.map(lambda a: a[i], xs))
+            x = block_step(last=True, scanned=cfg.scan_layers)(block_at(state, n_full), x,
+                                                                jax.tree.map(lambda a: a[n_full], xs))
         if token_shift is not None:
             x = roll_tokens(x, -jnp.sum(xs["shift"], axis=0))
         return x
@@ -159,16 +181,15 @@ def _is_small(a) -> bool:
     return jnp.issubdtype(a.dtype, jnp.floating) and a.size <= CPU_SMALL_WEIGHT_ELEMENTS * a.shape[0]
 
 
-def _small_weight_paths(blocks: nnx.Module) -> tuple:
-    """Paths (within a block) of the stacked small weights, on CPU; () elsewhere."""
-    if jax.default_backend() != "cpu":
-        return ()
-    return tuple(path for path, a in nnx.to_flat_state(nnx.state(blocks)) if _is_small(a.get_value()))
+def _small_weight_paths(state: nnx.State) -> tuple:
+    """Paths (within a block) of the stacked small weights."""
+    return tuple(path for path, a in nnx.to_flat_state(state) if _is_small(a.get_value() if hasattr(a, "get_value") else a))
 
 
-def _block_slice(a: jax.Array, i) -> jax.Array:
-    """a[i] of a stacked weight a (n_blocks, ...); on CPU, for a traced i and a small weight, as
-    one_hot(i) . a (see CPU_SMALL_WEIGHT_ELEMENTS)."""
-    if isinstance(i, int) or jax.default_backend() != "cpu" or not _is_small(a):
+def _block_slice(a: jax.Array, i, kernels: str) -> jax.Array:
+    """a[i] of a stacked weight a (n_blocks, ...); in CPU programs, for a traced i and a small weight,
+    as one_hot(i) . a (see CPU_SMALL_WEIGHT_ELEMENTS)."""
+    if isinstance(i, int) or not _is_small(a):
         return a[i]
-    return jnp.tensordot(jax.nn.one_hot(i, a.shape[0], dtype=a.dtype), a, axes=1)
+    one_hot = lambda a, i: jnp.tensordot(jax.nn.one_hot(i, a.shape[0], dtype=a.dtype), a, axes=1)
+    return select(kernels, a, i, xla=lambda a, i: a[i], cpu=one_hot)

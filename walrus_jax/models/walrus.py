@@ -174,3 +174,17 @@ class Walrus(nnx.Module):
             y = resize_last_axis(y, 66, axis=4)
         y = y.reshape((B, T_out) + tuple(out_spatial) + (C,))
         return (y, inter) if return_intermediates else y
+
+
+def with_kernels(model: Walrus, kernels: str) -> Walrus:
+    """`model` with its weights (shared, not copied) computing through `kernels` (a
+    `ModelConfig.kernels` choice: "auto", "xla", "cpu", "tpu", "gpu"; models/kernels.py), e.g. the
+    portable path for loaded weights: `wj.with_kernels(wj.load_pretrained(d), "xla")`."""
+    cfg = model.cfg.replace(kernels=kernels)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Walrus(cfg, rngs=nnx.Rngs(0))))
+    _, state = nnx.split(model)
+    out = nnx.merge(graphdef, state)
+    for name in ("vocab",):  # what load_pretrained attaches beside the weights
+        if hasattr(model, name):
+            setattr(out, name, getattr(model, name))
+    return out

@@ -68,9 +68,9 @@ def init_params(parts: ModelParts, seed: int) -> tuple[dict, dict]:
     """Random parameters (and the other variables) placed with their shardings, from the model's
     own initializer (`walrus_jax.models.init`).
 
-    On accelerators the initialiser is compiled with out_shardings, so each device creates only
-    its shard. On CPU, where compiling the random initialisers costs far more than running them,
-    the model is built eagerly and then placed.
+    On an accelerator mesh the initialiser is compiled with out_shardings, so each device creates
+    only its shard. On a CPU mesh, where compiling the random initialisers costs far more than
+    running them, the model is built eagerly and then placed.
     """
     from walrus_jax.models import Walrus
 
@@ -78,7 +78,8 @@ def init_params(parts: ModelParts, seed: int) -> tuple[dict, dict]:
         _, p, r = nnx.split(Walrus(parts.cfg, rngs=nnx.Rngs(seed)), nnx.Param, ...)
         return nnx.to_pure_dict(p), nnx.to_pure_dict(r)
 
-    if jax.default_backend() == "cpu":
+    devices = next(iter(jax.tree.leaves(parts.param_shardings))).device_set
+    if all(d.platform == "cpu" for d in devices):
         p, r = make()
         return jax.device_put(p, parts.param_shardings), jax.device_put(r, parts.rest_shardings)
     return jax.jit(make, out_shardings=(parts.param_shardings, parts.rest_shardings))()

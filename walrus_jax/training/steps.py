@@ -23,6 +23,7 @@ data) so that it shards, donates and checkpoints without NNX objects in the way.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Mapping
@@ -31,10 +32,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
+from jax.sharding import NamedSharding
 
 from walrus_jax import normalization, xla_options
 from walrus_jax.inference import rollouts
 from walrus_jax.training import optim
+from walrus_jax.models.activation_sharding import activation_mesh
+from walrus_jax.models.kernels import compile_target, platform_of
 from walrus_jax.models.jitter import Jitter, sample_jitter
 from walrus_jax.models.patching import normalize_bcs
 
@@ -234,12 +238,16 @@ def build_train_step(graphdef, opt: optim.AdamWConfig, schedule, opts: StepOptio
                      rest_shardings=None, trainable_mask=None):
     """jit(train_step) with donated state, static bcs (one compile per bcs / shape / field count).
 
-    With shardings, the state keeps its layout across steps (out_shardings = in_shardings).
+    With shardings, the state keeps its layout across steps (out_shardings = in_shardings), and the
+    model's activations keep their batch axis split over the shardings' mesh (`activation_mesh`).
     Usage: step(state, batch, rest, bcs) with bcs a normalized (static, hashable) tuple.
     """
+    mesh = mesh_of(state_shardings)
+
     def fn(state, batch, rest, bcs):
-        return train_step(state, batch, rest, graphdef=graphdef, opt=opt, schedule=schedule, bcs=bcs, opts=opts,
-                          trainable_mask=trainable_mask)
+        with placed_on(mesh):
+            return train_step(state, batch, rest, graphdef=graphdef, opt=opt, schedule=schedule, bcs=bcs, opts=opts,
+                              trainable_mask=trainable_mask)
 
     kw = {}
     if state_shardings is not None:
@@ -247,8 +255,31 @@ def build_train_step(graphdef, opt: optim.AdamWConfig, schedule, opts: StepOptio
     return xla_options.jit(fn, static_argnums=(3,), donate_argnums=(0,), **kw)
 
 
-def build_eval_loss(graphdef, opts: StepOptions):
-    return xla_options.jit(functools.partial(eval_loss, graphdef=graphdef, opts=opts), static_argnames=("bcs",))
+def build_eval_loss(graphdef, opts: StepOptions, mesh=None):
+    """jit(eval_loss); usage: fn(params, batch, rest, bcs=bcs). mesh: where the batch is split
+    (`activation_mesh`), None for one device."""
+    def fn(params, batch, rest, bcs):
+        with placed_on(mesh):
+            return eval_loss(params, batch, rest, graphdef=graphdef, bcs=bcs, opts=opts)
+
+    return xla_options.jit(fn, static_argnames=("bcs",))
+
+
+@contextlib.contextmanager
+def placed_on(mesh):
+    """While tracing a step for `mesh` (None: one device, decided by `wj.jit`): the model's kernels
+    are the mesh's platform's (`kernels.compile_target`) and its activations stay split by sample
+    (`activation_mesh`)."""
+    with activation_mesh(mesh), compile_target(None if mesh is None else platform_of(mesh.devices.flat)):
+        yield
+
+
+def mesh_of(shardings):
+    """The mesh of the first NamedSharding in a tree of shardings, or None."""
+    for leaf in jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding)):
+        if isinstance(leaf, NamedSharding):
+            return leaf.mesh
+    return None
 
 
 def device_batch(batch: Mapping[str, Any]) -> tuple[dict, tuple]:

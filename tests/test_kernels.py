@@ -1,0 +1,148 @@
+"""The kernel-selection point (models/kernels.py) and the TPU forms: each specialised form equals the
+portable path, the choice follows the platform a program is lowered for, and the TPU forms compile
+for a TPU with the TPU compiler on this host (libtpu, compile-only devices)."""
+from __future__ import annotations
+
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.experimental.pallas import tpu as pltpu
+
+import walrus_jax as wj
+from walrus_jax.models import kernels
+from walrus_jax.models.attention import materialised_attention, space_attention_core
+from walrus_jax.models.flash_attention import block_length, flash_attention
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def test_no_default_backend_in_model_or_training_code():
+    """The form is chosen by the compile target (kernels.select), never by the host's backend."""
+    for package in ("walrus_jax/models", "walrus_jax/training"):
+        for path in (ROOT / package).glob("*.py"):
+            assert "default_backend" not in path.read_text(), path
+
+
+def test_select_follows_the_lowering_platform():
+    f = lambda x: kernels.select("auto", x, xla=lambda x: x + 1.0, cpu=lambda x: x + 2.0, tpu=lambda x: x + 3.0)
+    x = jnp.zeros(2)
+    assert float(jax.jit(f)(x)[0]) == 2.0  # this host's programs are CPU programs
+    assert float(kernels.select("xla", x, xla=lambda x: x + 1.0, cpu=lambda x: x + 2.0)[0]) == 1.0
+    assert float(kernels.select("gpu", x, xla=lambda x: x + 1.0, cpu=lambda x: x + 2.0)[0]) == 1.0  # no GPU form
+    with pytest.raises(ValueError, match="kernels='fast'"):
+        kernels.select("fast", x, xla=lambda x: x)
+    with pytest.raises(ValueError, match="kernels='fast'"):
+        wj.ModelConfig.tiny(kernels="fast")
+
+
+def test_cpu_kernel_is_lowered_only_into_cpu_programs():
+    q = jnp.ones((2, 16, 2, 8), jnp.float32)
+    text = jax.jit(lambda q: space_attention_core(q, q, q, "auto")).lower(q).as_text()
+    assert "WjAttentionForward" in text
+    text = jax.jit(lambda q: space_attention_core(q, q, q, "xla")).lower(q).as_text()
+    assert "WjAttentionForward" not in text
+
+
+def _qkv(shape, dtype, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    q, k, v, do = (jax.random.normal(kk, shape, jnp.float32).astype(dtype) for kk in keys)
+    return q, k, v, do
+
+
+@pytest.mark.parametrize("length", [32 * 32, 33 * 33, 16 ** 3, 17 ** 3])
+def test_flash_attention_matches_the_portable_path(length):
+    """Pallas TPU flash attention (interpret mode on this CPU) against the materialised einsums, float32:
+    values and q, k, v gradients; token counts that are not multiples of the tile, head dim 88."""
+    q, k, v, do = _qkv((1, length, 1, 88), jnp.float32)
+
+    def grads(f):
+        out, vjp = jax.vjp(f, q, k, v)
+        return (out,) + vjp(do)
+
+    with pltpu.force_tpu_interpret_mode():
+        got = jax.jit(lambda: grads(flash_attention))()
+    want = jax.jit(lambda: grads(materialised_attention))()
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert rel_err(a, b) <= 1e-5, (name, rel_err(a, b))
+
+
+def test_flash_attention_bfloat16_error():
+    q, k, v, _ = _qkv((2, 33 * 33, 2, 88), jnp.bfloat16)
+    with pltpu.force_tpu_interpret_mode():
+        got = jax.jit(flash_attention)(q, k, v)
+    exact = materialised_attention(*(a.astype(jnp.float32) for a in (q, k, v)))
+    err = rel_err(got.astype(jnp.float32), exact)
+    portable = rel_err(materialised_attention(q, k, v).astype(jnp.float32), exact)
+    print(f"bf16 flash attention: relative error {err:.2e} (portable bf16 path: {portable:.2e})")
+    assert err <= 2 * portable + 1e-3
+
+
+def test_block_length():
+    assert block_length(4096) == 512 and block_length(4913) == 512 and block_length(1089) == 128
+    assert block_length(1024) == 512 and block_length(100) == 128
+
+
+def test_model_tpu_forms_equal_the_portable_path():
+    """The whole model with its TPU forms (Pallas flash space attention in interpret mode) against
+    kernels="xla": the forward pass and the gradient of a loss."""
+    cfg = wj.ModelConfig.tiny(kernels="xla", drop_path=0.0)
+    model = wj.Walrus(cfg, rngs=nnx.Rngs(0))
+    tpu_model = wj.with_kernels(model, "tpu")
+    x = jax.random.normal(jax.random.key(1), (1, 3, 16, 16, 2))
+    fi, bcs = jnp.array([3, 4]), ((wj.PERIODIC, wj.PERIODIC), (wj.WALL, wj.OPEN))
+
+    def loss_and_grad(m):
+        graphdef, state = nnx.split(m)
+        f = lambda s: jnp.mean(nnx.merge(graphdef, s)(x, fi, bcs) ** 2)
+        return jax.jit(jax.value_and_grad(f))(state)
+
+    with pltpu.force_tpu_interpret_mode():
+        (l_tpu, g_tpu) = loss_and_grad(tpu_model)
+    (l_xla, g_xla) = loss_and_grad(model)
+    assert rel_err(l_tpu, l_xla) <= 1e-5
+    for a, b in zip(jax.tree.leaves(g_tpu), jax.tree.leaves(g_xla)):
+        if np.abs(np.asarray(b)).max() > 0:
+            assert rel_err(a, b) <= 1e-4
+
+
+# ----------------------------------------------------------------- compiled for TPU on this host
+def _tpu_mesh(n: int):
+    from jax.experimental import topologies
+
+    devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices[:n]
+    return jax.sharding.Mesh(np.asarray(devices), ("data",))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_flash_attention_compiles_for_tpu(dtype):
+    """Forward and backward of space attention as one TPU program, sharded over 4 chips: the Pallas
+    kernel is in it (a Mosaic custom call) and no L x L array is."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from walrus_jax.models.activation_sharding import activation_mesh
+
+    mesh = _tpu_mesh(4)
+    L = 17 ** 3
+    spec = jax.ShapeDtypeStruct((8, L, 2, 88), jnp.dtype(dtype), sharding=NamedSharding(mesh, P("data")))
+
+    def f(q, k, v):
+        with activation_mesh(mesh):
+            out, vjp = jax.vjp(lambda q, k, v: space_attention_core(q, k, v, "auto"), q, k, v)
+            return vjp(out)
+
+    compiled = jax.jit(f).lower(spec, spec, spec).compile()
+    text = compiled.as_text()
+    assert "tpu_custom_call" in text
+    assert not re.search(rf"\[[^\]]*\b{L},\s*{L}\b", text)  # no (L, L) logits anywhere
+    per_chip = compiled.memory_analysis().temp_size_in_bytes
+    assert per_chip < 64 * 2**20, per_chip  # a (2, L, L) float32 block alone would be 193 MB

@@ -1,0 +1,183 @@
+"""Compile a job's programs for a TPU slice on this host, ahead of time, and report what they cost per chip.
+
+    python -m tools.aot --topology v5p-64 --config configs/walrus_1p3b.py \
+        [--config.model.dtype=bfloat16 --config.mesh.fsdp=8 ...] [--shapes 128x128,128x128x128] \
+        [--batch_per_chip 2] [--programs train,eval,rollout] [--json report.json]
+
+Needs libtpu (`pip install -e ".[tpu]"`) but no TPU: the slice's compile-only devices
+(`jax.experimental.topologies`) carry the job's own mesh (`config.mesh`), and the job's own jitted
+programs (`tools/aot/programs.py`) are lowered and compiled for them by the TPU compiler. Per program
+it prints per-chip arguments / temporaries / total against the chip's HBM and whether it fits (total
+within --hbm_fraction of HBM), FLOPs per step per chip counted through the loops against the analytic
+model count (`tools/bench/flops.py`), the collectives with their bytes per step, and the compile time.
+`--json FILE` writes one object per program.
+
+Exit status 0 when every program fits; otherwise 1 and one line per program naming the shortfall. A
+mistake in the command line (an unknown topology, config key or shape) is one `error:` line, status 2.
+Only one process at a time can hold libtpu (it locks a file in /tmp).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import flags
+from ml_collections import config_flags
+
+from walrus_jax.errors import ConfigError, run_command, verbose_requested
+
+GB = 1e9
+
+
+def define_flags(fv: flags.FlagValues, argv) -> None:
+    config_flags.DEFINE_config_file("config", None, "Config file (path.py[:variant]).", flag_values=fv,
+                                    lock_config=True, sys_argv=list(argv))
+    flags.DEFINE_string("topology", None, "TPU slice: a Cloud TPU name (v5p-64, v4-64, v5e-256) or a chip "
+                        "grid (v5p:2x4x4).", flag_values=fv)
+    flags.DEFINE_string("shapes", "128x128,128x128x128", "Spatial shapes of the train steps, comma-separated; "
+                        "eval and rollout use the first.", flag_values=fv)
+    flags.DEFINE_integer("batch_per_chip", None, "Samples per chip (default: data.batch_size over the "
+                         "config's mesh.data x mesh.fsdp, -1 counting as 1).", flag_values=fv)
+    flags.DEFINE_string("programs", "train,eval,rollout", "Which programs to compile.", flag_values=fv)
+    flags.DEFINE_float("hbm_fraction", 0.9, "A program fits when its per-chip total is at most this "
+                       "fraction of the chip's HBM.", flag_values=fv)
+    flags.DEFINE_string("json", None, "Write the report here (a list, one object per program).", flag_values=fv)
+    flags.DEFINE_bool("verbose", False, "Print the traceback of an error.", flag_values=fv)
+
+
+def parse_shapes(text: str) -> list[tuple[int, ...]]:
+    shapes = []
+    for item in text.split(","):
+        try:
+            shape = tuple(int(v) for v in item.strip().lower().split("x"))
+        except ValueError:
+            shape = ()
+        if not 2 <= len(shape) <= 3 or min(shape) < 1:
+            raise ConfigError(f"--shapes: {item!r} is not a 2-D or 3-D spatial shape such as 128x128 or 64x64x64")
+        shapes.append(shape)
+    return shapes
+
+
+def default_batch_per_chip(config) -> int:
+    groups = max(int(config.mesh.data), 1) * max(int(config.mesh.fsdp), 1)
+    return max(int(config.data.batch_size) // groups, 1)
+
+
+def analyse(program, topology, mesh, hbm_fraction: float, cfg) -> dict:
+    """Lower, compile and measure one program (see the module doc)."""
+    from tools.aot import analysis
+    from tools.bench.flops import forward_flops
+    from walrus_jax.models.config import PERIODIC
+
+    from walrus_jax.models.kernels import compile_target
+
+    t0 = time.time()
+    with compile_target("tpu"):
+        traced = program.fn.trace(*program.args)
+    lowered = traced.lower()
+    compiled = lowered.compile()
+    compile_s = time.time() - t0
+    chips = topology.chips
+    row = {"program": program.name, "topology": topology.name, "chips": chips,
+           "mesh": dict(mesh.shape), "shape": list(program.shape), "global_batch": program.batch,
+           "batch_per_chip": program.batch // chips, **analysis.memory(compiled),
+           "hbm_bytes": topology.hbm_bytes}
+    row["fits"] = row["total_bytes"] <= hbm_fraction * topology.hbm_bytes
+    row["flops"] = analysis.jaxpr_flops(traced.jaxpr.jaxpr, "tpu") / chips
+    t_in = program.args[1]["input_fields"].shape[1] if program.kind != "rollout" else program.args[2].shape[1]
+    fields = len(program.shape) + 2
+    bcs = ((PERIODIC, PERIODIC),) * len(program.shape)
+    row["model_flops"] = program.forward_passes * forward_flops(cfg, program.shape, t_in, fields, program.batch,
+                                                                bcs) / chips
+    row["flops_ratio"] = row["flops"] / row["model_flops"]
+    row["collectives"] = analysis.collectives(compiled.as_text())
+    row["compile_s"] = compile_s
+    return row
+
+
+def report_line(row: dict) -> str:
+    coll = ", ".join(f"{k} {v['count']:.0f}x {v['bytes'] / GB:.2f} GB" for k, v in sorted(row["collectives"].items()))
+    return (f"{row['program']:<11} {'x'.join(map(str, row['shape'])):<12} {row['batch_per_chip']:>4} "
+            f"{row['args_bytes'] / GB:>8.2f} {row['temp_bytes'] / GB:>8.2f} {row['total_bytes'] / GB:>8.2f} "
+            f"{row['hbm_bytes'] / GB:>6.1f} {'yes' if row['fits'] else 'NO':>4} "
+            f"{row['flops'] / 1e12:>9.2f} {row['model_flops'] / 1e12:>9.2f} {row['flops_ratio']:>5.2f} "
+            f"{row['compile_s']:>7.1f}  {coll or '-'}")
+
+
+HEADER = (f"{'program':<11} {'shape':<12} {'b/ch':>4} {'args GB':>8} {'temp GB':>8} {'total GB':>8} "
+          f"{'HBM GB':>6} {'fits':>4} {'TFLOP/ch':>9} {'model TF':>9} {'ratio':>5} {'compile':>7}  collectives per step")
+
+
+def main(fv: flags.FlagValues, argv) -> int:
+    if len(argv) > 1:
+        raise ConfigError(f"unexpected arguments: {argv[1:]}")
+    if fv.config is None:
+        raise ConfigError("--config is required, e.g. --config configs/walrus_1p3b.py")
+    if not fv.topology:
+        raise ConfigError("--topology is required, e.g. --topology v5p-64")
+    from tools.aot import topologies
+
+    try:
+        topology = topologies.resolve(fv.topology)
+    except topologies.UnknownTopology as e:
+        raise ConfigError(str(e)) from None
+    shapes = parse_shapes(fv.shapes)
+    kinds = tuple(k.strip() for k in fv.programs.split(",") if k.strip())
+    unknown = sorted(set(kinds) - {"train", "eval", "rollout"})
+    if unknown or not kinds:
+        raise ConfigError(f"--programs: {fv.programs!r}; choose from train, eval, rollout")
+    batch_per_chip = fv.batch_per_chip or default_batch_per_chip(fv.config)
+    if batch_per_chip < 1:
+        raise ConfigError(f"--batch_per_chip={batch_per_chip} must be at least 1")
+    if fv.json and not os.path.isdir(os.path.dirname(os.path.abspath(fv.json))):
+        raise ConfigError(f"--json {fv.json}: its directory does not exist")
+
+    try:
+        devices = topologies.devices(topology)
+    except (ImportError, RuntimeError) as e:
+        raise ConfigError(f"cannot build {topology.grid}'s compile-only devices ({str(e).splitlines()[0]}); "
+                          "libtpu is needed: pip install -e \".[tpu]\"") from None
+    from tools.aot import programs as progs
+    from walrus_jax import sharding
+    from walrus_jax.training.config import model_config
+
+    mesh = sharding.make_mesh(fv.config.mesh, devices)
+    cfg = model_config(fv.config)
+    built = progs.build(fv.config, mesh, shapes, batch_per_chip, kinds)
+    print(f"{topology.name} ({topology.grid}, {topology.chips} chips, {topology.hbm_bytes / GB:.1f} GB HBM each), "
+          f"mesh {dict(mesh.shape)}, model {cfg.hidden_dim} hidden x {cfg.n_blocks} blocks, "
+          f"dtype {cfg.dtype}, remat {cfg.remat}, kernels {cfg.kernels}", flush=True)
+    print(HEADER, flush=True)
+    rows = []
+    for program in built:
+        row = analyse(program, topology, mesh, fv.hbm_fraction, cfg)
+        rows.append(row)
+        print(report_line(row), flush=True)
+    if fv.json:
+        with open(fv.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    short = [r for r in rows if not r["fits"]]
+    for r in short:
+        print(f"does not fit: {r['program']} needs {r['total_bytes'] / GB:.2f} GB per chip, "
+              f"{(r['total_bytes'] - fv.hbm_fraction * r['hbm_bytes']) / GB:.2f} GB over "
+              f"{fv.hbm_fraction:.0%} of {r['hbm_bytes'] / GB:.1f} GB", file=sys.stderr)
+    return 1 if short else 0
+
+
+def cli(argv=None) -> int:
+    from walrus_jax.main import parse_flags
+
+    argv = list(sys.argv if argv is None else argv)
+    fv = flags.FlagValues()
+    define_flags(fv, argv)
+    if any(a in ("--help", "-h") for a in argv[1:]):
+        print(__doc__)
+        print(fv.get_help())
+        return 0
+    return run_command(lambda: main(fv, parse_flags(fv, argv)), verbose_requested(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
