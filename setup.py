@@ -31,7 +31,10 @@ setup(
     extras_require={
         # the stores' fsspec implementations, only where data lives there
         "remote": ["gcsfs", "s3fs", "huggingface_hub", "aiohttp"],
+        # libtpu: runs on a TPU VM, and compiles for any TPU slice on a CPU host (tools/aot)
+        "tpu": ["jax[tpu]"],
         "test": [
+            "jax[tpu]",  # libtpu: tests/test_kernels.py and tests/test_aot.py compile TPU programs on the CPU
             "pytest>=8",
             "aiohttp>=3.9",  # tests/test_data_remote.py reads through a local HTTP server
             "pyyaml>=6.0",

@@ -59,3 +59,13 @@ def test_reexecution_keeps_the_command_line_and_happens_once():
     starts = 2 if expected else 1
     assert out[:starts] == ["start"] * starts
     assert out[starts] == f"True ['a', '--b=1'] {tunables}"
+
+
+def test_huge_pages_only_for_cpu_jobs():
+    assert huge_pages.cpu_job({"JAX_PLATFORMS": "cpu"}, accelerator_files=True)
+    assert not huge_pages.cpu_job({"JAX_PLATFORMS": "tpu,cpu"}, accelerator_files=False)
+    assert not huge_pages.cpu_job({}, accelerator_files=True)
+    assert huge_pages.cpu_job({}, accelerator_files=False)
+    env = {"PATH": os.environ.get("PATH", "")}
+    assert huge_pages.huge_page_environment(env, "linux", (2, 39), "madvise", on_cpu=False) is None
+    assert huge_pages.huge_page_environment(env, "linux", (2, 39), "madvise", on_cpu=True) is not None

@@ -98,7 +98,7 @@ def test_model_tpu_forms_equal_the_portable_path():
     cfg = wj.ModelConfig.tiny(kernels="xla", drop_path=0.0)
     model = wj.Walrus(cfg, rngs=nnx.Rngs(0))
     tpu_model = wj.with_kernels(model, "tpu")
-    x = jax.random.normal(jax.random.key(1), (1, 3, 16, 16, 2))
+    x = jax.random.normal(jax.random.key(1), (1, 3, 32, 32, 2))
     fi, bcs = jnp.array([3, 4]), ((wj.PERIODIC, wj.PERIODIC), (wj.WALL, wj.OPEN))
 
     def loss_and_grad(m):
@@ -110,9 +110,13 @@ def test_model_tpu_forms_equal_the_portable_path():
         (l_tpu, g_tpu) = loss_and_grad(tpu_model)
     (l_xla, g_xla) = loss_and_grad(model)
     assert rel_err(l_tpu, l_xla) <= 1e-5
-    for a, b in zip(jax.tree.leaves(g_tpu), jax.tree.leaves(g_xla)):
-        if np.abs(np.asarray(b)).max() > 0:
-            assert rel_err(a, b) <= 1e-4
+    # Per weight, relative to its own gradient; a gradient that is zero up to rounding (|g| ~ 1e-11
+    # where others are ~1e-2) is compared on the scale of the largest.
+    pairs = [(np.asarray(a, np.float64), np.asarray(b, np.float64))
+             for a, b in zip(jax.tree.leaves(g_tpu), jax.tree.leaves(g_xla))]
+    largest = max(np.abs(b).max() for _, b in pairs)
+    for a, b in pairs:
+        assert np.abs(a - b).max() <= 1e-4 * max(np.abs(b).max(), 1e-3 * largest)
 
 
 # ----------------------------------------------------------------- compiled for TPU on this host

@@ -76,6 +76,11 @@ class _TopLevelJit:
         with compile_target(platform):
             return fn.lower(*args, **kwargs)
 
+    def trace(self, *args, **kwargs):
+        fn, platform = self._pick(args, kwargs)
+        with compile_target(platform):
+            return fn.trace(*args, **kwargs)
+
     def __getattr__(self, name):
         return getattr(self._tuned, name)
 

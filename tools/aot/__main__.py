@@ -28,7 +28,7 @@ from ml_collections import config_flags
 
 from walrus_jax.errors import ConfigError, run_command, verbose_requested
 
-GB = 1e9
+GB = 2**30  # reported in GiB, as HBM sizes are
 
 
 def define_flags(fv: flags.FlagValues, argv) -> None:
@@ -71,11 +71,8 @@ def analyse(program, topology, mesh, hbm_fraction: float, cfg) -> dict:
     from tools.bench.flops import forward_flops
     from walrus_jax.models.config import PERIODIC
 
-    from walrus_jax.models.kernels import compile_target
-
     t0 = time.time()
-    with compile_target("tpu"):
-        traced = program.fn.trace(*program.args)
+    traced = program.fn.trace(*program.args)  # the TPU forms: the arguments are placed on TPU devices
     lowered = traced.lower()
     compiled = lowered.compile()
     compile_s = time.time() - t0
@@ -98,7 +95,7 @@ def analyse(program, topology, mesh, hbm_fraction: float, cfg) -> dict:
 
 
 def report_line(row: dict) -> str:
-    coll = ", ".join(f"{k} {v['count']:.0f}x {v['bytes'] / GB:.2f} GB" for k, v in sorted(row["collectives"].items()))
+    coll = ", ".join(f"{k} {v['count']:.0f}x {v['bytes'] / GB:.2f} GiB" for k, v in sorted(row["collectives"].items()))
     return (f"{row['program']:<11} {'x'.join(map(str, row['shape'])):<12} {row['batch_per_chip']:>4} "
             f"{row['args_bytes'] / GB:>8.2f} {row['temp_bytes'] / GB:>8.2f} {row['total_bytes'] / GB:>8.2f} "
             f"{row['hbm_bytes'] / GB:>6.1f} {'yes' if row['fits'] else 'NO':>4} "
@@ -106,8 +103,8 @@ def report_line(row: dict) -> str:
             f"{row['compile_s']:>7.1f}  {coll or '-'}")
 
 
-HEADER = (f"{'program':<11} {'shape':<12} {'b/ch':>4} {'args GB':>8} {'temp GB':>8} {'total GB':>8} "
-          f"{'HBM GB':>6} {'fits':>4} {'TFLOP/ch':>9} {'model TF':>9} {'ratio':>5} {'compile':>7}  collectives per step")
+HEADER = (f"{'program':<11} {'shape':<12} {'b/ch':>4} {'args GiB':>8} {'temp GiB':>8} {'totalGiB':>8} "
+          f"{'HBMGiB':>6} {'fits':>4} {'TFLOP/ch':>9} {'model TF':>9} {'ratio':>5} {'compile':>7}  collectives per step")
 
 
 def main(fv: flags.FlagValues, argv) -> int:
@@ -146,7 +143,7 @@ def main(fv: flags.FlagValues, argv) -> int:
     mesh = sharding.make_mesh(fv.config.mesh, devices)
     cfg = model_config(fv.config)
     built = progs.build(fv.config, mesh, shapes, batch_per_chip, kinds)
-    print(f"{topology.name} ({topology.grid}, {topology.chips} chips, {topology.hbm_bytes / GB:.1f} GB HBM each), "
+    print(f"{topology.name} ({topology.grid}, {topology.chips} chips, {topology.hbm_bytes / GB:.0f} GiB HBM each), "
           f"mesh {dict(mesh.shape)}, model {cfg.hidden_dim} hidden x {cfg.n_blocks} blocks, "
           f"dtype {cfg.dtype}, remat {cfg.remat}, kernels {cfg.kernels}", flush=True)
     print(HEADER, flush=True)
@@ -160,9 +157,9 @@ def main(fv: flags.FlagValues, argv) -> int:
             json.dump(rows, f, indent=1)
     short = [r for r in rows if not r["fits"]]
     for r in short:
-        print(f"does not fit: {r['program']} needs {r['total_bytes'] / GB:.2f} GB per chip, "
-              f"{(r['total_bytes'] - fv.hbm_fraction * r['hbm_bytes']) / GB:.2f} GB over "
-              f"{fv.hbm_fraction:.0%} of {r['hbm_bytes'] / GB:.1f} GB", file=sys.stderr)
+        print(f"does not fit: {r['program']} needs {r['total_bytes'] / GB:.2f} GiB per chip, "
+              f"{(r['total_bytes'] - fv.hbm_fraction * r['hbm_bytes']) / GB:.2f} GiB over "
+              f"{fv.hbm_fraction:.0%} of {r['hbm_bytes'] / GB:.0f} GiB", file=sys.stderr)
     return 1 if short else 0
 
 

@@ -99,19 +99,60 @@ _CALLS = re.compile(r"\b(body|condition|calls|to_apply|branch_computations|calle
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 
 
-def _largest_array_bytes(shape_text: str) -> int:
-    best = 0
+def _array_bytes(shape_text: str) -> int:
+    total = 0
     for dtype, dims in _ARRAY.findall(shape_text):
         if dtype in _DTYPE_BYTES:
-            n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
-            best = max(best, n * _DTYPE_BYTES[dtype])
-    return best
+            total += (math.prod(int(d) for d in dims.split(",") if d) if dims else 1) * _DTYPE_BYTES[dtype]
+    return total
+
+
+def _tuple_elements(shape_text: str) -> list[str]:
+    """The top-level elements of a tuple shape "(a, (b, c), d)"; [shape_text] for an array shape."""
+    text = shape_text.strip()
+    if not text.startswith("("):
+        return [text]
+    parts, depth, start = [], 0, 1
+    for i, ch in enumerate(text):
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 1:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:-1])
+    return parts
+
+
+def _result_bytes(shape_text: str, asynchronous: bool) -> int:
+    """Bytes a collective produces: every array of a (possibly combined, tuple-shaped) collective; of
+    an async start's (operands, results, ...) tuple, the results."""
+    if asynchronous:
+        elements = _tuple_elements(shape_text)
+        return _array_bytes(elements[1] if len(elements) > 1 else elements[0])
+    return _array_bytes(shape_text)
+
+
+def _trip_count(while_line: str, comps: dict[str, list[str]]) -> int:
+    """A while loop's trip count: XLA's known_trip_count, else the s32 bound its condition compares
+    the counter with (jax's scans count from 0 with `<`); 1 when neither is found."""
+    known = _TRIP.search(while_line)
+    if known:
+        return int(known.group(1))
+    cond = re.search(r"condition=%?([\w.\-]+)", while_line)
+    lines = comps.get(cond.group(1), []) if cond else []
+    if any("direction=LT" in ln for ln in lines):
+        bounds = [int(m) for ln in lines for m in re.findall(r"s32\[\][^=]*constant\((\d+)\)", ln)]
+        if len(bounds) == 1:
+            return bounds[0]
+    return 1
 
 
 def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
     """{collective: {"count": per step, "bytes": per step}} from a compiled module's text: each
-    collective's result (the largest array of an async start's tuple) times how often its computation
-    runs (a while body: its known trip count; nested loops multiply)."""
+    collective's result bytes (`_result_bytes`) times how often its computation runs (a while body:
+    its trip count, `_trip_count`; nested loops multiply)."""
     comps: dict[str, list[str]] = {}
     entry, current = None, None
     for line in hlo_text.splitlines():
@@ -133,11 +174,10 @@ def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
     calls: dict[str, list[tuple[str, int]]] = defaultdict(list)
     for name, lines in comps.items():
         for line in lines:
-            trip = _TRIP.search(line)
+            trip = _trip_count(line, comps) if " while(" in line else 1
             for kind, target in _CALLS.findall(line):
                 for callee in re.findall(r"%?([\w.\-]+)", target.strip("{}")):
-                    factor = int(trip.group(1)) if trip and kind in ("body", "condition") else 1
-                    calls[name].append((callee, factor))
+                    calls[name].append((callee, trip if kind in ("body", "condition") else 1))
     runs: dict[str, float] = defaultdict(float)
 
     def visit(name: str, times: float, depth: int = 0):
@@ -157,10 +197,11 @@ def collectives(hlo_text: str) -> dict[str, dict[str, float]]:
             if not m:
                 continue
             shape, op = m.groups()
-            base = op[:-len("-start")] if op.endswith("-start") else op
+            asynchronous = op.endswith("-start")
+            base = op[:-len("-start")] if asynchronous else op
             if base not in COLLECTIVES:
                 continue
             entry_ = out.setdefault(base, {"count": 0.0, "bytes": 0.0})
             entry_["count"] += runs[name]
-            entry_["bytes"] += runs[name] * _largest_array_bytes(shape)
+            entry_["bytes"] += runs[name] * _result_bytes(shape, asynchronous)
     return out

@@ -19,7 +19,7 @@ from walrus_jax.models.blocked_attention import blocked_attention
 from walrus_jax.models.config import ModelConfig
 from walrus_jax.models.flash_attention import flash_attention
 from walrus_jax.models.kernels import select
-from walrus_jax.models.layers import Dense, HeadLayerNorm, RMSGroupNorm, drop_path, param
+from walrus_jax.models.layers import Dense, HeadLayerNorm, RMSGroupNorm, drop_path, param, precision
 
 SPATIAL = (2, 3, 4)  # token axes (h, w, d) of a (B, T, h, w, d, C) tensor
 
@@ -28,14 +28,15 @@ def materialised_attention(q, k, v, bias=None, is_causal=False):
     """Softmax attention on (N, L, heads, hd) tensors, the portable form: two einsums around a float32
     softmax over the materialised (L x L) logits per head. bias (heads, Lq, Lk) or (1, heads, Lq, Lk)."""
     scale = 1.0 / np.sqrt(q.shape[-1])
-    logits = jnp.einsum("nqhd,nkhd->nhqk", q, k, preferred_element_type=jnp.float32) * np.float32(scale)
+    logits = jnp.einsum("nqhd,nkhd->nhqk", q, k, preferred_element_type=jnp.float32,
+                        precision=precision(q.dtype)) * np.float32(scale)
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
     if is_causal:
         L = q.shape[1]
         logits = jnp.where(jnp.asarray(np.tril(np.ones((L, L), bool))), logits, -jnp.inf)
     p = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("nhqk,nkhd->nqhd", p, v)
+    return jnp.einsum("nhqk,nkhd->nqhd", p, v, precision=precision(v.dtype))
 
 
 def _cudnn_or_materialised(q, k, v, bias=None, is_causal=False):
@@ -68,6 +69,14 @@ def space_attention_core(q: jax.Array, k: jax.Array, v: jax.Array, kernels: str 
     tpu = functools.partial(per_batch_shard, flash_attention)  # a Pallas call runs per device's frames
     return select(kernels, q, k, v, xla=materialised_attention, cpu=_cpu_space_attention, tpu=tpu,
                   gpu=_gpu_space_attention)
+
+
+def _materialised_time(q, k, v, bias, causal):
+    return materialised_attention(q, k, v, bias[None], causal)
+
+
+def _cudnn_time(q, k, v, bias, causal):
+    return _cudnn_or_materialised(q, k, v, bias[None], causal)
 
 
 class TimeAttention(nnx.Module):
@@ -120,16 +129,18 @@ class TimeAttention(nnx.Module):
             return jnp.transpose(o, (0, 2, 1, 3)).reshape((B, Tq) + x.shape[2:])
 
         def frames_batched(xn):
-            # The portable form: per token, attention over frames as a batch of (Tq x T) problems.
+            # The portable form: per token, attention over frames as a batch of (Tq x T) problems:
+            # einsums (cuDNN on CUDA in bf16); on TPU elementwise products and sums (`frame_attention`'s
+            # XLA form), since T ~ 6 fills a sliver of a 128 x 128 matrix unit and XLA's TPU compiler
+            # turns so many tiny batched products into slowly compiled convolutions.
             qkv = self.qkv(xn, k_qkv).reshape(B, T, h, w, d, nh, 3, hd)
             qkv = jnp.transpose(qkv, (6, 0, 2, 3, 4, 1, 5, 7)).reshape(3, B * L, T, nh, hd)
             q, k, v = self.q_norm(qkv[0][:, T - Tq:]), self.k_norm(qkv[1]), qkv[2]
-            o = select(cfg.kernels, q, k, v, bias[None], xla=functools.partial(materialised_attention, is_causal=causal),
-                       gpu=functools.partial(_cudnn_or_materialised, is_causal=causal))
+            o = select(cfg.kernels, q, k, v, bias, xla=functools.partial(_materialised_time, causal=causal),
+                       gpu=functools.partial(_cudnn_time, causal=causal),
+                       tpu=lambda q, k, v, bias: _frame_attention(q, k, v, bias, causal))
             return self.out(jnp.transpose(o.reshape(B, h, w, d, Tq, hid), (0, 4, 1, 2, 3, 5)), k_out)
 
-        # On TPU and GPU the frames_batched einsums over T ~ 6 frames are small products XLA handles
-        # well; a flash kernel's tiles (>= 128 keys) would be mostly padding.
         o = select(cfg.kernels, xn, xla=frames_batched, cpu=token_major)
         # one draw per frame, shared by the batch
         return x[:, T - Tq:] + drop_path(o.astype(x.dtype), rate, key, draw_axes=(1,), n_frames=T)
@@ -137,8 +148,8 @@ class TimeAttention(nnx.Module):
 
 def frame_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, causal: bool) -> jax.Array:
     """Attention over a handful of frames per token, as broadcast products and sums (the CPU form of
-    time attention). q (N, Tq, heads, head_dim), k, v (N, T, heads, head_dim); bias (heads, Tq, T)
-    [query, key] -> (N, Tq, heads, head_dim); logits, softmax and the weighted sum in float32.
+    time attention; its XLA part, `_frame_attention`, is the TPU form). q (N, Tq, heads, head_dim),
+    k, v (N, T, heads, head_dim); bias (heads, Tq, T) [query, key] -> (N, Tq, heads, head_dim); logits, softmax and the weighted sum in float32.
     causal (a lower-triangular mask) needs Tq = T.
 
     With T ~ 6 the two products are N * heads tiny T x T x head_dim matrix products: XLA:CPU runs
@@ -148,8 +159,8 @@ def frame_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, c
     large elementwise kernels that recompute the softmax per output element, ~16x the forward's
     time; written out it saves the probabilities (T^2 x heads floats per token, a fraction of q, k,
     v) and is ~3x the forward. In float32 the project's C++ kernel (`cpu_kernels.frame_attention`)
-    does the same per token with its logits in registers, ~10x faster than either. CPU programs only
-    (`TimeAttention`'s CPU form)."""
+    does the same per token with its logits in registers, ~10x faster than either (CPU programs only:
+    this function is `TimeAttention`'s CPU form)."""
     if cpu_frame_attention.supports(q, k, v, bias) and cpu_frame_attention.available():
         return cpu_frame_attention.frame_attention(q, k, v, bias, causal)
     return _frame_attention(q, k, v, bias, causal)

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from walrus_jax.models.kernels import select
+from walrus_jax.models.layers import precision
 
 DIMS = ("NHWDC", "HWDIO", "NHWDC")
 SPATIAL3 = (1, 2, 3)  # spatial axes of an (N, H, W, D, C) tensor
@@ -57,7 +58,8 @@ def conv3d(x: jax.Array, w: jax.Array, strides: Sequence[int], dtype, kernels: s
             x, w = space_to_depth(x, w, strides)
         return conv_stride1(x, w, ((0, 0),) * 3, kernels="cpu")
 
-    xla = lambda x, w: jax.lax.conv_general_dilated(x, w, tuple(strides), "VALID", dimension_numbers=DIMS)
+    xla = lambda x, w: jax.lax.conv_general_dilated(x, w, tuple(strides), "VALID", dimension_numbers=DIMS,
+                                                    precision=precision(x.dtype))
     return select(kernels, x, w, xla=xla, cpu=cpu)
 
 
@@ -83,7 +85,8 @@ def space_to_depth(x: jax.Array, w: jax.Array, strides: Sequence[int]) -> tuple[
 
 
 def _conv(x, w, padding):
-    return jax.lax.conv_general_dilated(x, w, (1, 1, 1), [tuple(p) for p in padding], dimension_numbers=DIMS)
+    return jax.lax.conv_general_dilated(x, w, (1, 1, 1), [tuple(p) for p in padding], dimension_numbers=DIMS,
+                                        precision=precision(x.dtype))
 
 
 GEMM_CONV_MIN_FLOPS = 2.5e8  # smaller convolutions keep XLA's form (module doc)

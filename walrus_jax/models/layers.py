@@ -29,10 +29,18 @@ def param(init: Init, shape: tuple[int, ...], axes: tuple[str | None, ...], *, d
                 **{initializers.INIT_KEY: init})
 
 
+def precision(dtype):
+    """The matrix-product precision for a compute dtype: float32 products are computed in float32
+    (TPUs and recent GPUs otherwise round float32 operands to bf16 / tf32 at default precision;
+    CPUs ignore it), others at the default."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
 def _channel_sum(a: jax.Array) -> jax.Array:
     """(..., C) -> (C,): the sum over every other axis, as a vector-matrix product."""
     a2 = a.reshape(-1, a.shape[-1])
-    return jnp.dot(jnp.ones((a2.shape[0],), a2.dtype), a2, preferred_element_type=jnp.float32)
+    return jnp.dot(jnp.ones((a2.shape[0],), a2.dtype), a2, preferred_element_type=jnp.float32,
+                   precision=precision(a2.dtype))
 
 
 @jax.custom_vjp
@@ -90,7 +98,8 @@ class Dense(nnx.Module):
         # gathers the kernel rather than the samples.
         lead = x.shape[:-1]
         x = batch_sharded(x)
-        y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), self.kernel[...].astype(self.dtype))
+        y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), self.kernel[...].astype(self.dtype),
+                    precision=precision(self.dtype))
         y = batch_sharded(y.reshape(lead + (y.shape[-1],)))
         if self.bias is not None:
             y = add_channels(y, self.bias[...].astype(self.dtype))

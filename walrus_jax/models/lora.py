@@ -23,7 +23,7 @@ from flax import nnx
 
 from walrus_jax.models import initializers
 from walrus_jax.models.config import ModelConfig
-from walrus_jax.models.layers import param
+from walrus_jax.models.layers import param, precision
 
 RANK_AXIS = "lora_rank"
 
@@ -46,8 +46,9 @@ class Adapter(nnx.Module):
             keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
             x = jnp.where(keep, x / np.float32(1.0 - self.dropout).astype(x.dtype), jnp.zeros_like(x))
         lead = x.shape[:-1]
-        h = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), self.a[...].astype(self.dtype))
-        y = jnp.dot(h, self.b[...].astype(self.dtype)) * np.asarray(self.scale, self.dtype)
+        h = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), self.a[...].astype(self.dtype),
+                    precision=precision(self.dtype))
+        y = jnp.dot(h, self.b[...].astype(self.dtype), precision=precision(self.dtype)) * np.asarray(self.scale, self.dtype)
         return y.reshape(lead + (y.shape[-1],))
 
 

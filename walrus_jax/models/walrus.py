@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 
 from walrus_jax.models import initializers, patching
+from walrus_jax.models.activation_sharding import batch_sharded
 from walrus_jax.models.config import PERIODIC, ModelConfig
 from walrus_jax.models.decoder import Decoder
 from walrus_jax.models.encoder import SpaceBagEncoder
@@ -147,9 +148,11 @@ class Walrus(nnx.Module):
         x = x * self.encoder_dummy[...].astype(jnp.float32)
 
         patch_shift = None if jitter is None else jnp.asarray(jitter.patch_shift, jnp.int32)
-        xp = patching.pad_and_flag(x.reshape((B * T,) + spatial3 + (C,)), plans, bcs3, patch_shift)
+        # On a mesh, frames stay split by sample through the encoder and decoder (activation_sharding).
+        xp = batch_sharded(patching.pad_and_flag(batch_sharded(x.reshape((B * T,) + spatial3 + (C,))), plans, bcs3,
+                                                 patch_shift))
         inter["encoder_input"] = xp
-        tokens = self.embed[f"d{dim_key}"](xp, field_indices, strides)
+        tokens = batch_sharded(self.embed[f"d{dim_key}"](xp, field_indices, strides))
         tokens = tokens.reshape((B, T) + tokens.shape[1:])
         inter["after_encoder"] = tokens
         if self.ape is not None:
@@ -167,8 +170,9 @@ class Walrus(nnx.Module):
         inter["before_decoder"] = tokens
         T_out = tokens.shape[1]
         periodic = [lo == PERIODIC for lo, _ in bcs3]
-        y = self.debed[f"d{dim_key}"](tokens.reshape((B * T_out,) + tokens.shape[2:]), field_indices, strides, periodic)
-        y = patching.unjitter(y, plans, patch_shift).astype(jnp.float32)
+        y = self.debed[f"d{dim_key}"](batch_sharded(tokens.reshape((B * T_out,) + tokens.shape[2:])), field_indices,
+                                      strides, periodic)
+        y = patching.unjitter(batch_sharded(y), plans, patch_shift).astype(jnp.float32)
         y = y.reshape((B, T_out) + spatial3 + (C,))
         if resize_66_to_64:
             y = resize_last_axis(y, 66, axis=4)
