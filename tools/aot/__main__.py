@@ -38,8 +38,9 @@ def define_flags(fv: flags.FlagValues, argv) -> None:
                         "grid (v5p:2x4x4).", flag_values=fv)
     flags.DEFINE_string("shapes", "128x128,128x128x128", "Spatial shapes of the train steps, comma-separated; "
                         "eval and rollout use the first.", flag_values=fv)
-    flags.DEFINE_integer("batch_per_chip", None, "Samples per chip (default: data.batch_size over the "
-                         "config's mesh.data x mesh.fsdp, -1 counting as 1).", flag_values=fv)
+    flags.DEFINE_integer("batch_per_chip", None, "Samples per device (a chip; a TensorCore of a v4 chip), "
+                         "default: data.batch_size over the config's mesh.data x mesh.fsdp, -1 counting as "
+                         "1.", flag_values=fv)
     flags.DEFINE_string("programs", "train,eval,rollout", "Which programs to compile.", flag_values=fv)
     flags.DEFINE_float("hbm_fraction", 0.9, "A program fits when its per-chip total is at most this "
                        "fraction of the chip's HBM.", flag_values=fv)
@@ -67,44 +68,53 @@ def default_batch_per_chip(config) -> int:
 
 def analyse(program, topology, mesh, hbm_fraction: float, cfg) -> dict:
     """Lower, compile and measure one program (see the module doc)."""
-    from tools.aot import analysis
+    from tools.aot import analysis, topologies
     from tools.bench.flops import forward_flops
     from walrus_jax.models.config import PERIODIC
 
+    import jax
+
     t0 = time.time()
     traced = program.fn.trace(*program.args)  # the TPU forms: the arguments are placed on TPU devices
-    lowered = traced.lower()
-    compiled = lowered.compile()
-    compile_s = time.time() - t0
-    chips = topology.chips
-    row = {"program": program.name, "topology": topology.name, "chips": chips,
+    devices = mesh.devices.size  # per device below: a chip, or a TensorCore where a chip has two (v4)
+    hbm = topologies.hbm_per_device(topology, devices)
+    row = {"program": program.name, "topology": topology.name, "chips": topology.chips, "devices": devices,
            "mesh": dict(mesh.shape), "shape": list(program.shape), "global_batch": program.batch,
-           "batch_per_chip": program.batch // chips, **analysis.memory(compiled),
-           "hbm_bytes": topology.hbm_bytes}
-    row["fits"] = row["total_bytes"] <= hbm_fraction * topology.hbm_bytes
-    row["flops"] = analysis.jaxpr_flops(traced.jaxpr.jaxpr, "tpu") / chips
+           "batch_per_device": program.batch // devices, "hbm_bytes": hbm}
+    try:
+        compiled = traced.lower().compile()
+        row.update(analysis.memory(compiled), collectives=analysis.collectives(compiled.as_text()))
+    except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a program over the HBM
+        needed = analysis.out_of_memory_bytes(str(e))
+        if needed is None:
+            raise
+        row.update(args_bytes=0, output_bytes=0, temp_bytes=needed, code_bytes=0, total_bytes=needed,
+                   collectives={}, compile_error=str(e).splitlines()[0])
+    row["compile_s"] = time.time() - t0
+    row["fits"] = row["total_bytes"] <= hbm_fraction * hbm
+    row["flops"] = analysis.jaxpr_flops(traced.jaxpr.jaxpr, "tpu") / devices
     t_in = program.args[1]["input_fields"].shape[1] if program.kind != "rollout" else program.args[2].shape[1]
     fields = len(program.shape) + 2
     bcs = ((PERIODIC, PERIODIC),) * len(program.shape)
     row["model_flops"] = program.forward_passes * forward_flops(cfg, program.shape, t_in, fields, program.batch,
-                                                                bcs) / chips
+                                                                bcs) / devices
     row["flops_ratio"] = row["flops"] / row["model_flops"]
-    row["collectives"] = analysis.collectives(compiled.as_text())
-    row["compile_s"] = compile_s
     return row
 
 
 def report_line(row: dict) -> str:
     coll = ", ".join(f"{k} {v['count']:.0f}x {v['bytes'] / GB:.2f} GiB" for k, v in sorted(row["collectives"].items()))
-    return (f"{row['program']:<11} {'x'.join(map(str, row['shape'])):<12} {row['batch_per_chip']:>4} "
+    if "compile_error" in row:
+        coll = f"(not compiled: {row['compile_error'][:90]})"
+    return (f"{row['program']:<11} {'x'.join(map(str, row['shape'])):<12} {row['batch_per_device']:>4} "
             f"{row['args_bytes'] / GB:>8.2f} {row['temp_bytes'] / GB:>8.2f} {row['total_bytes'] / GB:>8.2f} "
             f"{row['hbm_bytes'] / GB:>6.1f} {'yes' if row['fits'] else 'NO':>4} "
             f"{row['flops'] / 1e12:>9.2f} {row['model_flops'] / 1e12:>9.2f} {row['flops_ratio']:>5.2f} "
             f"{row['compile_s']:>7.1f}  {coll or '-'}")
 
 
-HEADER = (f"{'program':<11} {'shape':<12} {'b/ch':>4} {'args GiB':>8} {'temp GiB':>8} {'totalGiB':>8} "
-          f"{'HBMGiB':>6} {'fits':>4} {'TFLOP/ch':>9} {'model TF':>9} {'ratio':>5} {'compile':>7}  collectives per step")
+HEADER = (f"{'program':<11} {'shape':<12} {'b/dv':>4} {'args GiB':>8} {'temp GiB':>8} {'totalGiB':>8} "
+          f"{'HBMGiB':>6} {'fits':>4} {'TFLOP/dv':>9} {'model TF':>9} {'ratio':>5} {'compile':>7}  collectives per step")
 
 
 def main(fv: flags.FlagValues, argv) -> int:
@@ -143,7 +153,8 @@ def main(fv: flags.FlagValues, argv) -> int:
     mesh = sharding.make_mesh(fv.config.mesh, devices)
     cfg = model_config(fv.config)
     built = progs.build(fv.config, mesh, shapes, batch_per_chip, kinds)
-    print(f"{topology.name} ({topology.grid}, {topology.chips} chips, {topology.hbm_bytes / GB:.0f} GiB HBM each), "
+    print(f"{topology.name} ({topology.grid}, {topology.chips} chips, {topology.hbm_bytes / GB:.0f} GiB HBM each; "
+          f"{mesh.devices.size} devices), "
           f"mesh {dict(mesh.shape)}, model {cfg.hidden_dim} hidden x {cfg.n_blocks} blocks, "
           f"dtype {cfg.dtype}, remat {cfg.remat}, kernels {cfg.kernels}", flush=True)
     print(HEADER, flush=True)
@@ -157,7 +168,7 @@ def main(fv: flags.FlagValues, argv) -> int:
             json.dump(rows, f, indent=1)
     short = [r for r in rows if not r["fits"]]
     for r in short:
-        print(f"does not fit: {r['program']} needs {r['total_bytes'] / GB:.2f} GiB per chip, "
+        print(f"does not fit: {r['program']} needs {r['total_bytes'] / GB:.2f} GiB per device, "
               f"{(r['total_bytes'] - fv.hbm_fraction * r['hbm_bytes']) / GB:.2f} GiB over "
               f"{fv.hbm_fraction:.0%} of {r['hbm_bytes'] / GB:.0f} GiB", file=sys.stderr)
     return 1 if short else 0

@@ -85,6 +85,15 @@ def memory(compiled) -> dict[str, int]:
             "code_bytes": int(code), "total_bytes": int(args + out - alias + temp + code)}
 
 
+def out_of_memory_bytes(message: str) -> int | None:
+    """What the TPU compiler said a refused program needs ("... HLO temporaries (28.34G) exceeds
+    available HBM (15.25G)"), in bytes; None for another error."""
+    m = re.search(r"RESOURCE_EXHAUSTED.*?\(([0-9.]+)([KMGT])\)", message)
+    if not m:
+        return None
+    return int(float(m.group(1)) * 1024 ** "KMGT".index(m.group(2)) * 1024)
+
+
 # ------------------------------------------------------------------------------- collectives
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute",

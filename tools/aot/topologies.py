@@ -52,7 +52,13 @@ def resolve(name: str) -> Topology:
 
 
 def devices(topology: Topology):
-    """The slice's compile-only devices (needs libtpu: `pip install -e ".[tpu]"`)."""
+    """The slice's compile-only devices (needs libtpu: `pip install -e ".[tpu]"`). A v4 slice comes as
+    one device per TensorCore (two per chip, sharing the chip's HBM): see `hbm_per_device`."""
     from jax.experimental import topologies
 
     return list(topologies.get_topology_desc(platform="tpu", topology_name=topology.grid).devices)
+
+
+def hbm_per_device(topology: Topology, n_devices: int) -> int:
+    """HBM bytes of one device: the chip's, split between the devices of a chip."""
+    return topology.hbm_bytes * topology.chips // n_devices
