@@ -31,8 +31,10 @@ def _check(rows):
         assert 0 < r["args_bytes"] and 0 <= r["temp_bytes"] and r["total_bytes"] >= r["args_bytes"]
         assert r["flops"] > 0 and r["model_flops"] > 0 and r["compile_s"] > 0
     train = rows[0]
-    # the matrix products the program runs, against forward + backward of the analytic count
-    assert 0.5 <= train["flops_ratio"] <= 1.4, train["flops_ratio"]
+    # The matrix products the program runs, against forward + backward of the analytic count. The
+    # tiny model's FLOPs are mostly space attention (1024 tokens, hidden 32), whose flash backward
+    # recomputes the logits in both of its kernels: 9 products where the analytic count has 6.
+    assert 0.9 <= train["flops_ratio"] <= 1.5, train["flops_ratio"]
     # FSDP over 4 chips: weights are gathered and gradients reduced every step
     coll = train["collectives"]
     assert coll and sum(v["bytes"] for v in coll.values()) > 0, coll

@@ -6,8 +6,8 @@ is compiled for, not by the host's default backend. Under `kernels="auto"`:
 
 - where the program is built for known devices, the builder names their platform while tracing
   (`compile_target`): `wj.jit` from its arguments' devices (or the default device they go to),
-  the train and eval steps from their mesh, `tools/aot` from the TPU topology. Only that platform's
-  form is traced;
+  the train and eval steps from their mesh (`tools/aot` lowers them with TPU-placed arguments).
+  Only that platform's form is traced;
 - elsewhere (a user's own `jax.jit`), every form is traced and `jax.lax.platform_dependent` keeps the
   target platform's when the program is lowered. Differentiated, such a choice carries every form's
   saved residuals (zeros for the forms not taken) out of the forward pass, which XLA does not always
@@ -17,8 +17,8 @@ is compiled for, not by the host's default backend. Under `kernels="auto"`:
 
 - ``"auto"``: the target's forms: CPU kernels for CPU programs (`walrus_jax.cpu_kernels`: fused C++
   attention, q/k norm + RoPE and time attention, matrix-product convolutions, an unrolled block loop
-  for short training processors); Pallas flash attention for space attention on TPU
-  (`models/flash_attention.py`); cuDNN flash attention for bf16/fp16 on CUDA (float32 there runs
+  for short training processors); on TPU Pallas flash attention for space attention
+  (`models/flash_attention.py`) and elementwise time attention; cuDNN flash attention for bf16/fp16 on CUDA (float32 there runs
   space attention block by block, `blocked_attention`, so the L x L logits are never all in memory);
   XLA's operations for everything else.
 - ``"xla"``: the portable path on every platform: XLA's own operations, the logits of attention
