@@ -1,4 +1,4 @@
-"""Compile a job's programs for a TPU slice on this host, ahead of time, and report what they cost per chip.
+"""Compile a job's programs for a TPU slice on this host, ahead of time, and report what they cost per device.
 
     python -m tools.aot --topology v5p-64 --config configs/walrus_1p3b.py \
         [--config.model.dtype=bfloat16 --config.mesh.fsdp=8 ...] [--shapes 128x128,128x128x128] \
@@ -7,9 +7,11 @@
 Needs libtpu (`pip install -e ".[tpu]"`) but no TPU: the slice's compile-only devices
 (`jax.experimental.topologies`) carry the job's own mesh (`config.mesh`), and the job's own jitted
 programs (`tools/aot/programs.py`) are lowered and compiled for them by the TPU compiler. Per program
-it prints per-chip arguments / temporaries / total against the chip's HBM and whether it fits (total
-within --hbm_fraction of HBM), FLOPs per step per chip counted through the loops against the analytic
-model count (`tools/bench/flops.py`), the collectives with their bytes per step, and the compile time.
+it prints, per device (a chip; a TensorCore of a v4 chip, which the compiler treats as one device with
+half the chip's HBM), arguments / temporaries / total against HBM and whether it fits (total within
+--hbm_fraction of HBM; a program the compiler refuses for memory does not), FLOPs per step counted
+through the loops against the analytic model count (`tools/bench/flops.py`), the collectives with
+their bytes per step, and the compile time.
 `--json FILE` writes one object per program.
 
 Exit status 0 when every program fits; otherwise 1 and one line per program naming the shortfall. A
@@ -68,11 +70,11 @@ def default_batch_per_chip(config) -> int:
 
 def analyse(program, topology, mesh, hbm_fraction: float, cfg) -> dict:
     """Lower, compile and measure one program (see the module doc)."""
+    import jax
+
     from tools.aot import analysis, topologies
     from tools.bench.flops import forward_flops
     from walrus_jax.models.config import PERIODIC
-
-    import jax
 
     t0 = time.time()
     traced = program.fn.trace(*program.args)  # the TPU forms: the arguments are placed on TPU devices
