@@ -1,4 +1,6 @@
-"""Softmax attention computed one (frame, head, query block) at a time: the CPU path of space attention.
+"""Softmax attention computed one (frame, head, query block) at a time: space attention in CPU programs
+without the C++ kernel, and float32 space attention on CUDA GPUs (cuDNN's flash attention has no
+float32; models/kernels.py).
 
 Space attention over a frame's L tokens builds L x L logits per head (1024^2 for a 128^2 field, 32768^2
 for a 128^3 one). Materialising all of them at once, as two einsums around a softmax do, makes the
@@ -15,8 +17,7 @@ as a product batched over frames (~1.5x faster attention overall at the small co
 working set of a step is Q * L floats (`block_bytes`), whatever L is. Every key is seen in one step,
 so this is the ordinary softmax (no online rescaling); it differs from the materialised version only
 by float32 rounding (~1e-7 relative). The frame axis is walked by the map, so under data-parallel
-sharding of N (CPU meshes only: other backends do not take this path) XLA gathers q, k, v first;
-the results are the same.
+sharding of N XLA gathers q, k, v first; the results are the same.
 
 The backward pass is written out (flash-attention style, `_attend_bwd`): it keeps one log-sum-exp
 per query row instead of every block's probabilities, and recomputes them block by block.
@@ -27,6 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# float32 products in float32 (this form also serves float32 attention on GPUs, whose default
+# precision would round operands to tf32; CPUs ignore the setting).
+_HIGHEST = jax.lax.Precision.HIGHEST
 DEFAULT_BLOCK_BYTES = 8 * 2**20  # float32 logits per step; ~the L2+L3 share of one core on common CPUs
 
 
@@ -67,7 +71,7 @@ def _scale(d: int, dtype):
 def _logits(q_blk, k):
     """(rows, D) x (L, D) -> float32 (rows, L) scaled logits, and the scaled queries."""
     qs = q_blk * _scale(q_blk.shape[-1], q_blk.dtype)
-    return jnp.dot(qs, k.T, preferred_element_type=jnp.float32), qs
+    return jnp.dot(qs, k.T, preferred_element_type=jnp.float32, precision=_HIGHEST), qs
 
 
 def _row_max(logits):
@@ -92,7 +96,7 @@ def _forward(qb, kp, vp):
             row_max = _row_max(logits)
             e = jnp.exp(logits - row_max[:, None])
             row_sum = jnp.sum(e, axis=-1)
-            out = jnp.dot(e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+            out = jnp.dot(e.astype(v.dtype), v, preferred_element_type=jnp.float32, precision=_HIGHEST)
             # Normalised after the product: one pass fewer over e.
             return (out / row_sum[:, None]).astype(v.dtype), row_max + jnp.log(row_sum)
 
@@ -130,11 +134,11 @@ def _attend_bwd(residuals, do):
             q_blk, do_blk, lse_blk, delta_blk = xs
             logits, qs = _logits(q_blk, k)
             p = jnp.exp(logits - lse_blk[:, None])
-            dv = dv + jnp.dot(p.astype(do_blk.dtype).T, do_blk, preferred_element_type=jnp.float32)
-            dp = jnp.dot(do_blk, v.T, preferred_element_type=jnp.float32)
+            dv = dv + jnp.dot(p.astype(do_blk.dtype).T, do_blk, preferred_element_type=jnp.float32, precision=_HIGHEST)
+            dp = jnp.dot(do_blk, v.T, preferred_element_type=jnp.float32, precision=_HIGHEST)
             ds = p * (dp - delta_blk[:, None])
-            dq = jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
-            dk = dk + jnp.dot(ds.astype(qs.dtype).T, qs, preferred_element_type=jnp.float32)
+            dq = jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32, precision=_HIGHEST)
+            dk = dk + jnp.dot(ds.astype(qs.dtype).T, qs, preferred_element_type=jnp.float32, precision=_HIGHEST)
             return (dk, dv), (dq * _scale(D, jnp.float32)).astype(q_blk.dtype)
 
         zeros = jnp.zeros((L, D), jnp.float32)
