@@ -39,10 +39,6 @@ class Program:
     forward_passes: float  # model forwards per step in the analytic count (train: 3, +1 with remat "full")
 
 
-def abstract(tree, shardings):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
-
-
 def build(config, mesh, shapes, batch_per_chip: int, kinds=("train", "eval", "rollout")) -> list[Program]:
     """The programs of `config`'s job on `mesh` (see the module doc)."""
     cfg = model_config(config)
@@ -50,9 +46,9 @@ def build(config, mesh, shapes, batch_per_chip: int, kinds=("train", "eval", "ro
     opt = dataclasses.replace(optim.adamw_config(config.train), grad_accum=micro_steps_per_update(config))
     schedule = optim.make_schedule(config.train)
     state_abs, state_sh = setup.state_shardings(parts, opt, None, mesh)
-    state = abstract(state_abs, state_sh)
-    rest = abstract(parts.rest_abstract, parts.rest_shardings)
-    params = abstract(parts.params_abstract, parts.param_shardings)
+    state = setup.with_shardings(state_abs, state_sh)
+    rest = setup.with_shardings(parts.rest_abstract, parts.rest_shardings)
+    params = setup.with_shardings(parts.params_abstract, parts.param_shardings)
     opts = step_options(config)
     n_chips = sharding.n_devices(mesh)
     batch = batch_per_chip * n_chips
