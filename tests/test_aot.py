@@ -62,6 +62,7 @@ def test_bfloat16_programs_fit(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--topology", "v9-8"], "unknown topology 'v9-8'; known: v4-8"),
     (["--topology", "v5e-4", "--shapes", "16"], "--shapes: '16' is not a 2-D or 3-D spatial shape"),
+    (["--topology", "v5e-4", "--shapes", "16x16"], "--shapes: '16x16': the model's stride table takes sizes [32, 128"),
     (["--topology", "v5e-4", "--programs", "train,fly"], "--programs: 'train,fly'; choose from"),
     (["--topology", "v5e-4", "--config.model.hiden_dim=3"], "has no key 'hiden_dim'"),
 ])

@@ -51,6 +51,8 @@ def define_flags(fv: flags.FlagValues, argv) -> None:
 
 
 def parse_shapes(text: str) -> list[tuple[int, ...]]:
+    from walrus_jax.models.patching import supported_sizes
+
     shapes = []
     for item in text.split(","):
         try:
@@ -59,6 +61,9 @@ def parse_shapes(text: str) -> list[tuple[int, ...]]:
             shape = ()
         if not 2 <= len(shape) <= 3 or min(shape) < 1:
             raise ConfigError(f"--shapes: {item!r} is not a 2-D or 3-D spatial shape such as 128x128 or 64x64x64")
+        sizes = supported_sizes(sum(1 for n in shape if n > 1))
+        if any(n > 1 and n not in sizes for n in shape):
+            raise ConfigError(f"--shapes: {item!r}: the model's stride table takes sizes {sizes} (or 1) per axis")
         shapes.append(shape)
     return shapes
 
