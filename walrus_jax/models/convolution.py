@@ -245,6 +245,19 @@ def fold_singleton_axes(w: jax.Array, in_shape: Sequence[int], reduce) -> jax.Ar
     return reduce(w, axis=axes, keepdims=True) if axes else w
 
 
+def transposed_geometry(spatial: Sequence[int], w: jax.Array, strides: Sequence[int], periodic: Sequence[bool]):
+    """For `conv_transpose3d` of an input with spatial shape `spatial`: the kernel averaged over
+    singleton axes, the effective strides (1 on singleton axes) and the circular padding in tokens per
+    axis (p = (k - s) // s on periodic, non-singleton axes, else 0)."""
+    w = fold_singleton_axes(w, spatial, jnp.mean)
+    s_eff, pads = [], []
+    for a, n in enumerate(spatial):
+        s = 1 if n == 1 else strides[a]
+        s_eff.append(s)
+        pads.append((w.shape[a] - s) // s if (periodic[a] and n > 1) else 0)
+    return w, s_eff, pads
+
+
 def conv_transpose3d(x: jax.Array, w: jax.Array, strides: Sequence[int], periodic: Sequence[bool], dtype,
                      kernels: str = "auto") -> jax.Array:
     """PyTorch ConvTranspose3d (no padding) on channels-last data, with the original's periodic
@@ -257,13 +270,7 @@ def conv_transpose3d(x: jax.Array, w: jax.Array, strides: Sequence[int], periodi
     x (N, n1, n2, n3, I), w (k1, k2, k3, I, O) -> (N, (n - 1) * s + k per axis, O).
     Singleton axes use the kernel averaged over that axis and stride 1.
     """
-    spatial = x.shape[1:4]
-    w = fold_singleton_axes(w, spatial, jnp.mean)
-    s_eff, pads = [], []
-    for a, n in enumerate(spatial):
-        s = 1 if n == 1 else strides[a]
-        s_eff.append(s)
-        pads.append((w.shape[a] - s) // s if (periodic[a] and n > 1) else 0)
+    w, s_eff, pads = transposed_geometry(x.shape[1:4], w, strides, periodic)
     if any(pads):
         x = jnp.pad(x, [(0, 0)] + [(p, p) for p in pads] + [(0, 0)], mode="wrap")
     y = _transposed_conv_subpixel(x, w, s_eff, dtype, kernels)
@@ -271,6 +278,22 @@ def conv_transpose3d(x: jax.Array, w: jax.Array, strides: Sequence[int], periodi
         sl = [slice(None)] + [slice(p * s, y.shape[1 + a] - p * s) for a, (p, s) in enumerate(zip(pads, s_eff))]
         y = y[tuple(sl) + (slice(None),)]
     return y
+
+
+def subpixel_kernel(w: jax.Array, strides: Sequence[int], phase_order: str = "a1,a2,a3,o"):
+    """The stride-1 kernel of a transposed convolution's subpixel form (`_transposed_conv_subpixel`):
+    w (k1, k2, k3, I, O) -> ((m1, m2, m3, I, s1 s2 s3 O), m), m = ceil(k / s), output channels in
+    `phase_order`: "a1,a2,a3,o" (phases, then channel) or "a3,o,a1,a2" (models/full_resolution.py)."""
+    k = w.shape[:3]
+    m = [-(-ka // sa) for ka, sa in zip(k, strides)]
+    n_in, n_out = w.shape[3], w.shape[4]
+    w = jnp.pad(w, [(0, ma * sa - ka) for ma, sa, ka in zip(m, strides, k)] + [(0, 0), (0, 0)])
+    s1, s2, s3 = strides
+    w = w.reshape(m[0], s1, m[1], s2, m[2], s3, n_in, n_out)
+    w = jnp.flip(w, axis=(0, 2, 4))  # tap q of the conv reads x[l - (m - 1 - q)]
+    order = {"a1,a2,a3,o": (1, 3, 5, 7), "a3,o,a1,a2": (5, 7, 1, 3)}[phase_order]
+    w = jnp.transpose(w, (0, 2, 4, 6) + order).reshape(m[0], m[1], m[2], n_in, s1 * s2 * s3 * n_out)
+    return w, m
 
 
 def _transposed_conv_subpixel(x: jax.Array, w: jax.Array, strides: Sequence[int], dtype, kernels: str) -> jax.Array:
@@ -282,14 +305,9 @@ def _transposed_conv_subpixel(x: jax.Array, w: jax.Array, strides: Sequence[int]
     (`lhs_dilation`) is a slow generic loop, ~100x slower on the decoder's second convolution.
     x (N, n1, n2, n3, I), w (k1, k2, k3, I, O) -> (N, (n_a - 1) * s_a + k_a, O).
     """
-    k = w.shape[:3]
-    m = [-(-ka // sa) for ka, sa in zip(k, strides)]
-    n_in, n_out = w.shape[3], w.shape[4]
-    w = jnp.pad(w, [(0, ma * sa - ka) for ma, sa, ka in zip(m, strides, k)] + [(0, 0), (0, 0)])
+    k, n_out = w.shape[:3], w.shape[4]
     s1, s2, s3 = strides
-    w = w.reshape(m[0], s1, m[1], s2, m[2], s3, n_in, n_out)
-    w = jnp.flip(w, axis=(0, 2, 4))  # tap q of the conv reads x[l - (m - 1 - q)]
-    w = jnp.transpose(w, (0, 2, 4, 6, 1, 3, 5, 7)).reshape(m[0], m[1], m[2], n_in, s1 * s2 * s3 * n_out)
+    w, m = subpixel_kernel(w, strides)
     y = conv_stride1(x.astype(dtype), w.astype(dtype), tuple((ma - 1, ma - 1) for ma in m), kernels)
     N, L1, L2, L3 = y.shape[:4]
     y = y.reshape(N, L1, L2, L3, s1, s2, s3, n_out)

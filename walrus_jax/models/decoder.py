@@ -1,5 +1,5 @@
 """Decoder: two transposed 3-D convolutions back to the padded grid, output columns
-chosen by the field labels, with circular handling of periodic axes."""
+chosen by the field labels, with circular handling of periodic axes; then the padding is cropped."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -11,6 +11,7 @@ from flax import nnx
 from walrus_jax.models import initializers
 from walrus_jax.models.config import ModelConfig
 from walrus_jax.models.convolution import SPATIAL3, conv_transpose3d
+from walrus_jax.models.full_resolution import decode_output
 from walrus_jax.models.layers import RMSGroupNorm, param
 
 
@@ -31,12 +32,14 @@ class Decoder(nnx.Module):
                            dtype=pdt, rngs=rngs)
         self.proj2_bias = param(initializers.ZEROS, (cfg.n_states,), ("vocab",), dtype=pdt)
 
-    def __call__(self, z: jax.Array, field_indices: jax.Array, strides, periodic: Sequence[bool]) -> jax.Array:
-        """z (N, h, w, d, hid) -> (N, H', W', D', C) on the padded grid."""
+    def __call__(self, z: jax.Array, field_indices: jax.Array, strides, periodic: Sequence[bool], plans,
+                 patch_shift) -> jax.Array:
+        """z (N, h, w, d, hid) -> (N, H, W, D, C) on the unpadded grid (the padding and the jitter roll
+        of `plans` / `patch_shift` undone)."""
         dtype = jnp.dtype(self.cfg.dtype)
         y = conv_transpose3d(z, self.proj1[...], [s[1] for s in strides], periodic, dtype, self.cfg.kernels)
         y = jax.nn.silu(self.norm1(y, SPATIAL3))
         labels = jnp.asarray(field_indices, jnp.int32)
         w2 = jnp.take(self.proj2[...], labels, axis=4)
-        y = conv_transpose3d(y, w2, [s[0] for s in strides], periodic, dtype, self.cfg.kernels)
-        return y + jnp.take(self.proj2_bias[...], labels).astype(y.dtype)
+        return decode_output(y, w2, jnp.take(self.proj2_bias[...], labels), plans, patch_shift,
+                             [s[0] for s in strides], periodic, dtype, self.cfg.kernels)

@@ -1,5 +1,5 @@
-"""Space-bag encoder: the two strided 3-D convolutions that turn a padded, flagged field
-stack into tokens, with the kernel columns chosen by the field labels."""
+"""Space-bag encoder: the two strided 3-D convolutions that turn the padded, flagged fields
+into tokens, with the kernel columns chosen by the field labels."""
 from __future__ import annotations
 
 import math
@@ -11,6 +11,7 @@ from flax import nnx
 from walrus_jax.models import initializers
 from walrus_jax.models.config import FLAG_LABELS, ModelConfig
 from walrus_jax.models.convolution import SPATIAL3, conv3d, fold_singleton_axes
+from walrus_jax.models.full_resolution import encode_input
 from walrus_jax.models.layers import RMSGroupNorm, param
 
 class SpaceBagEncoder(nnx.Module):
@@ -29,22 +30,25 @@ class SpaceBagEncoder(nnx.Module):
                            dtype=pdt, rngs=rngs)
         self.norm2 = RMSGroupNorm(cfg.hidden_dim, param_dtype=pdt, rngs=rngs)
 
-    def __call__(self, x: jax.Array, field_indices: jax.Array, strides) -> jax.Array:
-        """x (N, H', W', D', C + 3) padded fields + flags; field_indices (C,) (may be traced);
-        strides ((s1, s2),) * 3 -> tokens (N, h, w, d, hid), post-SiLU."""
+    def __call__(self, x: jax.Array, field_indices: jax.Array, scale: jax.Array, plans, bcs3, patch_shift,
+                 strides) -> jax.Array:
+        """x (N, H, W, D, C) unpadded fields; field_indices (C,) (may be traced); scale () multiplies the
+        fields; plans / bcs3 / patch_shift as `patching.pad_and_flag`; strides ((s1, s2),) * 3 ->
+        tokens (N, h, w, d, hid), post-SiLU."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
-        n_fields = x.shape[-1] - 3
+        n_fields = x.shape[-1]
         labels = jnp.concatenate([jnp.asarray(field_indices, jnp.int32), jnp.asarray(FLAG_LABELS, jnp.int32)])
         w1 = jnp.take(self.proj1[...], labels, axis=3)
         # The original's "hack to match older weights": scale the field and bias columns, not wall/open.
-        scale = jnp.concatenate([jnp.full((n_fields + 1,), math.sqrt((cfg.n_states - 3) / n_fields), w1.dtype),
-                                 jnp.ones((2,), w1.dtype)])
-        w1 = w1 * scale[:, None]
-        spatial = x.shape[1:4]
+        col_scale = jnp.concatenate([jnp.full((n_fields + 1,), math.sqrt((cfg.n_states - 3) / n_fields), w1.dtype),
+                                     jnp.ones((2,), w1.dtype)])
+        w1 = w1 * col_scale[:, None]
+        spatial = tuple(p.padded for p in plans)
         w1 = fold_singleton_axes(w1, spatial, jnp.sum)
         s1 = [1 if n == 1 else s[0] for n, s in zip(spatial, strides)]
-        y = jax.nn.silu(self.norm1(conv3d(x, w1, s1, dtype, cfg.kernels), SPATIAL3))
+        y = encode_input(x, w1, scale, plans, bcs3, patch_shift, s1, dtype, cfg.kernels)
+        y = jax.nn.silu(self.norm1(y, SPATIAL3))
         spatial = y.shape[1:4]
         w2 = fold_singleton_axes(self.proj2[...], spatial, jnp.sum)
         s2 = [1 if n == 1 else s[1] for n, s in zip(spatial, strides)]

@@ -128,18 +128,17 @@ def token_grid(plans: Sequence[AxisPlan], kernel_sizes=(8, 4)) -> tuple[int, ...
 
 
 # ------------------------------------------------------------------------- padding and flags
-def pad_and_flag(x: jax.Array, plans: Sequence[AxisPlan], bcs3, patch_shift: jax.Array | None) -> jax.Array:
-    """Zero padding of non-periodic axes, boundary flags on that grid, roll, then circular padding of
-    periodic axes (the original's order, so the periodic wrap includes the rolled flags).
+def _widths(plans: Sequence[AxisPlan], ndim: int, axes: Sequence[int], width) -> list[tuple[int, int]]:
+    out = [(0, 0)] * ndim
+    for a, p in zip(axes, plans):
+        out[a] = (width(p), width(p))
+    return out
 
-    x: (N, H, W, D, C) channels-last -> (N, H', W', D', C + 3) with flag channels
-    [bias, wall, open] appended after the C fields.
-    """
-    n = x.shape[0]
-    widths = [(0, 0)] + [(p.const_pad, p.const_pad) for p in plans] + [(0, 0)]
-    x = jnp.pad(x, widths)
-    shape = x.shape[1:4]
-    # Flags are built in numpy: they depend only on static shapes and BCs.
+
+def flag_grid(plans: Sequence[AxisPlan], bcs3) -> np.ndarray:
+    """The boundary flags [bias, wall, open] on the zero-padded grid, (H'', W'', D'', 3) float32 (before
+    the roll and the circular padding): static, from shapes and BCs only."""
+    shape = tuple(p.size + 2 * p.const_pad for p in plans)
     flags = np.zeros(shape + (3,), np.float32)
     flags[..., 0] = 1.0
     for a, (p, (lo, hi)) in enumerate(zip(plans, bcs3)):
@@ -152,25 +151,53 @@ def pad_and_flag(x: jax.Array, plans: Sequence[AxisPlan], bcs3, patch_shift: jax
             sl = tuple(idx)
             flags[sl + (1 + code,)] += 1.0
             flags[sl + (0,)] = 0.0
-    x = jnp.concatenate([x, jnp.broadcast_to(jnp.asarray(flags, x.dtype), (n,) + flags.shape)], axis=-1)
+    return flags
+
+
+def zero_pad(x: jax.Array, plans: Sequence[AxisPlan], axes: Sequence[int] = (1, 2, 3)) -> jax.Array:
+    """Zero padding of the non-periodic axes (`axes`: where H, W, D are in x)."""
+    return jnp.pad(x, _widths(plans, x.ndim, axes, lambda p: p.const_pad))
+
+
+def roll_and_wrap(x: jax.Array, plans: Sequence[AxisPlan], patch_shift: jax.Array | None,
+                  axes: Sequence[int] = (1, 2, 3)) -> jax.Array:
+    """The jitter roll of the zero-padded grid, then the circular padding of the periodic axes."""
     if patch_shift is not None:
-        for a, p in enumerate(plans):
+        for i, (a, p) in enumerate(zip(axes, plans)):
             if p.rolls:
-                x = jnp.roll(x, patch_shift[a], axis=1 + a)
-    pwidths = [(0, 0)] + [(p.periodic_pad, p.periodic_pad) for p in plans] + [(0, 0)]
-    if any(w != (0, 0) for w in pwidths):
-        x = jnp.pad(x, pwidths, mode="wrap")
+                x = jnp.roll(x, patch_shift[i], axis=a)
+    widths = _widths(plans, x.ndim, axes, lambda p: p.periodic_pad)
+    if any(w != (0, 0) for w in widths):
+        x = jnp.pad(x, widths, mode="wrap")
     return x
 
 
-def unjitter(y: jax.Array, plans: Sequence[AxisPlan], patch_shift: jax.Array | None) -> jax.Array:
+def pad_and_flag(x: jax.Array, plans: Sequence[AxisPlan], bcs3, patch_shift: jax.Array | None) -> jax.Array:
+    """Zero padding of non-periodic axes, boundary flags on that grid, roll, then circular padding of
+    periodic axes (the original's order, so the periodic wrap includes the rolled flags).
+
+    x: (N, H, W, D, C) channels-last -> (N, H', W', D', C + 3) with flag channels
+    [bias, wall, open] appended after the C fields.
+    """
+    x = zero_pad(x, plans)
+    flags = jnp.asarray(flag_grid(plans, bcs3), x.dtype)
+    x = jnp.concatenate([x, jnp.broadcast_to(flags, (x.shape[0],) + flags.shape)], axis=-1)
+    return roll_and_wrap(x, plans, patch_shift)
+
+
+def unjitter(y: jax.Array, plans: Sequence[AxisPlan], patch_shift: jax.Array | None,
+             axes: Sequence[int] = (1, 2, 3)) -> jax.Array:
     """Inverse of the padding / roll on the decoder output: crop the periodic padding, roll back,
-    crop the zero padding. y: (N, H', W', D', C)."""
-    sl = [slice(None)] + [slice(p.periodic_pad, p.padded - p.periodic_pad) for p in plans] + [slice(None)]
-    y = y[tuple(sl)]
+    crop the zero padding. y: (N, H', W', D', C), or H', W', D' at `axes`."""
+    def crop(y, lo, length):
+        sl = [slice(None)] * y.ndim
+        for a, p in zip(axes, plans):
+            sl[a] = slice(lo(p), lo(p) + length(p))
+        return y[tuple(sl)]
+
+    y = crop(y, lambda p: p.periodic_pad, lambda p: p.padded - 2 * p.periodic_pad)
     if patch_shift is not None:
-        for a, p in enumerate(plans):
+        for i, (a, p) in enumerate(zip(axes, plans)):
             if p.rolls:
-                y = jnp.roll(y, -patch_shift[a], axis=1 + a)
-    sl = [slice(None)] + [slice(p.const_pad, p.const_pad + p.size) for p in plans] + [slice(None)]
-    return y[tuple(sl)]
+                y = jnp.roll(y, -patch_shift[i], axis=a)
+    return crop(y, lambda p: p.const_pad, lambda p: p.size)

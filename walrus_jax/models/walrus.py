@@ -145,14 +145,14 @@ class Walrus(nnx.Module):
             p = cfg.input_field_drop / C
             keep = jax.random.bernoulli(k_drop, 1.0 - p, (B, T, 1, 1, 1, C))
             x = jnp.where(keep, x / (1.0 - p), 0.0)
-        x = x * self.encoder_dummy[...].astype(jnp.float32)
+        scale = self.encoder_dummy[...].astype(jnp.float32)[0]
 
         patch_shift = None if jitter is None else jnp.asarray(jitter.patch_shift, jnp.int32)
         # On a mesh, frames stay split by sample through the encoder and decoder (activation_sharding).
-        xp = batch_sharded(patching.pad_and_flag(batch_sharded(x.reshape((B * T,) + spatial3 + (C,))), plans, bcs3,
-                                                 patch_shift))
-        inter["encoder_input"] = xp
-        tokens = batch_sharded(self.embed[f"d{dim_key}"](xp, field_indices, strides))
+        x = batch_sharded(x.reshape((B * T,) + spatial3 + (C,)))
+        if return_intermediates:
+            inter["encoder_input"] = patching.pad_and_flag(x * scale, plans, bcs3, patch_shift)
+        tokens = batch_sharded(self.embed[f"d{dim_key}"](x, field_indices, scale, plans, bcs3, patch_shift, strides))
         tokens = tokens.reshape((B, T) + tokens.shape[1:])
         inter["after_encoder"] = tokens
         if self.ape is not None:
@@ -171,8 +171,8 @@ class Walrus(nnx.Module):
         T_out = tokens.shape[1]
         periodic = [lo == PERIODIC for lo, _ in bcs3]
         y = self.debed[f"d{dim_key}"](batch_sharded(tokens.reshape((B * T_out,) + tokens.shape[2:])), field_indices,
-                                      strides, periodic)
-        y = patching.unjitter(batch_sharded(y), plans, patch_shift).astype(jnp.float32)
+                                      strides, periodic, plans, patch_shift)
+        y = batch_sharded(y).astype(jnp.float32)
         y = y.reshape((B, T_out) + spatial3 + (C,))
         if resize_66_to_64:
             y = resize_last_axis(y, 66, axis=4)
