@@ -79,6 +79,14 @@ def test_topology_names():
         topologies.resolve("v5p:2xx2")
 
 
+def test_one_device_per_chip():
+    """As JAX runs a slice: a v4 chip's two TensorCores are one device (megacore) with the chip's HBM."""
+    for name, chips in (("v4-8", 4), ("v5p-8", 4), ("v5e-4", 4)):
+        topology = topologies.resolve(name)
+        assert len(topologies.devices(topology)) == chips
+        assert topologies.hbm_per_device(topology, chips) == topology.hbm_bytes
+
+
 def test_collectives_multiply_loop_bodies_by_their_trip_count():
     """A scan's body runs `n` times: XLA's known_trip_count, or the bound its condition compares with;
     a combined (tuple) all-reduce counts every array, an async start its results."""

@@ -14,9 +14,11 @@ from flax import nnx
 from jax.experimental.pallas import tpu as pltpu
 
 import walrus_jax as wj
-from walrus_jax.models import kernels
+from walrus_jax.models import full_resolution, kernels, patching
 from walrus_jax.models.attention import materialised_attention, space_attention_core
+from walrus_jax.models.convolution import fold_singleton_axes
 from walrus_jax.models.flash_attention import block_length, flash_attention
+from walrus_jax.models.jitter import sample_jitter
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -119,6 +121,73 @@ def test_model_tpu_forms_equal_the_portable_path():
         assert np.abs(a - b).max() <= 1e-4 * max(np.abs(b).max(), 1e-3 * largest)
 
 
+def test_space_to_depth_order_and_inverse():
+    """Point (s1 i + a1, s2 j + a2, s3 k + a3) of channel c lands at [i, j, k, ((a3 C + c) s1 + a1) s2 + a2];
+    depth_to_space undoes it."""
+    N, C, (s1, s2, s3), (h, w, d) = 2, 3, (4, 2, 4), (3, 5, 2)
+    x = np.random.default_rng(0).normal(size=(N, C, s1 * h, s2 * w, s3 * d)).astype(np.float32)
+    ref = x.reshape(N, C, h, s1, w, s2, d, s3).transpose(0, 2, 4, 6, 7, 1, 3, 5).reshape(N, h, w, d, -1)
+    got = full_resolution.space_to_depth(jnp.asarray(x), (s1, s2, s3))
+    np.testing.assert_array_equal(np.asarray(got), ref)
+    np.testing.assert_array_equal(np.asarray(full_resolution.depth_to_space(got, (s1, s2, s3), C)), x)
+
+
+FULL_RES_CASES = [  # spatial shape, BCs, jitter
+    ((32, 32), ((wj.WALL, wj.OPEN), (wj.PERIODIC, wj.PERIODIC)), True),
+    ((16, 64, 16), ((wj.PERIODIC, wj.PERIODIC), (wj.WALL, wj.OPEN), (wj.OPEN, wj.OPEN)), True),
+    ((64, 64, 64), ((wj.PERIODIC, wj.PERIODIC), (wj.PERIODIC, wj.PERIODIC), (wj.WALL, wj.WALL)), True),
+    ((64, 64, 64), ((wj.PERIODIC, wj.PERIODIC), (wj.PERIODIC, wj.PERIODIC), (wj.WALL, wj.WALL)), False),
+]
+
+
+def _full_resolution_ends(shape, bcs, jitter, dtype, n_frames=2, n_fields=3, key=0):
+    """The encoder's input end and the decoder's output end as functions of (kernels, weights), with
+    random inputs of the tiny model's geometry."""
+    cfg = wj.ModelConfig.tiny()
+    k1 = cfg.kernel_sizes[0]
+    spatial3 = tuple(shape) + (1,) * (3 - len(shape))
+    bcs3 = patching.pad_bcs3(bcs)
+    strides = patching.choose_strides(spatial3)
+    plans = patching.plan_axes(spatial3, bcs3, cfg.kernel_sizes, jitter=jitter)
+    shift = sample_jitter(jax.random.key(key + 7), cfg, shape, bcs).patch_shift if jitter else None
+    padded = tuple(p.padded for p in plans)
+    s1 = [1 if n == 1 else s[0] for n, s in zip(padded, strides)]
+    periodic = [p.periodic for p in plans]
+    ks = jax.random.split(jax.random.key(key), 6)
+    x = jax.random.normal(ks[0], (n_frames,) + spatial3 + (n_fields,), dtype)
+    w_enc = fold_singleton_axes(jax.random.normal(ks[1], (k1,) * 3 + (n_fields + 3, 5), dtype), padded, jnp.sum)
+    z = jax.random.normal(ks[2], (n_frames,) + tuple(patching.conv_out(n, k1, s) for n, s in zip(padded, s1)) + (4,),
+                          dtype)
+    w_dec = jax.random.normal(ks[3], (k1,) * 3 + (4, n_fields), dtype)
+    bias = jax.random.normal(ks[4], (n_fields,), dtype)
+
+    def encode(kern, w, scale):
+        return full_resolution.encode_input(x, w, scale, plans, bcs3, shift, s1, dtype, kern)
+
+    def decode(kern, z, w, b):
+        return full_resolution.decode_output(z, w, b, plans, shift, s1, periodic, dtype, kern)
+
+    return encode, decode, (w_enc, jnp.asarray(1.3, dtype)), (z, w_dec, bias)
+
+
+@pytest.mark.parametrize("shape,bcs,jitter", FULL_RES_CASES)
+def test_full_resolution_tpu_forms_equal_the_portable_path(shape, bcs, jitter):
+    """The TPU forms of the encoder's input end and the decoder's output end (space-to-depth,
+    channels-first) against the portable path, values and gradients of every input, in float64: the
+    same sums in another order, so equal to float64 rounding."""
+    with jax.enable_x64(True):
+        encode, decode, enc_args, dec_args = _full_resolution_ends(shape, bcs, jitter, jnp.float64)
+        for fn, args in ((encode, enc_args), (decode, dec_args)):
+            ref = jax.jit(fn, static_argnums=0)("xla", *args)
+            got = jax.jit(fn, static_argnums=0)("tpu", *args)
+            assert got.shape == ref.shape and rel_err(got, ref) <= 1e-12
+            probe = jnp.cos(ref)
+            grads = {k: jax.jit(jax.grad(lambda *a, k=k: jnp.sum(fn(k, *a) * probe), argnums=tuple(range(len(args)))))(
+                *args) for k in ("xla", "tpu")}
+            for a, b in zip(grads["tpu"], grads["xla"]):
+                assert rel_err(a, b) <= 1e-12
+
+
 # ----------------------------------------------------------------- compiled for TPU on this host
 def _tpu_mesh(n: int):
     from jax.experimental import topologies
@@ -150,3 +219,28 @@ def test_flash_attention_compiles_for_tpu(dtype):
     assert not re.search(rf"\[[^\]]*\b{L},\s*{L}\b", text)  # no (L, L) logits anywhere
     per_chip = compiled.memory_analysis().temp_size_in_bytes
     assert per_chip < 64 * 2**20, per_chip  # a (2, L, L) float32 block alone would be 193 MB
+
+
+def test_full_resolution_ends_compile_for_tpu_in_little_memory():
+    """The 3-D input and output ends with their gradients, compiled for one TPU chip: the TPU forms
+    (channels-first, space-to-depth) hold a fraction of what the portable channels-last forms hold
+    there, where every array of a few channels is stored 128 lanes wide."""
+    from jax.experimental import topologies
+    from jax.sharding import SingleDeviceSharding
+
+    device = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices[0]
+    encode, decode, enc_args, dec_args = _full_resolution_ends((64, 64, 64), FULL_RES_CASES[2][1], True,
+                                                               jnp.bfloat16, n_frames=6, n_fields=5)
+    place = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=SingleDeviceSharding(device))
+
+    def temp_bytes(kern):
+        def loss(enc_args, dec_args):
+            return jnp.sum(encode(kern, *enc_args).astype(jnp.float32)) + \
+                jnp.sum(decode(kern, *dec_args).astype(jnp.float32) ** 2)
+
+        lowered = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*jax.tree.map(place, (enc_args, dec_args)))
+        return lowered.compile().memory_analysis().temp_size_in_bytes
+
+    portable, tpu = temp_bytes("xla"), temp_bytes("tpu")
+    fields = 6 * 64 ** 3 * 5 * 4  # the float32 fields of the six frames
+    assert tpu <= 4 * fields and tpu * 4 <= portable, (tpu, portable, fields)

@@ -7,11 +7,11 @@
 Needs libtpu (`pip install -e ".[tpu]"`) but no TPU: the slice's compile-only devices
 (`jax.experimental.topologies`) carry the job's own mesh (`config.mesh`), and the job's own jitted
 programs (`tools/aot/programs.py`) are lowered and compiled for them by the TPU compiler. Per program
-it prints, per device (a chip; a TensorCore of a v4 chip, which the compiler treats as one device with
-half the chip's HBM), arguments / temporaries / total against HBM and whether it fits (total within
---hbm_fraction of HBM; a program the compiler refuses for memory does not), FLOPs per step counted
-through the loops against the analytic model count (`tools/bench/flops.py`), the collectives with
-their bytes per step, and the compile time.
+it prints, per device (a chip: a v4 chip's two TensorCores are one device, as JAX runs them),
+arguments / temporaries / total against HBM and whether it fits (total within --hbm_fraction of HBM;
+a program the compiler refuses for memory does not), FLOPs per step counted through the loops against
+the analytic model count (`tools/bench/flops.py`), the collectives with their bytes per step, and the
+compile time.
 `--json FILE` writes one object per program.
 
 Exit status 0 when every program fits; otherwise 1 and one line per program naming the shortfall. A
@@ -40,7 +40,7 @@ def define_flags(fv: flags.FlagValues, argv) -> None:
                         "grid (v5p:2x4x4).", flag_values=fv)
     flags.DEFINE_string("shapes", "128x128,128x128x128", "Spatial shapes of the train steps, comma-separated; "
                         "eval and rollout use the first.", flag_values=fv)
-    flags.DEFINE_integer("batch_per_chip", None, "Samples per device (a chip; a TensorCore of a v4 chip), "
+    flags.DEFINE_integer("batch_per_chip", None, "Samples per device (a chip), "
                          "default: data.batch_size over the config's mesh.data x mesh.fsdp, -1 counting as "
                          "1.", flag_values=fv)
     flags.DEFINE_string("programs", "train,eval,rollout", "Which programs to compile.", flag_values=fv)
@@ -83,7 +83,7 @@ def analyse(program, topology, mesh, hbm_fraction: float, cfg) -> dict:
 
     t0 = time.time()
     traced = program.fn.trace(*program.args)  # the TPU forms: the arguments are placed on TPU devices
-    devices = mesh.devices.size  # per device below: a chip, or a TensorCore where a chip has two (v4)
+    devices = mesh.devices.size  # per device below: a chip
     hbm = topologies.hbm_per_device(topology, devices)
     row = {"program": program.name, "topology": topology.name, "chips": topology.chips, "devices": devices,
            "mesh": dict(mesh.shape), "shape": list(program.shape), "global_batch": program.batch,

@@ -52,11 +52,13 @@ def resolve(name: str) -> Topology:
 
 
 def devices(topology: Topology):
-    """The slice's compile-only devices (needs libtpu: `pip install -e ".[tpu]"`). A v4 slice comes as
-    one device per TensorCore (two per chip, sharing the chip's HBM): see `hbm_per_device`."""
+    """The slice's compile-only devices, one per chip as JAX sees a real slice (needs libtpu: `pip install
+    -e ".[tpu]"`). A v4 chip's two TensorCores run as one device ("megacore", JAX's default on v4); the
+    compiler's own default for v4 would be one device per TensorCore."""
     from jax.experimental import topologies
 
-    return list(topologies.get_topology_desc(platform="tpu", topology_name=topology.grid).devices)
+    options = {"chip_config_name": "megacore"} if topology.generation == "v4" else {}
+    return list(topologies.get_topology_desc(platform="tpu", topology_name=topology.grid, **options).devices)
 
 
 def hbm_per_device(topology: Topology, n_devices: int) -> int:
