@@ -187,7 +187,7 @@ def test_load_state_dict_round_trip_and_strictness():
         np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
 
 
-@pytest.mark.parametrize("impl", ["kernel", "xla"])
+@pytest.mark.parametrize("impl", ["kernel", "xla", "tpu"])
 @pytest.mark.parametrize("causal, N, Tq, D", [
     (True, 5, 6, 8),      # causal: the mask
     (False, 5, 6, 8),
@@ -218,7 +218,8 @@ def test_frame_attention_equals_materialised(impl, causal, N, Tq, D):
         assert "WjFrameAttentionForward" in str(jax.make_jaxpr(attention.frame_attention, static_argnums=4)(q, k, v, bias, causal))
         f = lambda q, k, v, b: kernel.frame_attention(q, k, v, b, causal)
     else:
-        f = lambda q, k, v, b: attention._frame_attention(q, k, v, b, causal)
+        halve = impl == "xla"  # the XLA:CPU form halves head_dim sums, the TPU form ("tpu") does not
+        f = lambda q, k, v, b: attention._frame_attention(q, k, v, b, causal, halve)
     assert rel_err(jax.jit(f)(q, k, v, bias), reference(q, k, v, bias)) <= 1e-6
     loss = lambda fn: (lambda *a: jnp.sum(jnp.cos(fn(*a)) * jnp.arange(D)))
     for a, b in zip(jax.jit(jax.grad(loss(f), argnums=(0, 1, 2, 3)))(q, k, v, bias),

@@ -138,7 +138,7 @@ class TimeAttention(nnx.Module):
             q, k, v = self.q_norm(qkv[0][:, T - Tq:]), self.k_norm(qkv[1]), qkv[2]
             o = select(cfg.kernels, q, k, v, bias, xla=functools.partial(_materialised_time, causal=causal),
                        gpu=functools.partial(_cudnn_time, causal=causal),
-                       tpu=lambda q, k, v, bias: _frame_attention(q, k, v, bias, causal))
+                       tpu=lambda q, k, v, bias: _frame_attention(q, k, v, bias, causal, False))
             return self.out(jnp.transpose(o.reshape(B, h, w, d, Tq, hid), (0, 4, 1, 2, 3, 5)), k_out)
 
         o = select(cfg.kernels, xn, xla=frames_batched, cpu=token_major)
@@ -163,35 +163,37 @@ def frame_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, c
     this function is `TimeAttention`'s CPU form)."""
     if cpu_frame_attention.supports(q, k, v, bias) and cpu_frame_attention.available():
         return cpu_frame_attention.frame_attention(q, k, v, bias, causal)
-    return _frame_attention(q, k, v, bias, causal)
+    return _frame_attention(q, k, v, bias, causal, True)
 
 
-def _sum_head_dim(prod: jax.Array) -> jax.Array:
-    """Sum over the last axis, halved with elementwise adds first: XLA:CPU otherwise materialises
-    the product for a windowed reduction over head_dim (two passes over N * T^2 * hidden floats)."""
-    while prod.shape[-1] > 16 and prod.shape[-1] % 2 == 0:
+def _sum_head_dim(prod: jax.Array, halve: bool) -> jax.Array:
+    """Sum over the last axis. `halve` (for XLA:CPU) adds halves elementwise first: XLA:CPU otherwise
+    materialises the product for a windowed reduction over head_dim (two passes over N * T^2 * hidden
+    floats). XLA:TPU fuses the product into a plain sum, where the halves' slices would make it store
+    the product (N * T^2 * hidden float32s)."""
+    while halve and prod.shape[-1] > 16 and prod.shape[-1] % 2 == 0:
         prod = prod[..., :prod.shape[-1] // 2] + prod[..., prod.shape[-1] // 2:]
     return jnp.sum(prod, axis=-1)
 
 
-def _frame_probabilities(qf, kf, bias, causal):
+def _frame_probabilities(qf, kf, bias, causal, halve):
     """float32 softmax over keys, (N, Tq, Tk, heads)."""
     T, hd = qf.shape[1], qf.shape[-1]
-    logits = _sum_head_dim(qf[:, :, None] * kf[:, None]) * np.float32(1.0 / np.sqrt(hd))
+    logits = _sum_head_dim(qf[:, :, None] * kf[:, None], halve) * np.float32(1.0 / np.sqrt(hd))
     logits = logits + jnp.transpose(bias.astype(jnp.float32), (1, 2, 0))[None]
     if causal:
         logits = jnp.where(np.tril(np.ones((T, T), bool))[None, :, :, None], logits, -jnp.inf)
     return jax.nn.softmax(logits, axis=2)
 
 
-def _frame_attention_fwd(q, k, v, bias, causal):
+def _frame_attention_fwd(q, k, v, bias, causal, halve):
     qf, kf, vf = (a.astype(jnp.float32) for a in (q, k, v))
-    p = _frame_probabilities(qf, kf, bias, causal)
+    p = _frame_probabilities(qf, kf, bias, causal, halve)
     o = jnp.sum(p[..., None] * vf[:, None], axis=2)  # (N, Tq, heads, head_dim)
     return o.astype(v.dtype), (q, k, v, bias, p, o)
 
 
-def _frame_attention_bwd(causal, residuals, do):
+def _frame_attention_bwd(causal, halve, residuals, do):
     """dv = p^T do;  dp = do v^T;  ds = p (dp - rowsum(do o));  dq = scale ds k;  dk = scale ds^T q;
     dbias = sum over tokens of ds. Masked (causal) entries have p = 0, hence ds = 0."""
     q, k, v, bias, p, o = residuals
@@ -199,8 +201,8 @@ def _frame_attention_bwd(causal, residuals, do):
     dof = do.astype(jnp.float32)
     scale = np.float32(1.0 / np.sqrt(q.shape[-1]))
     dv = jnp.sum(p[..., None] * dof[:, :, None], axis=1)  # (N, Tk, heads, head_dim)
-    dp = _sum_head_dim(dof[:, :, None] * vf[:, None])  # (N, Tq, Tk, heads)
-    delta = _sum_head_dim(dof * o)  # (N, Tq, heads)
+    dp = _sum_head_dim(dof[:, :, None] * vf[:, None], halve)  # (N, Tq, Tk, heads)
+    delta = _sum_head_dim(dof * o, halve)  # (N, Tq, heads)
     ds = p * (dp - delta[:, :, None])
     dq = jnp.sum(ds[..., None] * kf[:, None], axis=2) * scale
     dk = jnp.sum(ds[..., None] * qf[:, :, None], axis=1) * scale
@@ -208,8 +210,8 @@ def _frame_attention_bwd(causal, residuals, do):
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dbias.astype(bias.dtype)
 
 
-_frame_attention = jax.custom_vjp(lambda q, k, v, bias, causal: _frame_attention_fwd(q, k, v, bias, causal)[0],
-                                  nondiff_argnums=(4,))
+_frame_attention = jax.custom_vjp(
+    lambda q, k, v, bias, causal, halve: _frame_attention_fwd(q, k, v, bias, causal, halve)[0], nondiff_argnums=(4, 5))
 _frame_attention.defvjp(_frame_attention_fwd, _frame_attention_bwd)
 
 
