@@ -188,25 +188,6 @@ def test_full_resolution_tpu_forms_equal_the_portable_path(shape, bcs, jitter):
                 assert rel_err(a, b) <= 1e-12
 
 
-@pytest.mark.parametrize("periodic", [(True, False, True), (False, False, False)])
-def test_transposed_convolution_tpu_form_equals_the_portable_path(periodic):
-    """The decoder's transposed convolution as XLA's stride-dilated convolution (TPU) against the
-    subpixel form, values and gradients, in float64; a singleton axis uses the averaged kernel."""
-    from walrus_jax.models.convolution import conv_transpose3d
-
-    with jax.enable_x64(True):
-        kx, kw = jax.random.split(jax.random.key(3))
-        x = jax.random.normal(kx, (2, 5, 6, 1, 7), jnp.float64)
-        w = jax.random.normal(kw, (4, 4, 4, 7, 3), jnp.float64)
-        f = lambda kern, x, w: conv_transpose3d(x, w, (2, 4, 2), periodic, jnp.float64, kern)
-        ref, got = f("xla", x, w), f("tpu", x, w)
-        assert got.shape == ref.shape and rel_err(got, ref) <= 1e-12
-        grads = {k: jax.grad(lambda x, w, k=k: jnp.sum(f(k, x, w) * jnp.cos(ref)), argnums=(0, 1))(x, w)
-                 for k in ("xla", "tpu")}
-        for a, b in zip(grads["tpu"], grads["xla"]):
-            assert rel_err(a, b) <= 1e-12
-
-
 # ----------------------------------------------------------------- compiled for TPU on this host
 def _tpu_mesh(n: int):
     from jax.experimental import topologies

@@ -25,8 +25,7 @@ other platforms use XLA's convolutions as they are):
   and where one frame's exceeds `GEMM_CONV_MAX_FRAME_BYTES`
   (large 3-D grids) XLA's convolution is used, with its weight gradient written out as one product
   per tap (XLA's own took 0.3-0.9 s per layer);
-- `conv_transpose3d` (the decoder's) is one stride-1 convolution followed by depth-to-space (TPU
-  programs take XLA's stride-dilated form, `_transposed_conv_dilated`).
+- `conv_transpose3d` (the decoder's) is one stride-1 convolution followed by depth-to-space.
 
 `fold_singleton_axes` collapses kernel axes over singleton input axes (2-D data through 3-D weights).
 
@@ -274,8 +273,7 @@ def conv_transpose3d(x: jax.Array, w: jax.Array, strides: Sequence[int], periodi
     w, s_eff, pads = transposed_geometry(x.shape[1:4], w, strides, periodic)
     if any(pads):
         x = jnp.pad(x, [(0, 0)] + [(p, p) for p in pads] + [(0, 0)], mode="wrap")
-    y = select(kernels, x, w, xla=lambda x, w: _transposed_conv_subpixel(x, w, s_eff, dtype, kernels),
-               tpu=lambda x, w: _transposed_conv_dilated(x, w, s_eff, dtype))
+    y = _transposed_conv_subpixel(x, w, s_eff, dtype, kernels)
     if any(pads):
         sl = [slice(None)] + [slice(p * s, y.shape[1 + a] - p * s) for a, (p, s) in enumerate(zip(pads, s_eff))]
         y = y[tuple(sl) + (slice(None),)]
@@ -317,14 +315,3 @@ def _transposed_conv_subpixel(x: jax.Array, w: jax.Array, strides: Sequence[int]
     n = x.shape[1:4]
     return y[:, :(n[0] - 1) * s1 + k[0], :(n[1] - 1) * s2 + k[1], :(n[2] - 1) * s3 + k[2]]
 
-
-def _transposed_conv_dilated(x: jax.Array, w: jax.Array, strides: Sequence[int], dtype) -> jax.Array:
-    """Transposed convolution (no padding) as XLA's own: a stride-1 convolution of the stride-dilated
-    input with the flipped kernel, padded by k - 1. The TPU form: its convolution emitter handles the
-    dilation directly, where the subpixel form's s^3-phase output and depth-to-space cost the decoder's
-    first layer a few extra copies of its output (0.5 GiB per 3-D sample of the 1.3B model).
-    x (N, n1, n2, n3, I), w (k1, k2, k3, I, O) -> (N, (n_a - 1) * s_a + k_a, O)."""
-    k = w.shape[:3]
-    x, w = x.astype(dtype), jnp.flip(w.astype(dtype), axis=(0, 1, 2))
-    return jax.lax.conv_general_dilated(x, w, (1, 1, 1), [(ka - 1, ka - 1) for ka in k], lhs_dilation=tuple(strides),
-                                        dimension_numbers=DIMS, precision=precision(x.dtype))
