@@ -69,19 +69,34 @@ def space_to_depth(x: jax.Array, w: jax.Array, strides: Sequence[int]) -> tuple[
     to (n_out - 1 + m) * s samples (the extra samples only meet zero taps), and both are folded into
     (length / s, s) with the s phases moved to the channel axis.
     x (N, n1, n2, n3, I), w (k1, k2, k3, I, O) -> x' (N, n1', n2', n3', s1 s2 s3 I), w' (m1, m2, m3, s1 s2 s3 I, O)."""
-    k, n = w.shape[:3], x.shape[1:4]
-    m = [-(-ka // sa) for ka, sa in zip(k, strides)]
-    length = [((na - ka) // sa + m_a) * sa for na, ka, sa, m_a in zip(n, k, strides, m)]
+    k = w.shape[:3]
+    length = phase_lengths(x.shape[1:4], k, strides)
     x = x[:, :length[0], :length[1], :length[2]]
     x = jnp.pad(x, [(0, 0)] + [(0, la - xa) for la, xa in zip(length, x.shape[1:4])] + [(0, 0)])
-    w = jnp.pad(w, [(0, ma * sa - ka) for ma, sa, ka in zip(m, strides, k)] + [(0, 0), (0, 0)])
-    (s1, s2, s3), (N, I, O) = strides, (x.shape[0], x.shape[-1], w.shape[-1])
+    (s1, s2, s3), (N, I) = strides, (x.shape[0], x.shape[-1])
     x = x.reshape(N, length[0] // s1, s1, length[1] // s2, s2, length[2] // s3, s3, I)
     x = jnp.transpose(x, (0, 1, 3, 5, 2, 4, 6, 7)).reshape(N, length[0] // s1, length[1] // s2, length[2] // s3,
                                                           s1 * s2 * s3 * I)
-    w = w.reshape(m[0], s1, m[1], s2, m[2], s3, I, O)
-    w = jnp.transpose(w, (0, 2, 4, 1, 3, 5, 6, 7)).reshape(m[0], m[1], m[2], s1 * s2 * s3 * I, O)
-    return x, w
+    return x, phase_kernel(w, strides)
+
+
+def phase_lengths(n: Sequence[int], k: Sequence[int], strides: Sequence[int]) -> list[int]:
+    """Per axis, the (n_out - 1 + m) * s samples a VALID stride-s convolution with kernel k reads, in whole
+    phases (m = ceil(k / s), n_out = (n - k) // s + 1)."""
+    return [((na - ka) // sa + -(-ka // sa)) * sa for na, ka, sa in zip(n, k, strides)]
+
+
+def phase_kernel(w: jax.Array, strides: Sequence[int], phase_order: str = "a1,a2,a3,i") -> jax.Array:
+    """The stride-1 kernel over space-to-depth input: w (k1, k2, k3, I, O) of a stride-s convolution ->
+    (m1, m2, m3, s1 s2 s3 I, O), m = ceil(k / s), zero taps where m s > k; input channels in
+    `phase_order`: "a1,a2,a3,i" (`space_to_depth` here) or "a3,i,a1,a2" (models/full_resolution.py)."""
+    k, (I, O) = w.shape[:3], w.shape[3:]
+    m = [-(-ka // sa) for ka, sa in zip(k, strides)]
+    s1, s2, s3 = strides
+    w = jnp.pad(w, [(0, ma * sa - ka) for ma, sa, ka in zip(m, strides, k)] + [(0, 0), (0, 0)])
+    order = {"a1,a2,a3,i": (1, 3, 5, 6), "a3,i,a1,a2": (5, 6, 1, 3)}[phase_order]
+    w = jnp.transpose(w.reshape(m[0], s1, m[1], s2, m[2], s3, I, O), (0, 2, 4) + order + (7,))
+    return w.reshape(m[0], m[1], m[2], s1 * s2 * s3 * I, O)
 
 
 def _conv(x, w, padding):

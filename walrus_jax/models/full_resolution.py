@@ -33,7 +33,8 @@ import numpy as np
 
 from walrus_jax.models import patching
 from walrus_jax.models.activation_sharding import batch_sharded
-from walrus_jax.models.convolution import conv3d, conv_stride1, conv_transpose3d, subpixel_kernel, transposed_geometry
+from walrus_jax.models.convolution import (conv3d, conv_stride1, conv_transpose3d, phase_kernel, phase_lengths,
+                                          subpixel_kernel, transposed_geometry)
 from walrus_jax.models.kernels import select
 from walrus_jax.models.layers import precision
 
@@ -73,26 +74,12 @@ def depth_to_space(y: jax.Array, strides: Sequence[int], channels: int) -> jax.A
     return jnp.einsum("nchwd,ed->nchwe", y, _phase_major(s3 * d, s3, y.dtype), precision=precision(y.dtype))
 
 
-def _phase_kernel(w: jax.Array, strides: Sequence[int]) -> jax.Array:
-    """w (k1, k2, k3, I, O) of a stride-s convolution -> (m1, m2, m3, s3 I s1 s2, O), m = ceil(k / s): the
-    stride-1 kernel over `space_to_depth` input (zero taps where m s > k)."""
-    k, (I, O) = w.shape[:3], w.shape[3:]
-    m = [-(-ka // sa) for ka, sa in zip(k, strides)]
-    s1, s2, s3 = strides
-    w = jnp.pad(w, [(0, ma * sa - ka) for ma, sa, ka in zip(m, strides, k)] + [(0, 0), (0, 0)])
-    w = w.reshape(m[0], s1, m[1], s2, m[2], s3, I, O).transpose(0, 2, 4, 5, 6, 1, 3, 7)
-    return w.reshape(m[0], m[1], m[2], s3 * I * s1 * s2, O)
-
-
 def _crop_to_phases(x: jax.Array, k: Sequence[int], strides: Sequence[int]) -> jax.Array:
-    """Crops or zero-pads the spatial axes of (N, C, H, W, D) to the (n_out - 1 + m) s samples a VALID
-    stride-s convolution with kernel k reads, in whole phases (the extra samples meet zero taps)."""
-    sl, pad = [slice(None)] * 2, [(0, 0)] * 2
-    for n, ka, sa in zip(x.shape[2:], k, strides):
-        length = ((n - ka) // sa + -(-ka // sa)) * sa
-        sl.append(slice(0, min(n, length)))
-        pad.append((0, max(0, length - n)))
-    return jnp.pad(x[tuple(sl)], pad)
+    """Crops or zero-pads the spatial axes of (N, C, H, W, D) to the samples a VALID stride-s convolution
+    with kernel k reads, in whole phases (`convolution.phase_lengths`; the extra samples meet zero taps)."""
+    length = phase_lengths(x.shape[2:], k, strides)
+    x = x[(slice(None),) * 2 + tuple(slice(0, la) for la in length)]
+    return jnp.pad(x, [(0, 0)] * 2 + [(0, la - n) for la, n in zip(length, x.shape[2:])])
 
 
 # ------------------------------------------------------------------------- the encoder's input end
@@ -118,7 +105,7 @@ def encode_input(x: jax.Array, w: jax.Array, scale: jax.Array, plans, bcs3, patc
         y = None
         for part, wp in ((fields, w[..., :n_fields, :]), (flags, w[..., n_fields:, :])):
             part = space_to_depth(_crop_to_phases(part, wp.shape[:3], strides), strides)
-            out = conv_stride1(part, _phase_kernel(wp.astype(dtype), strides), ((0, 0),) * 3, kernels="xla")
+            out = conv_stride1(part, phase_kernel(wp.astype(dtype), strides, "a3,i,a1,a2"), ((0, 0),) * 3, kernels="xla")
             y = out * scale.astype(dtype) if y is None else y + out  # flags: one sample, broadcast
         return y
 
