@@ -13,7 +13,7 @@ from tools.aot import analysis, topologies
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
 KEYS = {"program", "shape", "args_bytes", "temp_bytes", "total_bytes", "hbm_bytes", "fits", "flops", "model_flops",
-        "compile_s", "collectives"}
+        "compile_s", "collectives", "host_temp_bytes"}
 
 
 def _run(tmp_path, *extra):
@@ -50,13 +50,17 @@ def test_float32_programs_compile_for_tpu_and_a_shortfall_is_one_line_each(tmp_p
     assert len(lines) == 3 and lines[0].startswith("does not fit: train_2d needs "), err
 
 
-def test_bfloat16_programs_fit(tmp_path, capsys):
-    rc, rows = _run(tmp_path, "--config.model.dtype=bfloat16")
+def test_bfloat16_programs_fit_and_offload_keeps_block_inputs_on_the_host(tmp_path, capsys):
+    rc, rows = _run(tmp_path, "--config.model.dtype=bfloat16", "--config.model.remat=offload")
     out = capsys.readouterr().out
     assert rc == 0, out
     _check(rows)
     assert all(r["fits"] for r in rows)
     assert "train_2d" in out and "v5e:2x2" in out and "dtype bfloat16" in out
+    # The train step saves each block's input in host memory; the forward-only programs save nothing.
+    train, *forward_only = rows
+    assert train["host_temp_bytes"] > 0, train
+    assert all(r["host_temp_bytes"] == 0 for r in forward_only)
 
 
 @pytest.mark.parametrize("argv, message", [

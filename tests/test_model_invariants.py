@@ -46,7 +46,7 @@ def test_scan_equals_unrolled_loop(monkeypatch):
     assert rel_err(y_loop, y_scan) <= 1e-6
 
 
-@pytest.mark.parametrize("policy", ["full", "dots_and_attention"])
+@pytest.mark.parametrize("policy", ["full", "offload", "dots_and_attention"])
 def test_remat_policy_does_not_change_values_or_gradients(policy):
     model = tiny()
     x = inputs()

@@ -4,6 +4,7 @@
     model = wj.Walrus(wj.ModelConfig.walrus_1p3b(), rngs=nnx.Rngs(0))     # or wj.load_pretrained(dir)
     y = model(x, field_indices, bcs, jitter=None)                        # (B, T, *spatial, C)
     preds = wj.rollout(model, input_fields, field_indices=..., bcs=..., n_steps=...)
+    f = wj.rollout_fn(model, field_indices=..., bcs=..., n_steps=...)   # pure: jax.grad(loss o f)
     fwd = wj.jit(f)      # jax.jit + wj.compiler_options() at top level: ~20% faster forward on CPU
     portable = wj.with_kernels(model, "xla")   # the same weights through XLA's portable operations
 """
@@ -22,6 +23,7 @@ _EXPORTS = {
     **{name: ("walrus_jax.checkpoints.pretrained", name)
        for name in ("load_pretrained", "save_pretrained", "model_config", "model_vocabulary")},
     **{name: ("walrus_jax.inference.rollouts", name) for name in ("rollout", "rollout_ensemble")},
+    "rollout_fn": ("walrus_jax.inference.differentiable", "rollout_fn"),
     **{name: ("walrus_jax.models", name)
        for name in ("ModelConfig", "Walrus", "Jitter", "sample_jitter", "WALL", "OPEN", "PERIODIC",
                     "with_kernels")},
@@ -53,6 +55,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from walrus_jax.checkpoints import convert
     from walrus_jax.checkpoints.pretrained import load_pretrained, model_config, model_vocabulary, save_pretrained
     from walrus_jax.inference import metrics
+    from walrus_jax.inference.differentiable import rollout_fn
     from walrus_jax.inference.rollouts import rollout, rollout_ensemble
     from walrus_jax.models import OPEN, PERIODIC, WALL, Jitter, ModelConfig, Walrus, sample_jitter, with_kernels
     from walrus_jax.normalization import normalize_window, normalized_delta_targets

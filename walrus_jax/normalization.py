@@ -18,10 +18,18 @@ def _reduce_axes(x: jax.Array) -> tuple[int, ...]:
     return tuple(range(1, x.ndim - 1))
 
 
+def _clamped_root(mean_square: jax.Array, eps: float) -> jax.Array:
+    """max(sqrt(m), eps), with a finite gradient where m == 0 (a constant field's differences): there
+    sqrt's derivative is infinite, and inf * 0 would make every gradient through the statistics NaN."""
+    positive = mean_square > 0
+    root = jnp.sqrt(jnp.where(positive, mean_square, 1.0))
+    return jnp.where(positive, jnp.maximum(root, eps), eps)
+
+
 def sample_rms(x: jax.Array, eps: float = DEFAULT_EPS) -> jax.Array:
     """x (B, T, *spatial, C) -> (B, 1, *[1]*n_spatial, C): sqrt(mean x^2), clamped below at eps."""
     x = x.astype(jnp.float32)
-    return jnp.maximum(jnp.sqrt(jnp.mean(jnp.square(x), axis=_reduce_axes(x), keepdims=True)), eps)
+    return _clamped_root(jnp.mean(jnp.square(x), axis=_reduce_axes(x), keepdims=True), eps)
 
 
 def delta_rms(x: jax.Array, eps: float = DEFAULT_EPS) -> jax.Array:
@@ -30,7 +38,7 @@ def delta_rms(x: jax.Array, eps: float = DEFAULT_EPS) -> jax.Array:
     if x.shape[1] < 2:
         return jnp.ones((x.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],), jnp.float32)
     d = x[:, 1:] - x[:, :-1]
-    return jnp.maximum(jnp.sqrt(jnp.mean(jnp.square(d), axis=_reduce_axes(d), keepdims=True)), eps)
+    return _clamped_root(jnp.mean(jnp.square(d), axis=_reduce_axes(d), keepdims=True), eps)
 
 
 def normalize_window(x: jax.Array, eps: float = DEFAULT_EPS):

@@ -95,7 +95,7 @@ def analyse(program, topology, mesh, hbm_fraction: float, cfg) -> dict:
         needed = analysis.out_of_memory_bytes(str(e))
         if needed is None:
             raise
-        row.update(args_bytes=0, output_bytes=0, temp_bytes=needed, code_bytes=0, total_bytes=needed,
+        row.update(args_bytes=0, output_bytes=0, temp_bytes=needed, code_bytes=0, total_bytes=needed, host_temp_bytes=0,
                    collectives={}, compile_error=str(e).splitlines()[0])
     row["compile_s"] = time.time() - t0
     row["fits"] = row["total_bytes"] <= hbm_fraction * hbm
@@ -115,13 +115,13 @@ def report_line(row: dict) -> str:
         coll = f"(not compiled: {row['compile_error'][:90]})"
     return (f"{row['program']:<11} {'x'.join(map(str, row['shape'])):<12} {row['batch_per_device']:>4} "
             f"{row['args_bytes'] / GB:>8.2f} {row['temp_bytes'] / GB:>8.2f} {row['total_bytes'] / GB:>8.2f} "
-            f"{row['hbm_bytes'] / GB:>6.1f} {'yes' if row['fits'] else 'NO':>4} "
+            f"{row['hbm_bytes'] / GB:>6.1f} {'yes' if row['fits'] else 'NO':>4} {row['host_temp_bytes'] / GB:>8.2f} "
             f"{row['flops'] / 1e12:>9.2f} {row['model_flops'] / 1e12:>9.2f} {row['flops_ratio']:>5.2f} "
             f"{row['compile_s']:>7.1f}  {coll or '-'}")
 
 
 HEADER = (f"{'program':<11} {'shape':<12} {'b/dv':>4} {'args GiB':>8} {'temp GiB':>8} {'totalGiB':>8} "
-          f"{'HBMGiB':>6} {'fits':>4} {'TFLOP/dv':>9} {'model TF':>9} {'ratio':>5} {'compile':>7}  collectives per step")
+          f"{'HBMGiB':>6} {'fits':>4} {'hostGiB':>8} {'TFLOP/dv':>9} {'model TF':>9} {'ratio':>5} {'compile':>7}  collectives per step")
 
 
 def main(fv: flags.FlagValues, argv) -> int:

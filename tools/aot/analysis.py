@@ -77,12 +77,14 @@ def jaxpr_flops(jaxpr, platform: str) -> float:
 
 def memory(compiled) -> dict[str, int]:
     """Per-chip bytes from XLA's buffer assignment: arguments, outputs (less those aliased to donated
-    arguments), temporaries, generated code, and their total."""
+    arguments), temporaries, generated code, and their total on the device; and the temporaries the
+    program keeps in its host's memory (remat "offload"), which the total leaves out."""
     m = compiled.memory_analysis()
     args, out, alias = m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes
     temp, code = m.temp_size_in_bytes, m.generated_code_size_in_bytes
     return {"args_bytes": int(args), "output_bytes": int(out - alias), "temp_bytes": int(temp),
-            "code_bytes": int(code), "total_bytes": int(args + out - alias + temp + code)}
+            "code_bytes": int(code), "total_bytes": int(args + out - alias + temp + code),
+            "host_temp_bytes": int(m.host_temp_size_in_bytes)}
 
 
 def out_of_memory_bytes(message: str) -> int | None:

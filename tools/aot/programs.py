@@ -36,7 +36,7 @@ class Program:
     batch: int  # global batch
     fn: Any
     args: tuple
-    forward_passes: float  # model forwards per step in the analytic count (train: 3, +1 with remat "full")
+    forward_passes: float  # model forwards per step in the analytic count (train: 3, +1 with remat "full" or "offload")
 
 
 def build(config, mesh, shapes, batch_per_chip: int, kinds=("train", "eval", "rollout")) -> list[Program]:
@@ -54,7 +54,7 @@ def build(config, mesh, shapes, batch_per_chip: int, kinds=("train", "eval", "ro
     batch = batch_per_chip * n_chips
     t_in = int(config.data.n_steps_input)
     rep = NamedSharding(mesh, P())
-    remat_forward = 1.0 if cfg.remat == "full" else 0.0
+    remat_forward = 1.0 if cfg.remat in ("full", "offload") else 0.0
 
     def window(shape, steps_):
         fields = len(shape) + 2

@@ -21,7 +21,7 @@ FLAG_LABELS = (2, 0, 1)
 
 LEARNED_ROPE_CHOICES = ("none", "shared", "per_axis")
 KERNEL_CHOICES = ("auto", "xla", "cpu", "tpu", "gpu")  # models/kernels.py
-REMAT_CHOICES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "dots_and_attention")
+REMAT_CHOICES = ("none", "full", "offload", "dots_saveable", "dots_with_no_batch_dims_saveable", "dots_and_attention")
 # Projections of each block that may carry a low-rank adapter (walrus_jax/models/lora.py).
 LORA_TARGETS = ("time.qkv", "time.out", "space.fused", "space.attn_out", "space.ff_out")
 

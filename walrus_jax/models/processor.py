@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from flax.nnx import filterlib
 
 from walrus_jax.cpu_kernels import attention as fused_attention
@@ -14,8 +15,15 @@ from walrus_jax.models.attention import SpaceAttention, TimeAttention
 from walrus_jax.models.config import ModelConfig
 from walrus_jax.models.kernels import select
 
+BLOCK_INPUT = "block_input"  # the name each block's input carries for the remat policies
 REMAT_POLICIES = {
     "full": None,  # save nothing
+    # As "full", but each block's input is kept in host memory: on an accelerator the saved inputs
+    # (n_blocks x one block's activations) are the largest buffer of a long-context train step, and
+    # one block's input goes back to the device per backward step. On CPU host memory is the device's.
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=[BLOCK_INPUT],
+        offload_src="device", offload_dst="pinned_host"),
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "dots_and_attention": jax.checkpoint_policies.save_from_both_policies(
@@ -103,6 +111,7 @@ class Processor(nnx.Module):
         def block_step(last: bool, scanned: bool):
             def step(block: Block, x, xs):
                 x = batch_sharded(x)  # each block's input and output stay split by sample (activation_sharding)
+                x = checkpoint_name(x, BLOCK_INPUT)
                 if "shift" in xs:
                     x = roll_tokens(x, xs["shift"])
                 return batch_sharded(block(x, xs["rate"], xs.get("key"), last_frame_only=last))
