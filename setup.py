@@ -27,6 +27,7 @@ setup(
         "pyyaml>=6.0",
         "matplotlib>=3.8",
         "tensorboardX>=2.6",
+        "flatbuffers>=24.3",  # jax.export's serialization (wj.export)
     ],
     extras_require={
         # the stores' fsspec implementations, only where data lives there

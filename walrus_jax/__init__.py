@@ -24,6 +24,7 @@ _EXPORTS = {
        for name in ("load_pretrained", "save_pretrained", "model_config", "model_vocabulary")},
     **{name: ("walrus_jax.inference.rollouts", name) for name in ("rollout", "rollout_ensemble")},
     "rollout_fn": ("walrus_jax.inference.differentiable", "rollout_fn"),
+    "export": ("walrus_jax.inference.export", "export"),
     **{name: ("walrus_jax.models", name)
        for name in ("ModelConfig", "Walrus", "Jitter", "sample_jitter", "WALL", "OPEN", "PERIODIC",
                     "with_kernels")},
@@ -56,6 +57,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from walrus_jax.checkpoints.pretrained import load_pretrained, model_config, model_vocabulary, save_pretrained
     from walrus_jax.inference import metrics
     from walrus_jax.inference.differentiable import rollout_fn
+    from walrus_jax.inference.export import export
     from walrus_jax.inference.rollouts import rollout, rollout_ensemble
     from walrus_jax.models import OPEN, PERIODIC, WALL, Jitter, ModelConfig, Walrus, sample_jitter, with_kernels
     from walrus_jax.normalization import normalize_window, normalized_delta_targets
