@@ -8,6 +8,7 @@
 `checkpoint` plus those adapters. `data`: one Well HDF5 file, a directory of them, or a dataset root with
 `split`. Outputs under the workdir: predictions/<dataset>/traj_<j>.hdf5 (Well layout: the input
 history followed by the predicted frames), metrics.json, plots/ (PNG panels, GIF, VRMSE vs step).
+`--config.ensemble.members=E` rolls out an ensemble and adds its calibration to metrics.json.
 Variants: "" (released settings: 6 input frames) or "tiny" (tests: 4 input frames, 3 steps).
 """
 from ml_collections import config_dict
@@ -41,6 +42,11 @@ def get_config(variant: str = ""):
     c.plot_steps = (1, 10, 50)  # 1-based steps shown in the PNG panels (clipped to the rollout)
     c.animation = "gif"  # "gif" | "mp4" (needs ffmpeg) | "" (none)
     c.write_predictions = True
+    # An ensemble of members > 1 rollouts per trajectory, vmapped in one program: members differ by
+    # their jitter (ensemble.jitter) and/or a perturbed initial condition (ensemble.perturbation, a
+    # fraction of each channel's RMS). The predictions and the metrics are the ensemble mean's;
+    # metrics.json adds CRPS, spread-skill and rank histograms per field and horizon window.
+    c.ensemble = config_dict.ConfigDict({"members": 0, "jitter": True, "perturbation": 0.0})
     c.on_nonfinite = "error"  # a NaN/Inf prediction: "error" (fail, naming it) | "truncate" (keep the steps before it)
     if variant == "tiny":
         c.n_input_steps = 4

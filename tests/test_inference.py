@@ -116,6 +116,59 @@ def test_predictions_are_the_rollout_and_metrics_match(job):
     np.testing.assert_allclose(job["report"]["persistence"]["vrmse"]["per_step_mean"], pers.mean((0, 2)), rtol=1e-4)
 
 
+def test_ensemble_job_writes_the_mean_and_its_calibration(job):
+    """--config.ensemble.members=4: predictions are the members' mean; metrics.json holds CRPS,
+    spread-skill and rank histograms computed from the members (recomputed here from a direct
+    ensemble rollout with the job's keys)."""
+    from walrus_jax.data.well import WellDataset
+    from walrus_jax.main import load_config, run
+
+    config = load_config(os.path.join(ROOT, "configs", "rollout.py") + ":tiny",
+                         [f"checkpoint={job['ckpt']}", f"data={job['data']}", "ensemble.members=4",
+                          "ensemble.perturbation=0.05", "plot=False"])
+    out = str(job["tmp"] / "out_ensemble")
+    report = run(config, out, mode="rollout")
+    src = WellDataset(job["data"], vocab=job["vocab"])
+    traj = [src.trajectory(j) for j in range(2)]
+    fields, consts = np.stack([t["fields"] for t in traj]), np.stack([t["constant_fields"] for t in traj])
+    mask = rollouts.mask_from_constants(consts, ["mask"])
+    keys = jax.random.split(jax.random.fold_in(jax.random.key(0), 0), 4)
+    members = np.asarray(rollouts.rollout_ensemble(
+        job["model"], fields[:, :4], keys, field_indices=traj[0]["field_indices"],
+        bcs=traj[0]["boundary_conditions"], n_steps=3, constant_fields=consts, mask=mask, perturbation=0.05))
+    with h5py.File(os.path.join(out, "predictions", "toy_flow", "traj_0.hdf5")) as f:
+        assert int(f.attrs["walrus_n_input_steps"]) == 4
+    pred_ds = WellDataset(os.path.join(out, "predictions", "toy_flow"), vocab=job["vocab"])
+    written = np.stack([pred_ds.trajectory(j)["fields"] for j in range(2)])[:, 4:]
+    np.testing.assert_allclose(written, members.mean(0), rtol=1e-5, atol=1e-5)
+    truth = np.where(mask[:, None, ..., None], 0.0, fields[:, 4:7])
+    ens = report["ensemble"]
+    assert report["prediction"] == "ensemble mean" and ens["members"] == 4
+    crps = np.asarray(metrics.crps(members, truth))
+    np.testing.assert_allclose(ens["metrics"]["crps"]["per_step"]["pressure"], crps[..., 0].mean(0), rtol=1e-4)
+    ratio = np.asarray(metrics.spread_skill(members, truth))
+    np.testing.assert_allclose(ens["metrics"]["spread_skill"]["windows"]["1"]["mean"], ratio[:, 0].mean(), rtol=1e-4)
+    hist = ens["rank_histogram"]["1"]["velocity_x"]
+    assert len(hist) == 5 and abs(sum(hist) - 1) < 1e-6
+    with open(os.path.join(out, "metrics.json")) as f:
+        assert json.load(f)["ensemble"]["members"] == 4
+
+
+@pytest.mark.parametrize("override, message", [
+    ("ensemble.members=1", "an ensemble needs at least 2"),
+    ("ensemble.jitter=False", "need perturbation > 0"),
+])
+def test_bad_ensemble_settings_are_config_errors(job, override, message):
+    from walrus_jax.errors import ConfigError
+    from walrus_jax.main import load_config, run
+
+    extra = [override] + (["ensemble.members=3"] if "jitter" in override else [])
+    config = load_config(os.path.join(ROOT, "configs", "rollout.py") + ":tiny",
+                         [f"checkpoint={job['ckpt']}", f"data={job['data']}", *extra])
+    with pytest.raises(ConfigError, match=message):
+        run(config, str(job["tmp"] / "out_bad_ensemble"), mode="rollout")
+
+
 def test_vocabulary_mismatch_is_a_clear_error(job):
     from walrus_jax.main import load_config, run
 

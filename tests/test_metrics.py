@@ -172,3 +172,61 @@ def test_compute_all_keys_and_jit():
     out = jax.jit(metrics.compute_all)(pred, target)
     assert {"mse", "nrmse", "vrmse", "spectral_nmse_bin2"} <= set(out)
     assert all(v.shape == (1, 2, 2) for v in out.values())
+
+
+# ----------------------------------------------------------------------------------- ensembles
+def _gaussian_ensemble(e, scale=1.0, seed=0, shape=(2, 3, 64, 64, 2)):
+    """Members N(0, scale^2) and a target N(0, 1), independent at every point."""
+    rng = np.random.default_rng(seed)
+    return (scale * rng.normal(size=(e,) + shape)).astype(np.float32), rng.normal(size=shape).astype(np.float32)
+
+
+def test_crps_of_members_equal_to_the_target_is_zero():
+    _, y = _gaussian_ensemble(2)
+    np.testing.assert_allclose(metrics.crps(np.stack([y] * 5), y), 0.0, atol=1e-7)
+
+
+def test_crps_equals_the_pairwise_definition():
+    x, y = _gaussian_ensemble(5, shape=(1, 2, 4, 4, 3))
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    skill = np.abs(x64 - y64[None]).mean(0)
+    pairs = np.abs(x64[:, None] - x64[None]).sum((0, 1))
+    for fair, denominator in ((True, 2 * 5 * 4), (False, 2 * 25)):
+        want = (skill - pairs / denominator).mean(axis=(2, 3))
+        np.testing.assert_allclose(metrics.crps(x, y, fair=fair), want, rtol=1e-5, atol=1e-6)
+
+
+def test_fair_crps_of_a_normal_forecast_matches_its_closed_form():
+    """CRPS(N(0, 1), y) = y (2 Phi(y) - 1) + 2 phi(y) - 1/sqrt(pi); at y = 0: 2 phi(0) - 1/sqrt(pi)."""
+    x, _ = _gaussian_ensemble(8, shape=(1, 1, 128, 128, 1))
+    want = 2 / math.sqrt(2 * math.pi) - 1 / math.sqrt(math.pi)
+    got = float(metrics.crps(x, np.zeros_like(x[0]))[0, 0, 0])
+    assert abs(got - want) <= 0.01 * want, (got, want)
+
+
+@pytest.mark.parametrize("scale, low, high", [(1.0, 0.97, 1.03), (2.0, 1.6, 1.9), (0.3, 0.25, 0.4)])
+def test_spread_skill_is_one_for_a_calibrated_ensemble(scale, low, high):
+    """Members N(0, s^2) against a N(0, 1) target (E = 8): ratio sqrt(9/8) s / sqrt(1 + s^2/8):
+    1 at s = 1, 1.73 at s = 2 (under-confident), 0.32 at s = 0.3 (over-confident)."""
+    x, y = _gaussian_ensemble(8, scale)
+    r = np.asarray(metrics.spread_skill(x, y))
+    assert r.shape == (2, 3, 2)
+    assert low <= r.mean() <= high, r.mean()
+
+
+def test_rank_histogram_is_flat_when_calibrated_and_u_shaped_when_over_confident():
+    x, y = _gaussian_ensemble(8)
+    h = np.asarray(metrics.rank_histogram(x, y))
+    assert h.shape == (2, 3, 2, 9)
+    np.testing.assert_allclose(h.sum(-1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(h.mean(axis=(0, 1, 2)), 1 / 9, atol=0.01)
+    narrow = np.asarray(metrics.rank_histogram(*_gaussian_ensemble(8, 0.3))).mean(axis=(0, 1, 2))
+    assert narrow[0] > 0.25 and narrow[-1] > 0.25 and narrow[4] < 0.05, narrow
+
+
+def test_ensemble_shapes_are_checked():
+    x, y = _gaussian_ensemble(3, shape=(1, 1, 4, 4, 1))
+    with pytest.raises(ValueError, match=r"must be \(E,\) \+ target shape"):
+        metrics.crps(x[:, :, :, :2], y)
+    with pytest.raises(ValueError, match="at least 2 members"):
+        metrics.spread_skill(x[:1], y)

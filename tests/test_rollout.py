@@ -188,6 +188,26 @@ def test_ensemble_is_vmap_over_keys(setup):
     assert_f32_close(chunked, ens, n_steps=common["n_steps"])
 
 
+def test_ensemble_of_perturbed_initial_conditions(setup):
+    """Without jitter, member e is the rollout of input + 0.1 * rms * N(0, 1), its noise from keys[e]."""
+    model, data, kw = setup
+    keys = jax.random.split(jax.random.key(8), 3)
+    common = dict(constant_fields=data["constant_fields"], n_steps=3, **kw)
+    x = np.asarray(data["input_fields"], np.float64)
+    ens = np.asarray(rollouts.rollout_ensemble(model, data["input_fields"], keys, jitter=False, perturbation=0.1,
+                                               **common))
+    rms = np.sqrt((x ** 2).mean(axis=(1, 2, 3), keepdims=True))
+    for e in range(3):
+        noise = np.asarray(jax.random.normal(jax.random.fold_in(keys[e], rollouts.PERTURBATION_STREAM), x.shape))
+        start = (x + 0.1 * rms * noise).astype(np.float32)
+        assert_f32_close(ens[e], np.asarray(rollouts.rollout(model, start, **common)), n_steps=common["n_steps"])
+    assert np.abs(ens[0] - ens[1]).max() > 1e-3
+    with pytest.raises(ValueError, match="members would all be the same"):
+        rollouts.rollout_ensemble(model, data["input_fields"], keys, jitter=False, **common)
+    with pytest.raises(ValueError, match="perturbation must be >= 0"):
+        rollouts.rollout_ensemble(model, data["input_fields"], keys, perturbation=-1.0, **common)
+
+
 def test_plain_callable_model(setup):
     model, data, kw = setup
     fn = lambda x, fi, bcs, jitter=None: model(x, fi, bcs, jitter=jitter)  # noqa: E731

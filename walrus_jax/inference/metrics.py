@@ -16,6 +16,17 @@ Definitions and epsilons (the_well.benchmark.metrics, eps = 1e-7):
 
 Horizon helpers average a per-step metric over windows of rollout steps, 1-based and inclusive as in
 the paper ("1-20", "21-60"; downstream "1-10", "11-30").
+
+Ensemble metrics take the members along a leading axis, ensemble (E, B, T, *spatial, C) against
+target (B, T, *spatial, C), and reduce the members and space: -> (B, T, C).
+  CRPS          mean_space [ mean_e |x_e - y| - sum_{e,e'} |x_e - x_e'| / (2 E (E - 1)) ]  ("fair"
+                estimator: unbiased for the CRPS of the distribution the members are drawn from;
+                fair=False divides by 2 E^2, the CRPS of the empirical distribution itself)
+  spread-skill  sqrt((E + 1) / E) * sqrt(mean_space var_e(x, ddof=1)) / sqrt(mean_space (mean_e x - y)^2)
+                (1 for a calibrated ensemble: the target indistinguishable from a member; below 1
+                over-confident, above 1 under-confident)
+  rank histogram  per point, the target's rank among the members (0..E); frequencies over space
+                (B, T, C, E + 1), flat (1 / (E + 1)) for a calibrated ensemble.
 """
 from __future__ import annotations
 
@@ -205,6 +216,58 @@ def horizon_windows(per_step, windows: Iterable[tuple[int, int]] = PAPER_WINDOWS
             continue
         out[window_name(w)] = horizon_mean(per_step, w, axis)
     return out
+
+
+# ----------------------------------------------------------------------------------- ensembles
+def _check_ensemble(ensemble, target):
+    if ensemble.ndim != target.ndim + 1 or tuple(ensemble.shape[1:]) != tuple(target.shape):
+        raise ValueError(f"ensemble shape {tuple(ensemble.shape)} must be (E,) + target shape {tuple(target.shape)}: "
+                         "members along the first axis, then (B, T, *spatial, C)")
+    if ensemble.shape[0] < 2:
+        raise ValueError(f"an ensemble needs at least 2 members, got {ensemble.shape[0]} (axis 0 of "
+                         f"{tuple(ensemble.shape)})")
+
+
+def crps(ensemble, target, n_spatial_dims: int | None = None, fair: bool = True) -> jax.Array:
+    """Continuous ranked probability score, mean over space. (E, B, T, *spatial, C), (B, T, *spatial, C)
+    -> (B, T, C). 0 when every member equals the target."""
+    _check_ensemble(ensemble, target)
+    x, y = _f32(ensemble), _f32(target)
+    e = x.shape[0]
+    skill = jnp.mean(jnp.abs(x - y[None]), axis=0)
+    # sum_{e,e'} |x_e - x_e'| = 2 sum_i (2i - E - 1) x_(i) over the sorted members (i = 1..E): O(E log E)
+    weights = (2 * jnp.arange(1, e + 1) - e - 1).astype(x.dtype).reshape((e,) + (1,) * (x.ndim - 1))
+    pair_sum = 2 * jnp.sum(weights * jnp.sort(x, axis=0), axis=0)
+    spread = pair_sum / (2 * e * (e - 1) if fair else 2 * e * e)
+    return jnp.mean(skill - spread, axis=_spatial_axes(y, n_spatial_dims))
+
+
+def spread_skill(ensemble, target, n_spatial_dims: int | None = None, eps: float = EPS) -> jax.Array:
+    """Spread over skill with the finite-ensemble factor (module doc). -> (B, T, C), 1 when calibrated."""
+    _check_ensemble(ensemble, target)
+    x, y = _f32(ensemble), _f32(target)
+    e = x.shape[0]
+    axes = _spatial_axes(y, n_spatial_dims)
+    spread = jnp.sqrt(jnp.mean(jnp.var(x, axis=0, ddof=1), axis=axes))
+    skill = jnp.sqrt(jnp.mean(jnp.square(jnp.mean(x, axis=0) - y), axis=axes))
+    return jnp.sqrt((e + 1) / e) * spread / (skill + eps)
+
+
+def rank_histogram(ensemble, target, n_spatial_dims: int | None = None) -> jax.Array:
+    """Frequencies of the target's rank among the members, over space: (B, T, C, E + 1), each row
+    summing to 1. A target equal to some members is placed in the middle of them."""
+    _check_ensemble(ensemble, target)
+    x, y = _f32(ensemble), _f32(target)
+    e = x.shape[0]
+    below = jnp.sum(x < y[None], axis=0)
+    ties = jnp.sum(x == y[None], axis=0)
+    rank = below + ties // 2  # (B, T, *spatial, C) in 0..E
+    counts = jax.nn.one_hot(rank, e + 1, dtype=jnp.float32)  # (..., *spatial, C, E + 1)
+    axes = tuple(a - 1 for a in _spatial_axes(y, n_spatial_dims))
+    return jnp.mean(counts, axis=axes)
+
+
+ENSEMBLE_METRICS = {"crps": crps, "spread_skill": spread_skill}
 
 
 # ----------------------------------------------------------------------------------- reports

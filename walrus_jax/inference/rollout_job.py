@@ -153,6 +153,20 @@ def _check_config(config) -> None:
         raise ConfigError(f"config.on_nonfinite={config.on_nonfinite!r}: expected 'error' or 'truncate'")
     if config.plot and config.animation and str(config.animation).lower() not in ("gif", "mp4"):
         raise ConfigError(f"config.animation={config.animation!r}: expected 'gif', 'mp4' or ''")
+    ens = config.get("ensemble")
+    if ens is not None and int(ens.members):
+        if int(ens.members) < 2:
+            raise ConfigError(f"config.ensemble.members={ens.members}: an ensemble needs at least 2 (0: none)")
+        if not float(ens.perturbation) >= 0:
+            raise ConfigError(f"config.ensemble.perturbation={ens.perturbation}: expected >= 0 (a fraction of the RMS)")
+        if not ens.jitter and float(ens.perturbation) == 0:
+            raise ConfigError("config.ensemble: with jitter=False the members need perturbation > 0, or they are "
+                              "all the same")
+
+
+def _members(config) -> int:
+    ens = config.get("ensemble")
+    return 0 if ens is None else int(ens.members)
 
 
 def _plan(config, ds) -> Plan:
@@ -187,6 +201,7 @@ class Group:
     seconds: float
     nonfinite: dict | None = None  # where a truncated rollout met its first NaN/Inf
     n_ok: int | None = None  # steps kept when truncated
+    members: np.ndarray | None = None  # (E, B, n_steps, *spatial, C_var) of an ensemble; predictions is their mean
 
 
 def _roll_group(config, model, ds, plan: Plan, g: int, norm_stats, key) -> Group:
@@ -203,14 +218,22 @@ def _roll_group(config, model, ds, plan: Plan, g: int, norm_stats, key) -> Group
     mask = rollouts.mask_from_constants(consts, [str(n) for n in plan.con_names]) if consts is not None else None
     t0 = time.time()
     nonfinite, n_ok = None, None
+    common = dict(field_indices=first["field_indices"], bcs=first["boundary_conditions"], n_steps=n_steps,
+                  constant_fields=consts, padded_field_mask=first["padded_field_mask"], mask=mask,
+                  eps=float(config.eps), chunk_size=int(config.chunk_size), min_input_steps=t_in,
+                  on_nonfinite="raise", normalization_stats=norm_stats)
+    members = _members(config)
     try:
-        preds = rollouts.rollout(model, inputs, field_indices=first["field_indices"], bcs=first["boundary_conditions"],
-                                 n_steps=n_steps, constant_fields=consts, padded_field_mask=first["padded_field_mask"],
-                                 mask=mask, jitter=None if key is None else jax.random.fold_in(key, g),
-                                 eps=float(config.eps), chunk_size=int(config.chunk_size), min_input_steps=t_in,
-                                 on_nonfinite="raise", normalization_stats=norm_stats)
+        if members:
+            keys = jax.random.split(jax.random.fold_in(jax.random.key(int(config.seed)), g), members)
+            preds = rollouts.rollout_ensemble(model, inputs, keys, jitter=bool(config.ensemble.jitter),
+                                              perturbation=float(config.ensemble.perturbation), **common)
+        else:
+            preds = rollouts.rollout(model, inputs, jitter=None if key is None else jax.random.fold_in(key, g),
+                                     **common)
     except rollouts.NonFiniteRolloutError as e:  # stopped after the chunk holding the first NaN/Inf
-        where = {"trajectory": int(ids[e.sample]), "step": int(e.step) + 1, "field": str(plan.var_names[e.channel])}
+        sample = e.sample[-1] if members else e.sample  # an ensemble's is (member, sample)
+        where = {"trajectory": int(ids[sample]), "step": int(e.step) + 1, "field": str(plan.var_names[e.channel])}
         text = (f"the rollout of {config.checkpoint} on {config.data} diverged: trajectory {where['trajectory']}, "
                 f"field {where['field']!r} is NaN/Inf at prediction step {where['step']} of {n_steps}")
         if str(config.get("on_nonfinite", "error")) == "error" or e.step == 0:
@@ -223,8 +246,12 @@ def _roll_group(config, model, ds, plan: Plan, g: int, norm_stats, key) -> Group
     seconds = time.time() - t0
     if mask is not None:  # the original compares against a reference zeroed on the mask too
         truth = np.where(mask[:, None, ..., None], 0.0, truth)
-    return Group(ids, trajs, consts, inputs, truth, np.asarray(preds), metrics.persistence(inputs, n_steps), seconds,
-                 nonfinite, n_ok)
+    preds = np.asarray(preds)
+    ensemble = preds if members else None
+    if members:
+        preds = preds.mean(axis=0)
+    return Group(ids, trajs, consts, inputs, truth, preds, metrics.persistence(inputs, n_steps), seconds,
+                 nonfinite, n_ok, ensemble)
 
 
 def _write_predictions(config, ds, plan: Plan, groups: Sequence[Group], n_steps: int, pred_dir: str) -> None:
@@ -267,6 +294,21 @@ def _plots(config, report: dict, truth: np.ndarray, preds: np.ndarray, dataset: 
         ext = str(config.animation).lower()
         out["animation"] = plotting.animate(truth[0], preds[0], names, os.path.join(pdir, f"{dataset}_traj{j}.{ext}"))
     return out
+
+
+def _ensemble_report(config, ens: np.ndarray, truth: np.ndarray, names, windows, valid) -> dict:
+    """CRPS and spread-skill like the other metrics (per step, per window, per field) and the rank
+    histogram's frequencies per window and field (E + 1 bins, flat when calibrated)."""
+    per = {name: np.asarray(fn(ens, truth)) for name, fn in metrics.ENSEMBLE_METRICS.items()}
+    ranks = np.asarray(metrics.rank_histogram(ens, truth))  # (B, n_steps, C, E + 1)
+    hist = {}
+    for w in windows:
+        if int(w[1]) <= ranks.shape[1]:
+            freq = np.asarray(metrics.horizon_mean(ranks, w, axis=1)).mean(axis=0)  # (C, E + 1)
+            hist[metrics.window_name(w)] = {f: freq[c].tolist() for c, f in enumerate(names)}
+    return {"members": int(ens.shape[0]), "jitter": bool(config.ensemble.jitter),
+            "perturbation": float(config.ensemble.perturbation),
+            "metrics": metrics.summarize(per, names, windows, valid), "rank_histogram": hist}
 
 
 def run_rollout_job(config, workdir: str) -> dict:
@@ -316,6 +358,10 @@ def run_rollout_job(config, workdir: str) -> dict:
         "per_trajectory_vrmse": {str(j): np.asarray(per["vrmse"][i]).tolist() for i, j in enumerate(plan.ids)},
         "rollout_seconds": [grp.seconds for grp in groups], "wall_seconds": time.time() - t_start,
     }
+    if _members(config):
+        ens = np.concatenate([grp.members for grp in groups], axis=1)[:, :, :n_steps]
+        report["prediction"] = "ensemble mean"
+        report["ensemble"] = _ensemble_report(config, ens, truth, plan.var_names, windows, valid)
     if config.plot:
         report["plots"] = _plots(config, report, truth, preds, ds.dataset_name, workdir)
     write_json(os.path.join(workdir, "metrics.json"), report)

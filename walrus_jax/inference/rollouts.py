@@ -364,29 +364,57 @@ def rollout(model, input_fields, *, field_indices, bcs, n_steps: int, constant_f
                   stats=_global_stats(normalization_stats, len(st.field_indices)))
 
 
-def rollout_ensemble(model, input_fields, keys, *, field_indices, bcs, n_steps: int, constant_fields=None,
-                     padded_field_mask=None, mask=None, cfg=None, eps: float = DEFAULT_EPS,
-                     chunk_size: int | None = None, sink=None, min_input_steps: int = 1, check_finite: bool = True,
-                     on_nonfinite: str = "warn", return_finite: bool = False, normalization_stats=None):
-    """An ensemble of jittered rollouts: `rollout` with jitter=keys[e], vmapped over e in one program.
+PERTURBATION_STREAM = 2 ** 32 - 1  # fold_in(keys[e], this) draws member e's perturbation; jitter uses fold_in(key, step)
 
-    keys: (E,) PRNG keys (jax.random.split(key, E)). Returns (E, B, n_steps, *spatial, C_var);
-    member e equals rollout(..., jitter=keys[e]). on_nonfinite / return_finite as in `rollout`
-    (the finite mask is (E, B, n_steps, C_var)).
+
+def rollout_ensemble(model, input_fields, keys, *, field_indices, bcs, n_steps: int, constant_fields=None,
+                     padded_field_mask=None, mask=None, cfg=None, eps: float = DEFAULT_EPS, jitter: bool = True,
+                     perturbation: float = 0.0, chunk_size: int | None = None, sink=None, min_input_steps: int = 1,
+                     check_finite: bool = True, on_nonfinite: str = "warn", return_finite: bool = False,
+                     normalization_stats=None):
+    """An ensemble of rollouts, vmapped over the members in one compiled program.
+
+    keys: (E,) PRNG keys (jax.random.split(key, E)), one per member. Members differ by
+    - their jitter (jitter=True): member e draws it as rollout(..., jitter=keys[e]) does, and equals
+      that rollout when perturbation is 0;
+    - a perturbed initial condition (perturbation > 0): member e starts from input_fields +
+      perturbation * rms * N(0, 1), rms per sample and channel over the input window (the model's
+      own normalization), the noise drawn from fold_in(keys[e], PERTURBATION_STREAM).
+    Returns (E, B, n_steps, *spatial, C_var). on_nonfinite / return_finite as in `rollout` (the
+    finite mask is (E, B, n_steps, C_var)).
     """
     keys = jnp.asarray(keys) if not isinstance(keys, jax.Array) else keys
     if keys.ndim < 1 or not _is_key(keys[0]):
         raise TypeError(f"keys must be a stack of PRNG keys (E,) (jax.random.split(key, E)); got {keys.dtype} "
                         f"{keys.shape}")
+    perturbation = float(perturbation)
+    if not perturbation >= 0:
+        raise ValueError(f"perturbation must be >= 0 (a fraction of each channel's RMS), got {perturbation}")
+    if not jitter and perturbation == 0:
+        raise ValueError("an ensemble without jitter needs perturbation > 0: its members would all be the same")
     st, consts, mask, pmask, _, _ = _prepare(model, input_fields, field_indices, bcs, n_steps, constant_fields,
-                                             padded_field_mask, mask, keys[0], cfg, eps, min_input_steps,
-                                             check_finite)
+                                             padded_field_mask, mask, keys[0] if jitter else None, cfg, eps,
+                                             min_input_steps, check_finite)
     _check_on_nonfinite(on_nonfinite)
     e = keys.shape[0]
     window = jnp.broadcast_to(jnp.asarray(input_fields, jnp.float32)[None], (e,) + tuple(input_fields.shape))
+    if perturbation > 0:
+        window = _perturbed(window, keys, perturbation)
     return _drive(model, st, window, consts, mask, pmask, None, keys, int(n_steps), chunk_size, sink,
                   ensemble=True, on_nonfinite=on_nonfinite, return_finite=return_finite,
                   stats=_global_stats(normalization_stats, len(st.field_indices)))
+
+
+@jax.jit
+def _perturbed(windows, keys, perturbation):
+    """windows (E, B, T, *spatial, C) + perturbation * rms * N(0, 1), member e's noise from keys[e]."""
+    rms = normalization.sample_rms(windows[0])  # (B, 1, *1, C)
+
+    def one(window, key):
+        noise = jax.random.normal(jax.random.fold_in(key, PERTURBATION_STREAM), window.shape, window.dtype)
+        return window + perturbation * rms * noise
+
+    return jax.vmap(one)(windows, keys)
 
 
 def _global_stats(normalization_stats, n_channels: int):
