@@ -87,6 +87,11 @@ def base_config() -> config_dict.ConfigDict:
     c.train.lr_exponent = 0.5
     c.train.minimum_context = 1  # the first causal prediction (from one frame) is not scored
     c.train.loss_multiplier = 100.0
+    # Autoregressive steps in the training loss (walrus_jax/training/steps.py): 1 = the one-step loss;
+    # k > 1 also scores k - 1 predictions made from the model's own predicted frames (the windows
+    # then carry k output frames), with the gradient through them unless rollout_stop_gradient.
+    c.train.rollout_steps = 1
+    c.train.rollout_stop_gradient = False
     c.train.normalization_eps = 1e-5
     c.train.jitter = True
     c.train.log_every = 10

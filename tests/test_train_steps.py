@@ -270,6 +270,64 @@ def tiny_walrus():
     return g, nnx.to_pure_dict(p), nnx.to_pure_dict(r)
 
 
+@pytest.fixture(scope="module")
+def tiny_walrus_no_drop():
+    g, p, r = nnx.split(Walrus(ModelConfig.tiny(drop_path=0.0, input_field_drop=0.0), rngs=nnx.Rngs(0)), nnx.Param, ...)
+    return g, nnx.to_pure_dict(p), nnx.to_pure_dict(r)
+
+
+def test_rollout_loss_is_the_mean_of_one_step_losses_along_the_models_own_rollout(tiny_walrus_no_drop):
+    """rollout_steps = 3: the loss is the mean of the usual one-step loss and, for j = 1, 2, the loss of
+    the last prediction made from the window that holds the model's own predictions (taken here from
+    wj.rollout, the inference path); k = 1 reads only the first output frame."""
+    from walrus_jax.inference import rollouts
+
+    g, params, rest = tiny_walrus_no_drop
+    model = nnx.merge(g, nnx.State(params), nnx.State(rest))
+    rng = np.random.default_rng(9)
+    fi = np.array([3, 4, 5])
+    inp = rng.normal(size=(2, 4, 32, 32, 3)).astype(np.float32)
+    out = rng.normal(size=(2, 3, 32, 32, 3)).astype(np.float32)
+    bcs = ((2, 2), (2, 2))
+
+    def loss(batch, **kw):
+        opts = steps.StepOptions(jitter=False, **kw)
+        batch = {k: jnp.asarray(v) for k, v in batch.items()} | {"field_indices": jnp.asarray(fi)}
+        # train=True without a key: no drop path, no jitter (deterministic, as the rollout)
+        return float(steps.compute_loss(model, batch, None, bcs=bcs, opts=opts, train=True)[0])
+
+    preds = np.asarray(rollouts.rollout(model, inp, field_indices=fi, bcs=bcs, n_steps=2))
+    frames = np.concatenate([inp, preds], axis=1)
+    terms = [loss({"input_fields": inp, "output_fields": out[:, :1]})]
+    for j in (1, 2):  # minimum_context = T - 1: only the last prediction is scored
+        terms.append(loss({"input_fields": frames[:, j:j + 4], "output_fields": out[:, j:j + 1]}, minimum_context=3))
+    got = loss({"input_fields": inp, "output_fields": out}, rollout_steps=3)
+    assert got == pytest.approx(np.mean(terms), rel=1e-5)
+    assert loss({"input_fields": inp, "output_fields": out}) == terms[0]
+    stopped = loss({"input_fields": inp, "output_fields": out}, rollout_steps=3, rollout_stop_gradient=True)
+    assert stopped == got  # the same value; only the gradient differs
+    with pytest.raises(ValueError, match="rollout_steps=4 needs 4 output frames"):
+        loss({"input_fields": inp, "output_fields": out}, rollout_steps=4)
+
+
+def test_rollout_loss_gradient_flows_through_the_predicted_frames_unless_stopped(tiny_walrus_no_drop):
+    g, params, rest = tiny_walrus_no_drop
+    rng = np.random.default_rng(10)
+    batch = {"input_fields": jnp.asarray(rng.normal(size=(2, 4, 32, 32, 3)), jnp.float32),
+             "output_fields": jnp.asarray(rng.normal(size=(2, 2, 32, 32, 3)), jnp.float32),
+             "field_indices": jnp.array([3, 4, 5])}
+
+    def grads(**kw):
+        opts = steps.StepOptions(jitter=False, rollout_steps=2, **kw)
+        fn = lambda p: steps.compute_loss(nnx.merge(g, nnx.State(p), nnx.State(rest)), batch, None,  # noqa: E731
+                                          bcs=((2, 2), (2, 2)), opts=opts, train=True)[0]
+        return np.concatenate([np.ravel(a) for a in jax.tree.leaves(jax.jit(jax.grad(fn))(params))])
+
+    full, stopped = grads(), grads(rollout_stop_gradient=True)
+    assert np.isfinite(full).all() and np.isfinite(stopped).all()
+    assert np.abs(full - stopped).max() > 1e-6 * np.abs(full).max()
+
+
 def test_train_step_lowers_loss_on_a_fixed_batch(tiny_walrus):
     g, params, rest = tiny_walrus
     rng = np.random.default_rng(4)

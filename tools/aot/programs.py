@@ -23,7 +23,7 @@ from walrus_jax import sharding
 from walrus_jax.inference import rollouts
 from walrus_jax.models.config import PERIODIC
 from walrus_jax.training import optim, setup, steps
-from walrus_jax.training.config import micro_steps_per_update, model_config, step_options
+from walrus_jax.training.config import micro_steps_per_update, model_config, output_steps, step_options
 
 
 @dataclasses.dataclass
@@ -68,12 +68,12 @@ def build(config, mesh, shapes, batch_per_chip: int, kinds=("train", "eval", "ro
         bcs = ((PERIODIC, PERIODIC),) * len(shape)
         tag = f"{len(shape)}d"
         x, fields = window(shape, t_in)
-        y, _ = window(shape, 1)
+        y, _ = window(shape, output_steps(config))
         fi = jax.ShapeDtypeStruct((fields,), jnp.int32, sharding=rep)
         batch_args = {"input_fields": x, "output_fields": y, "field_indices": fi}
         if "train" in kinds:
             programs.append(Program(f"train_{tag}", "train", tuple(shape), batch, train_fn,
-                                    (state, batch_args, rest, bcs), 3.0 + remat_forward))
+                                    (state, batch_args, rest, bcs), (3.0 + remat_forward) * opts.rollout_steps))
         if shape is not shapes[0]:
             continue
         if "eval" in kinds:

@@ -13,7 +13,7 @@ from walrus_jax import sharding
 from walrus_jax.errors import DataError
 from walrus_jax.models.config import ModelConfig
 from walrus_jax.training import steps
-from walrus_jax.training.config import micro_batch_size
+from walrus_jax.training.config import micro_batch_size, output_steps
 
 
 def build_datasets(config, paths, vocab=None):
@@ -22,7 +22,7 @@ def build_datasets(config, paths, vocab=None):
 
     d = config.data
     return pipeline.build_datasets(
-        paths, n_steps_input=d.n_steps_input, n_steps_output=d.n_steps_output, min_dt_stride=d.min_dt_stride,
+        paths, n_steps_input=d.n_steps_input, n_steps_output=output_steps(config), min_dt_stride=d.min_dt_stride,
         max_dt_stride=d.max_dt_stride, inflate_to_3d=d.inflate_to_3d, split="train", vocab=vocab,
         allow_new_fields=d.allow_new_fields, seed=config.seed)
 

@@ -29,7 +29,13 @@ def step_options(config) -> steps.StepOptions:
     t = config.train
     return steps.StepOptions(loss_multiplier=float(t.loss_multiplier), eps=float(t.normalization_eps),
                              jitter=bool(t.jitter), minimum_context=int(t.minimum_context),
-                             grad_accum=micro_steps_per_update(config))
+                             grad_accum=micro_steps_per_update(config), rollout_steps=int(t.rollout_steps),
+                             rollout_stop_gradient=bool(t.rollout_stop_gradient))
+
+
+def output_steps(config) -> int:
+    """Frames after each training window: data.n_steps_output, at least train.rollout_steps."""
+    return max(int(config.data.n_steps_output), int(config.train.rollout_steps))
 
 
 def validate_config(config) -> None:
@@ -43,6 +49,8 @@ def validate_config(config) -> None:
     if t.minimum_context < 0 or config.data.n_steps_input <= t.minimum_context:
         raise ConfigError(f"config data.n_steps_input={config.data.n_steps_input} must exceed train.minimum_context="
                           f"{t.minimum_context} (>= 0): the first minimum_context predictions are not scored")
+    if int(t.rollout_steps) < 1:
+        raise ConfigError(f"config train.rollout_steps={t.rollout_steps}: expected >= 1 (1: the one-step loss)")
     if config.lora.rank > 0 and not config.init_from:
         raise ConfigError(f"config lora.rank={config.lora.rank} needs config.init_from (a base checkpoint to adapt)")
     if config.checkpoint.every < 0:

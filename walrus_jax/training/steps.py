@@ -18,6 +18,20 @@ Loss of one micro-batch (the original's trainer: the_well MAE on normalized delt
 The first `minimum_context` (1) causal predictions are not scored: prediction t is made from frames
 0..t, and the one made from a single frame is left out (T = 6 → 5 scored steps).
 
+Rollout (multi-step) training, `rollout_steps` = k > 1 (output_fields then holds k frames): after the
+one-step loss above, the model's own prediction of the next state, x[last] + y[last] · delta_rms,
+replaces the oldest frame of the window, and the model predicts again from it, k − 1 times. Step j
+is scored on its last prediction only: |y[last] − (true frame j − x[last]) / delta_rms| (the same
+normalized-delta MAE, which is the state error over the window's delta RMS), with a fresh
+drop-path draw per step (and a fresh jitter draw, unless the batch brings one: the data pipeline's
+draw then serves every step). As in a rollout, a predicted frame is 0 at the object mask's points
+and in padded channels. loss = loss_multiplier · mean over the k steps of each step's mean MAE
+(k = 1: the one-step loss, unchanged). The gradient flows through the predicted frames back to the
+first step (`rollout_stop_gradient` = False, the default: the loss is then the k-step rollout's own
+error, and the model learns how its errors propagate); True stops it at each predicted frame (the
+"pushforward" variant: each step learns to correct the input distribution its predecessor produces,
+at the memory of one step). Validation always reports the one-step loss.
+
 The state is a plain dict of arrays (params as a pure dict, optimizer state, counters, RNG key
 data) so that it shards, donates and checkpoints without NNX objects in the way.
 """
@@ -57,6 +71,8 @@ class StepOptions:
     minimum_context: int = 1  # leading causal predictions not scored
     grad_accum: int = 1  # each micro-batch's loss is divided by this before differentiation
     global_eps: float = normalization.GLOBAL_EPS  # with dataset statistics: x / (rms + eps), deltas / (rms_delta + eps)
+    rollout_steps: int = 1  # autoregressive steps in the training loss (module doc)
+    rollout_stop_gradient: bool = False  # stop the gradient at each predicted frame (module doc)
 
 
 # ---------------------------------------------------------------------------------- formatting
@@ -98,7 +114,8 @@ def compute_loss(model, batch: Mapping[str, jax.Array], key: jax.Array | None, *
                  train: bool) -> tuple[jax.Array, dict]:
     """Loss of `model` on one micro-batch (module docstring). bcs: static (n_dims, 2) tuple.
 
-    Returns (loss, aux) with aux {"mae": (B, T − minimum_context, C_var), the scored the_well MAE}.
+    Returns (loss, aux) with aux {"mae": (B, T − minimum_context + k − 1, C_var), the scored the_well
+    MAE of every step (k = rollout_steps in training, 1 otherwise)}.
     """
     inp = batch["input_fields"]
     c_var, n_t = inp.shape[-1], inp.shape[1]
@@ -106,29 +123,57 @@ def compute_loss(model, batch: Mapping[str, jax.Array], key: jax.Array | None, *
         raise ValueError(f"input_fields has {n_t} time steps: none is scored with minimum_context="
                          f"{opts.minimum_context} (data.n_steps_input must exceed it)")
     const = batch.get("constant_fields")
-    x = format_window(inp, const)
-    nxt = format_window(batch["output_fields"][:, :1], const)
-    if batch.get("norm_rms") is not None:  # the dataset's global statistics (fine-tuning as released)
-        rms, rms_delta = batch["norm_rms"], batch["norm_rms_delta"]
-        x_n = x / (rms.astype(jnp.float32) + opts.global_eps)
-        target = normalization.deltas(x, nxt) / (rms_delta.astype(jnp.float32) + opts.global_eps)
-    else:
-        x_n = x / normalization.sample_rms(x, opts.eps)
-        target = normalization.normalized_delta_targets(x, nxt, opts.eps)
+    k = opts.rollout_steps if train else 1
+    if batch["output_fields"].shape[1] < k:
+        raise ValueError(f"rollout_steps={k} needs {k} output frames per sample; output_fields has shape "
+                         f"{tuple(batch['output_fields'].shape)} (data.n_steps_output must be >= rollout_steps)")
+    global_stats = batch.get("norm_rms") is not None  # the dataset's statistics (fine-tuning as released)
     cfg = model.cfg
-    k_jitter = k_model = None
-    if key is not None:
-        k_jitter, k_model = jax.random.split(key)
-    jitter = None
-    if opts.jitter and cfg.jitter_patches:
-        if "jitter" in batch and batch["jitter"] is not None:
-            jitter = batch["jitter"]
-        elif k_jitter is not None:
-            jitter = sample_jitter(k_jitter, cfg, inp.shape[2:-1], bcs)
-    y = model(x_n, batch["field_indices"], bcs, jitter, train=train, key=k_model if train else None)
+    keys = [None] * k if key is None else list(jax.random.split(key, k)) if k > 1 else [key]
     real = real_channels(batch.get("padded_field_mask"), inp.shape[0], c_var)
+
+    def normalized(x, true_next):
+        """Model input, target deltas and the delta RMS of window x (B, T, *sp, C) and its next frame."""
+        if global_stats:
+            rms, rms_delta = batch["norm_rms"], batch["norm_rms_delta"]
+            d_rms = jnp.broadcast_to(rms_delta.astype(jnp.float32) + opts.global_eps, (1,) * (x.ndim - 1) + (x.shape[-1],))
+            return x / (rms.astype(jnp.float32) + opts.global_eps), normalization.deltas(x, true_next) / d_rms, d_rms
+        d_rms = normalization.delta_rms(x, opts.eps)
+        return x / normalization.sample_rms(x, opts.eps), normalization.deltas(x, true_next) / d_rms, d_rms
+
+    def predict(x_n, step_key):
+        k_jitter = k_model = None
+        if step_key is not None:
+            k_jitter, k_model = jax.random.split(step_key)
+        jitter = None
+        if opts.jitter and cfg.jitter_patches:
+            if "jitter" in batch and batch["jitter"] is not None:
+                jitter = batch["jitter"]
+            elif k_jitter is not None:
+                jitter = sample_jitter(k_jitter, cfg, inp.shape[2:-1], bcs)
+        return model(x_n, batch["field_indices"], bcs, jitter, train=train, key=k_model if train else None)
+
+    x = format_window(inp, const)
+    x_n, target, d_rms = normalized(x, format_window(batch["output_fields"][:, :1], const))
+    y = predict(x_n, keys[0])
     mae = scored_mae(y[..., :c_var], target[..., :c_var], real, batch.get("object_mask"), opts.minimum_context)
-    loss = jnp.mean(mae) * opts.loss_multiplier
+    step_losses = [jnp.mean(mae)]
+    window = inp.astype(jnp.float32)
+    for j in range(1, k):
+        predicted = normalization.next_state(x[:, -1], y[:, -1], d_rms)[..., :c_var]
+        predicted = predicted * real.reshape(real.shape[:1] + (1,) * (predicted.ndim - 2) + real.shape[1:])
+        if batch.get("object_mask") is not None:
+            predicted = jnp.where(batch["object_mask"][..., None] != 0, 0.0, predicted)
+        if opts.rollout_stop_gradient:
+            predicted = jax.lax.stop_gradient(predicted)
+        window = jnp.concatenate([window[:, 1:], predicted[:, None]], axis=1)
+        x = format_window(window, const)
+        x_n, target, d_rms = normalized(x, format_window(batch["output_fields"][:, j:j + 1], const))
+        y = predict(x_n, keys[j])
+        last = scored_mae(y[:, -1:, ..., :c_var], target[:, -1:, ..., :c_var], real, batch.get("object_mask"), 0)
+        step_losses.append(jnp.mean(last))
+        mae = jnp.concatenate([mae, last], axis=1)
+    loss = (step_losses[0] if k == 1 else jnp.mean(jnp.stack(step_losses))) * opts.loss_multiplier
     return loss, {"mae": mae}
 
 
