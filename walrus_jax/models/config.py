@@ -60,7 +60,8 @@ class ModelConfig:
     # "dots_and_attention" keeps the projections' and the fused attention's outputs and recomputes
     # the elementwise work: at hidden 768 (batch 2, 128^2, T=6) that cuts the train step's buffers
     # from ~20 GB to ~7 GB and its time by ~30% on a 2-core CPU (less memory to fault in and
-    # stream); at hidden 192 keeping everything ("none") is ~4% faster.
+    # stream); at hidden 192 keeping everything ("none") is ~4% faster. "offload" is "full" with the
+    # blocks' inputs in host memory (TPU/GPU; on CPU the same as "full").
     remat: str = "none"
     scan_layers: bool = True  # nnx.scan over blocks (False: Python loop; CPU training of <= 4 blocks loops, see processor)
     # Which kernels compute attention, the q/k norm + RoPE, convolutions and the block loop, one of

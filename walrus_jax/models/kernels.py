@@ -79,6 +79,14 @@ def compile_target(platform: str | None) -> Iterator[None]:
         _TARGET.reset(token)
 
 
+def known_platform(kernels: str) -> str | None:
+    """The platform whose forms `kernels` takes where that is known while tracing ("cpu", "tpu" or
+    "gpu" forced, or the compile target under "auto"); None for "xla" and for "auto" without a target."""
+    if kernels == "auto":
+        return _TARGET.get()
+    return kernels if kernels in PLATFORMS else None
+
+
 def select(kernels: str, *args, xla: Callable, cpu: Callable | None = None, tpu: Callable | None = None,
            gpu: Callable | None = None):
     """`form(*args)` for the form `kernels` (a `KERNEL_CHOICES` entry) picks; a platform without a

@@ -13,7 +13,7 @@ from walrus_jax.models import lora
 from walrus_jax.models.activation_sharding import batch_sharded
 from walrus_jax.models.attention import SpaceAttention, TimeAttention
 from walrus_jax.models.config import ModelConfig
-from walrus_jax.models.kernels import select
+from walrus_jax.models.kernels import known_platform, select
 
 BLOCK_INPUT = "block_input"  # the name each block's input carries for the remat policies
 REMAT_POLICIES = {
@@ -116,7 +116,10 @@ class Processor(nnx.Module):
                     x = roll_tokens(x, xs["shift"])
                 return batch_sharded(block(x, xs["rate"], xs.get("key"), last_frame_only=last))
             if cfg.remat != "none":
-                step = nnx.remat(step, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not scanned)
+                policy = REMAT_POLICIES[cfg.remat]
+                if cfg.remat == "offload" and known_platform(cfg.kernels) == "cpu":
+                    policy = REMAT_POLICIES["full"]  # a CPU's host memory is its device memory: no copies
+                step = nnx.remat(step, policy=policy, prevent_cse=not scanned)
             return step
 
         graphdef, state = nnx.split(self.blocks)
