@@ -1,7 +1,7 @@
 """Wall time of an ensemble rollout (`wj.rollout_ensemble`, members vmapped in one program) against
 one member's rollout.
 
-    python -m tools.bench.ensemble [--preset small] [--hw 64] [--t-in 6] [--fields 4] [--steps 10]
+    python -m tools.bench.ensemble [--preset small] [--hw 128] [--t-in 6] [--fields 4] [--steps 10]
                                    [--members 1,4,16] [--repeats 3]
 
 Random weights, 2-D data (periodic x, wall/open y), jittered members; times after a warm-up run
@@ -23,7 +23,7 @@ from walrus_jax.models.config import OPEN, PERIODIC, WALL, ModelConfig
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="small")
-    p.add_argument("--hw", type=int, default=64)
+    p.add_argument("--hw", type=int, default=128)
     p.add_argument("--t-in", type=int, default=6)
     p.add_argument("--fields", type=int, default=4)
     p.add_argument("--steps", type=int, default=10)

@@ -70,7 +70,7 @@ def export(model, input_fields, path: str | os.PathLike, *, field_indices, bcs, 
         msk = extra[-1] if has_mask else None
         f = rollout_fn(model, field_indices=field_indices, bcs=bcs, n_steps=n_steps, constant_fields=consts,
                        padded_field_mask=padded_field_mask, mask=msk, normalization_stats=normalization_stats,
-                       checkpoint="none")
+                       checkpoint="none", remat=None)
         return f(x)
 
     exported = jax.export.export(jax.jit(call), platforms=platforms)(*args)

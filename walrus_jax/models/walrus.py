@@ -1,6 +1,8 @@
 """Walrus: encoder -> scanned processor -> decoder (docs/original.md), in the Well's channels-last layout."""
 from __future__ import annotations
 
+import functools
+
 from typing import Any
 
 import chex
@@ -184,10 +186,22 @@ def with_kernels(model: Walrus, kernels: str) -> Walrus:
     """`model` with its weights (shared, not copied) computing through `kernels` (a
     `ModelConfig.kernels` choice: "auto", "xla", "cpu", "tpu", "gpu"; models/kernels.py), e.g. the
     portable path for loaded weights: `wj.with_kernels(wj.load_pretrained(d), "xla")`."""
-    cfg = model.cfg.replace(kernels=kernels)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Walrus(cfg, rngs=nnx.Rngs(0))))
+    return with_settings(model, kernels=kernels)
+
+
+@functools.lru_cache(maxsize=16)
+def _graphdef(cfg: ModelConfig):
+    return nnx.split(nnx.eval_shape(lambda: Walrus(cfg, rngs=nnx.Rngs(0))))[0]
+
+
+def with_settings(model: Walrus, **changes) -> Walrus:
+    """`model` with its weights (shared, not copied) under a config that differs in settings that
+    do not change the weights' shapes (kernels, remat, dtype of the computation, scan_layers)."""
+    cfg = model.cfg.replace(**changes)
+    if cfg == model.cfg:
+        return model
     _, state = nnx.split(model)
-    out = nnx.merge(graphdef, state)
+    out = nnx.merge(_graphdef(cfg), state)
     for name in ("vocab",):  # what load_pretrained attaches beside the weights
         if hasattr(model, name):
             setattr(out, name, getattr(model, name))
