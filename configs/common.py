@@ -89,9 +89,10 @@ def base_config() -> config_dict.ConfigDict:
     c.train.loss_multiplier = 100.0
     # Autoregressive steps in the training loss (walrus_jax/training/steps.py): 1 = the one-step loss;
     # k > 1 also scores k - 1 predictions made from the model's own predicted frames (the windows
-    # then carry k output frames), with the gradient through them unless rollout_stop_gradient.
+    # then carry k output frames); the gradient stops at each predicted frame unless
+    # rollout_stop_gradient is False (then it flows back through them to the first step).
     c.train.rollout_steps = 1
-    c.train.rollout_stop_gradient = False
+    c.train.rollout_stop_gradient = True
     c.train.normalization_eps = 1e-5
     c.train.jitter = True
     c.train.log_every = 10

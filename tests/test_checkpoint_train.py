@@ -38,7 +38,7 @@ def data(tmp_path_factory, env):
 # Two-step rollout training (train.rollout_steps=2): the resumed run must also restore what the
 # rollout loss reads (windows with two output frames, a key per step).
 OVERRIDES = ["train.steps=6", "checkpoint.every=2", "checkpoint.keep=5", "eval.n_trajectories=0",
-             "data.batch_size=2", "train.rollout_steps=2"]
+             "data.batch_size=2", "train.rollout_steps=2", "train.rollout_stop_gradient=False"]
 
 
 def _cmd(workdir, data):

@@ -1,12 +1,15 @@
 """One-step against rollout (multi-step) fine-tuning at equal compute, on a miniwell system.
 
     python -m tools.bench.rollout_training [--work DIR] [--base-steps 300] [--updates 150] [--k 3]
-                                           [--lr 5e-4] [--horizon 40]
+                                           [--lr 5e-4] [--horizon 40] [--held-out 8] [--stop-gradient]
 
-1. trains a base model with the demo configuration (configs/demo.py: Kolmogorov flow 32², hidden
-   64, 2 blocks, 2-frame history) for --base-steps updates;
-2. fine-tunes it twice from the same weights: --updates one-step updates, and --updates / k updates
-   with train.rollout_steps=k (each costs about k one-step updates: equal compute);
+1. generates the miniwell's Kolmogorov flow (32², 5 training trajectories as the demo's, and
+   --held-out trajectories in each of the valid and test splits), and trains a base model on it with
+   the demo configuration (configs/demo.py: hidden 64, 2 blocks, 2-frame history) for --base-steps
+   updates;
+2. fine-tunes it from the same weights: --updates one-step updates, and for each k of --k,
+   --updates / k updates with train.rollout_steps=k (each costs about k one-step updates: equal
+   compute);
 3. rolls every model out --horizon steps from the start of the held-out trajectories (valid and
    test splits, no jitter) and prints VRMSE per horizon window and the fine-tuning wall times.
 Everything runs through `python -m walrus_jax.main`, as a user would.
@@ -38,37 +41,54 @@ def _main(workdir: str, *overrides: str, mode: str = "train") -> float:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default="")
-    p.add_argument("--base-steps", type=int, default=300)
-    p.add_argument("--updates", type=int, default=150)
-    p.add_argument("--k", type=int, default=3)
+    p.add_argument("--base-steps", type=int, default=600)
+    p.add_argument("--updates", type=int, default=300)
+    p.add_argument("--k", default="3", help="comma-separated rollout lengths to compare with one-step")
+    p.add_argument("--stop-gradient", action="store_true", help="train.rollout_stop_gradient for the rollout runs")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--horizon", type=int, default=40)
+    p.add_argument("--held-out", type=int, default=8)
     a = p.parse_args(argv)
     work = a.work or tempfile.mkdtemp(prefix="rollout_training_")
+    from walrus_jax.data.miniwell import generate_system
+
+    data = os.path.join(work, "data")
+    if not os.path.isdir(os.path.join(data, "ns2d_kolmogorov")):
+        generate_system("ns2d_kolmogorov", data, quick=True, n_frames=48,
+                        n_traj={"train": 5, "valid": a.held_out, "test": a.held_out})
+    on_data = (f"data.root={data}", "data.generate=")
     base = os.path.join(work, "base")
     if not os.path.exists(os.path.join(base, "summary.json")):
-        _main(base, f"train.steps={a.base_steps}", "eval.n_trajectories=0", "train.max_wall_seconds=0")
+        _main(base, *on_data, f"train.steps={a.base_steps}", "eval.n_trajectories=0", "train.max_wall_seconds=0")
     windows = [(1, 10), (11, 20), (21, a.horizon)]
 
     def evaluate(wd: str) -> dict:
         """{split: eval.json} of the newest checkpoint in wd."""
         scores = {}
         for split in ("valid", "test"):
-            _main(wd, f"eval.split={split}", f"eval.rollout_steps={a.horizon}", f"eval.windows={tuple(windows)}",
-                  "eval.jitter=False", "eval.n_trajectories=4", "eval.plot=False", mode="eval")
+            _main(wd, *on_data, f"eval.split={split}", f"eval.rollout_steps={a.horizon}",
+                  f"eval.windows={tuple(windows)}", "eval.jitter=False", f"eval.n_trajectories={a.held_out}",
+                  "eval.plot=False", mode="eval")
             with open(os.path.join(wd, "eval.json")) as f:
                 scores[split] = json.load(f)
         return scores
 
     rows = {"base": (a.base_steps, None, evaluate(base))}
-    for name, updates, k in (("one-step", a.updates, 1), (f"rollout k={a.k}", a.updates // a.k, a.k)):
+    sg = " sg" if a.stop_gradient else ""
+    variants = [("one-step", a.updates, 1)] + [(f"rollout k={k}{sg}", a.updates // k, k)
+                                              for k in (int(v) for v in a.k.split(","))]
+    for name, updates, k in variants:
         wd = os.path.join(work, name.replace(" ", "_").replace("=", ""))
-        seconds = _main(wd, f"init_from={base}", f"train.steps={updates}", f"train.rollout_steps={k}",
-                        f"train.lr={a.lr}", "eval.n_trajectories=0", "train.max_wall_seconds=0",
-                        "checkpoint.every=0")
+        if not os.path.exists(os.path.join(wd, "summary.json")):
+            _main(wd, *on_data, f"init_from={base}", f"train.steps={updates}", f"train.rollout_steps={k}",
+                  f"train.rollout_stop_gradient={bool(sg) and k > 1}", f"train.lr={a.lr}", "eval.n_trajectories=0",
+                  "train.max_wall_seconds=0", "checkpoint.every=0")
+        with open(os.path.join(wd, "summary.json")) as f:
+            seconds = json.load(f)["wall_seconds"]
         rows[name] = (updates, seconds, evaluate(wd))
     print(f"demo model (Kolmogorov flow 32^2), base {a.base_steps} updates, fine-tuned at lr {a.lr}; VRMSE of "
-          f"{a.horizon}-step rollouts from the held-out trajectories' start, no jitter (valid / test split)")
+          f"{a.horizon}-step rollouts from the start of {a.held_out} + {a.held_out} held-out trajectories, no jitter, "
+          "mean over trajectories (valid / test split)")
     head = " ".join(f"{f'steps {w[0]}-{w[1]}':>15}" for w in windows)
     print(f"{'model':<14} {'updates':>7} {'seconds':>8} {head}")
     for name, (updates, seconds, scores) in [("persistence", rows["base"])] + list(rows.items()):
@@ -77,7 +97,7 @@ def main(argv=None) -> None:
                          for w in windows)
         shown = "" if name in ("persistence", "base") or seconds is None else f"{seconds:.0f}"
         print(f"{name:<14} {'' if name == 'persistence' else updates:>7} {shown:>8} {cells}")
-    print(f"(seconds: the fine-tuning command, compile included; work folder {work})")
+    print(f"(seconds: the fine-tuning job's wall time, compile included; work folder {work})")
 
 
 if __name__ == "__main__":

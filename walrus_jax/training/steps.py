@@ -26,11 +26,13 @@ normalized-delta MAE, which is the state error over the window's delta RMS), wit
 drop-path draw per step (and a fresh jitter draw, unless the batch brings one: the data pipeline's
 draw then serves every step). As in a rollout, a predicted frame is 0 at the object mask's points
 and in padded channels. loss = loss_multiplier · mean over the k steps of each step's mean MAE
-(k = 1: the one-step loss, unchanged). The gradient flows through the predicted frames back to the
-first step (`rollout_stop_gradient` = False, the default: the loss is then the k-step rollout's own
-error, and the model learns how its errors propagate); True stops it at each predicted frame (the
-"pushforward" variant: each step learns to correct the input distribution its predecessor produces,
-at the memory of one step). Validation always reports the one-step loss.
+(k = 1: the one-step loss, unchanged). By default the gradient stops at each predicted frame
+(`rollout_stop_gradient` = True, the "pushforward" variant: each step learns to correct the inputs
+its predecessor produces); False lets it flow back through the predicted frames to the first step
+(the loss is then the k-step rollout's own error). Either way a step runs k forward and k backward
+passes of the model. On the miniwell's Kolmogorov flow (tools/bench/rollout_training.py) the stopped
+gradient held the one-step fine-tune's rollout error and the unstopped one made it worse, with one
+held-out trajectory blowing up. Validation always reports the one-step loss.
 
 The state is a plain dict of arrays (params as a pure dict, optimizer state, counters, RNG key
 data) so that it shards, donates and checkpoints without NNX objects in the way.
@@ -72,7 +74,7 @@ class StepOptions:
     grad_accum: int = 1  # each micro-batch's loss is divided by this before differentiation
     global_eps: float = normalization.GLOBAL_EPS  # with dataset statistics: x / (rms + eps), deltas / (rms_delta + eps)
     rollout_steps: int = 1  # autoregressive steps in the training loss (module doc)
-    rollout_stop_gradient: bool = False  # stop the gradient at each predicted frame (module doc)
+    rollout_stop_gradient: bool = True  # stop the gradient at each predicted frame (module doc)
 
 
 # ---------------------------------------------------------------------------------- formatting
