@@ -10,6 +10,8 @@ import pytest
 from tools.aot import __main__ as aot
 from tools.aot import analysis, topologies
 
+pytestmark = pytest.mark.slow  # TPU compiles: ~10 minutes on 2 cores
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.py")
 KEYS = {"program", "shape", "args_bytes", "temp_bytes", "total_bytes", "hbm_bytes", "fits", "flops", "model_flops",

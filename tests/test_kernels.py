@@ -196,6 +196,7 @@ def _tpu_mesh(n: int):
     return jax.sharding.Mesh(np.asarray(devices), ("data",))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_flash_attention_compiles_for_tpu(dtype):
     """Forward and backward of space attention as one TPU program, sharded over 4 chips: the Pallas
@@ -221,6 +222,7 @@ def test_flash_attention_compiles_for_tpu(dtype):
     assert per_chip < 64 * 2**20, per_chip  # a (2, L, L) float32 block alone would be 193 MB
 
 
+@pytest.mark.slow
 def test_full_resolution_ends_compile_for_tpu_in_little_memory():
     """The 3-D input and output ends with their gradients, compiled for one TPU chip: the TPU forms
     (channels-first, space-to-depth) hold under a third of what the portable channels-last forms hold
