@@ -5,8 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.ad_checkpoint import checkpoint_name
 from flax.nnx import filterlib
+from jax.ad_checkpoint import checkpoint_name
 
 from walrus_jax.cpu_kernels import attention as fused_attention
 from walrus_jax.models import lora
