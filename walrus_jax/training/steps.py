@@ -131,7 +131,8 @@ def compute_loss(model, batch: Mapping[str, jax.Array], key: jax.Array | None, *
                          f"{tuple(batch['output_fields'].shape)} (data.n_steps_output must be >= rollout_steps)")
     global_stats = batch.get("norm_rms") is not None  # the dataset's statistics (fine-tuning as released)
     cfg = model.cfg
-    keys = [None] * k if key is None else list(jax.random.split(key, k)) if k > 1 else [key]
+    # one key per step; k = 1 keeps the caller's key as it is (the one-step loss, bit for bit)
+    keys = [None] * k if key is None else [key] if k == 1 else list(jax.random.split(key, k))
     real = real_channels(batch.get("padded_field_mask"), inp.shape[0], c_var)
 
     def normalized(x, true_next):
