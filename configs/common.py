@@ -70,12 +70,18 @@ def base_config() -> config_dict.ConfigDict:
     c.train.steps = 1000  # optimizer updates (each = grad_accum micro-batches)
     c.train.grad_accum = 1  # micro-batches per update; each micro-batch's loss is divided by it
     c.train.lr = 2e-4  # base learning rate (the schedule's peak)
+    # "release": the original's torch AdamW (weight_decay, eps, b1, b2 below); or any optax
+    # optimizer by name ("adamw", "lion", "adafactor", ...) with its own arguments in optimizer_args
+    # ("b1=0.95, weight_decay=0.1"); the schedule, clipping and accumulation apply to every choice
+    # (walrus_jax/training/optim.py)
+    c.train.optimizer = "release"
+    c.train.optimizer_args = ""
     c.train.weight_decay = 1e-4
     c.train.eps = 1e-10
     c.train.b1 = 0.9
     c.train.b2 = 0.999
     c.train.clip_norm = 10.0  # gradients scaled by min(1, clip_norm / (total norm + 1e-6)); 0 = off
-    # The lr schedule (InverseSqrtLinearWarmupSqrtCooldown, walrus_jax/optim.py) counts pseudo-epochs
+    # The lr schedule (InverseSqrtLinearWarmupSqrtCooldown, walrus_jax/training/optim.py) counts pseudo-epochs
     # of steps_per_epoch updates: the lr is constant within one (a staircase), as the release steps it
     # (500 updates = 2000 micro-batches). lr_per_update: the same curve stepped every update.
     c.train.steps_per_epoch = 1

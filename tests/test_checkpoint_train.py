@@ -97,7 +97,8 @@ def _abstract_state(workdir):
     from walrus_jax.models import ModelConfig
 
     parts = setup.model_parts(ModelConfig.from_dict(meta_cfg), mesh, config.sharding.rules)
-    state_abs, sh = setup.state_shardings(parts, optim.adamw_config(config.train), None, mesh)
+    tx = optim.build(optim.optimizer_config(config.train), optim.make_schedule(config.train))
+    state_abs, sh = setup.state_shardings(parts, tx, None, mesh)
     return setup.with_shardings(state_abs, sh)
 
 

@@ -35,8 +35,8 @@ MESH_SCRIPT = textwrap.dedent(r"""
 
     rules = ()  # sharding.DEFAULT_RULES as they are: embed over fsdp, everything else replicated
     cfg = ModelConfig.tiny(drop_path=0.1)  # hidden 32: divisible by fsdp = 4
-    opt = optim.AdamWConfig(eps=1e-4)
     sched = optim.Schedule(base_lr=1e-3, max_epochs=10, warmup_epochs=0, cooldown_epochs=0)
+    tx = optim.build(optim.OptimizerConfig(eps=1e-4), sched)
     rng = np.random.default_rng(0)
     batches = [{"input_fields": rng.normal(size=(8, 2, 32, 32, 2)).astype(np.float32),
                 "output_fields": rng.normal(size=(8, 1, 32, 32, 2)).astype(np.float32),
@@ -48,9 +48,9 @@ MESH_SCRIPT = textwrap.dedent(r"""
         mesh = sharding.make_mesh(mesh_cfg, devices)
         parts = setup.model_parts(cfg, mesh, rules)
         params, rest = setup.init_params(parts, 0)
-        _, state_sh = setup.state_shardings(parts, opt, None, mesh)
-        state = jax.jit(lambda p: steps.init_state(p, opt, jax.random.key(0)), out_shardings=state_sh)(params)
-        fn = steps.build_train_step(parts.graphdef, opt, sched, steps.StepOptions(), state_sh, parts.rest_shardings)
+        _, state_sh = setup.state_shardings(parts, tx, None, mesh)
+        state = jax.jit(lambda p: steps.init_state(p, tx, jax.random.key(0)), out_shardings=state_sh)(params)
+        fn = steps.build_train_step(parts.graphdef, tx, sched, steps.StepOptions(), state_sh, parts.rest_shardings)
         losses = []
         for b in batches:
             gb, bcs = load_batch(mesh, b)
@@ -66,7 +66,7 @@ MESH_SCRIPT = textwrap.dedent(r"""
              for (path, a), b in zip(p1, p8)}
     specs = {"/".join(str(k.key) for k in path): [list(x) if isinstance(x, tuple) else x for x in a.sharding.spec]
              for path, a in jax.tree_util.tree_flatten_with_path(s8["params"])[0]}
-    mu = s8["opt_state"]["adam"]["mu"]  # nested like the params (walrus_jax.training.optim.init)
+    mu = optim._find(s8["opt_state"], optim.TorchAdamWState).mu  # nested like the params
     mu_same = jax.tree.structure(mu) == jax.tree.structure(s8["params"]) and all(
         a.sharding == b.sharding for a, b in zip(jax.tree.leaves(mu), p8))
     print(json.dumps({"l1": l1, "l8": l8, "diffs": diffs, "specs": specs, "mu_same": mu_same,

@@ -6,9 +6,11 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
+from walrus_jax.errors import ConfigError
 from walrus_jax.training import optim, steps
 from walrus_jax.models import ModelConfig, Walrus
 from tools import check_train_oracle
@@ -75,17 +77,19 @@ def _adamw_by_hand(p, grads_per_update, lrs, b1=0.9, b2=0.999, eps=1e-10, wd=0.0
 
 
 def test_adamw_matches_torch_and_skips_absent_gradients():
-    opt = optim.AdamWConfig(clip_norm=None, weight_decay=0.1)
+    opt = optim.OptimizerConfig(clip_norm=None, weight_decay=0.1)
     s = sched(0.5, max_epochs=10)
+    tx = optim.build(opt, s)
     params = {"a": jnp.array([1.0, -2.0]), "b": jnp.array([0.5, 0.25, -1.0])}
     ga = [np.array([0.3, 0.4]), np.array([-0.1, 0.2]), np.array([0.05, -0.3])]
     gb = [np.array([1.0, -1.0, 0.5]), np.array([0.2, 0.1, 0.3]), np.array([-0.4, 0.0, 0.1])]
     present_b = [False, True, True]  # "b" has no gradient in the first update: skipped entirely
-    state = optim.init(params, opt)
+    state = tx.init(params)
     p = params
     for i in range(3):
         g = {"a": jnp.asarray(ga[i]), "b": jnp.asarray(gb[i] if present_b[i] else np.zeros(3))}
-        p, state = optim.step(p, g, {"a": True, "b": present_b[i]}, state, opt, s)
+        u, state = tx.update(g, state, p, present={"a": True, "b": present_b[i]})
+        p = optax.apply_updates(p, u)
     lrs = [s(u) for u in range(3)]  # the update index drives the schedule, whichever parameter skipped
     # float32 against float64: a few roundings of O(1) parameters, so an absolute bound of a few
     # float32 eps times the largest parameter (2), on top of a relative one
@@ -93,22 +97,50 @@ def test_adamw_matches_torch_and_skips_absent_gradients():
     np.testing.assert_allclose(p["a"], _adamw_by_hand([1.0, -2.0], ga, lrs, wd=0.1), **tol)
     hand_b = _adamw_by_hand([0.5, 0.25, -1.0], [None, gb[1], gb[2]], lrs, wd=0.1)
     np.testing.assert_allclose(p["b"], hand_b, **tol)
-    assert int(state["adam"]["step"]["a"]) == 3 and int(state["adam"]["step"]["b"]) == 2
+    adam = optim._find(state, optim.TorchAdamWState)
+    assert int(adam.step["a"]) == 3 and int(adam.step["b"]) == 2
+
+
+def test_optimizer_by_name_and_its_arguments():
+    assert optim.parse_args("b1=0.95, weight_decay=0.1,  nesterov=True") == (
+        ("b1", 0.95), ("weight_decay", 0.1), ("nesterov", True))
+    with pytest.raises(ConfigError, match="'b1=' .*not a Python literal|is not a Python literal"):
+        optim.parse_args("b1=fast")
+    with pytest.raises(ConfigError, match="not key=value"):
+        optim.parse_args("0.9")
+    with pytest.raises(ConfigError, match="'adamx' is neither 'release' nor an optax optimizer"):
+        optim.OptimizerConfig(name="adamx")
+    with pytest.raises(ConfigError, match="train.optimizer='lion' with train.optimizer_args.*colour"):
+        optim.build(optim.OptimizerConfig(name="lion", args=(("colour", 1),)), sched(1e-3))
+    # another optax optimizer gets the same schedule, clipping and accumulation around it
+    tx = optim.build(optim.OptimizerConfig(name="sgd", clip_norm=1.0, grad_accum=2), sched(0.5, max_epochs=10))
+    params = {"w": jnp.array([1.0, 2.0])}
+    state = tx.init(params)
+    u, state = tx.update({"w": jnp.array([3.0, 0.0])}, state, params)
+    np.testing.assert_array_equal(u["w"], [0.0, 0.0])
+    u, state = tx.update({"w": jnp.array([0.0, 4.0])}, state, params)
+    lr = float(sched(0.5, max_epochs=10)(0))
+    np.testing.assert_allclose(u["w"], -lr * np.array([3.0, 4.0]) / (5.0 + 1e-6), rtol=1e-6)
 
 
 def test_clipping_coefficient_and_accumulation():
-    opt = optim.AdamWConfig(clip_norm=1.0, grad_accum=2, weight_decay=0.0)
+    opt = optim.OptimizerConfig(clip_norm=1.0, grad_accum=2, weight_decay=0.0)
     s = sched(1e-2, max_epochs=10)
+    tx = optim.build(opt, s)
     params = {"w": jnp.array([1.0, 2.0])}
-    state = optim.init(params, opt)
-    p, state = optim.step(params, {"w": jnp.array([3.0, 0.0])}, {"w": True}, state, opt, s)
+    state = tx.init(params)
+    u, state = tx.update({"w": jnp.array([3.0, 0.0])}, state, params)
+    p = optax.apply_updates(params, u)
     np.testing.assert_array_equal(p["w"], params["w"])  # first of two micro-batches: nothing applied
-    p, state = optim.step(p, {"w": jnp.array([0.0, 4.0])}, {"w": True}, state, opt, s)
-    assert float(state["last"]["grad_norm"]) == pytest.approx(5.0, rel=1e-6)
-    assert float(state["last"]["clip_coef"]) == pytest.approx(1.0 / (5.0 + 1e-6), rel=1e-6)
+    u, state = tx.update({"w": jnp.array([0.0, 4.0])}, state, p)
+    p = optax.apply_updates(p, u)
+    last = optim.last_update(state, s)
+    assert float(last["grad_norm"]) == pytest.approx(5.0, rel=1e-6)
+    assert float(last["clip_coef"]) == pytest.approx(1.0 / (5.0 + 1e-6), rel=1e-6)
+    assert float(last["lr"]) == pytest.approx(float(s(0)))
     # Adam's first step is ±lr whatever the scale
     np.testing.assert_allclose(p["w"], [1.0 - 1e-2, 2.0 - 1e-2], rtol=1e-6)
-    assert int(state["count"]) == 1 and int(state["micro"]) == 0
+    assert int(state.count) == 1 and int(state.micro) == 0
 
 
 # ------------------------------------------------------------------------------ loss
@@ -215,8 +247,8 @@ class Lin(nnx.Module):
 
 
 def _run(opt, state, batches, graphdef, rest, mask=None, lr=1e-2):
-    fn = steps.build_train_step(graphdef, opt, sched(lr), steps.StepOptions(jitter=False, grad_accum=opt.grad_accum),
-                                trainable_mask=mask)
+    fn = steps.build_train_step(graphdef, optim.build(opt, sched(lr), mask), sched(lr),
+                                steps.StepOptions(jitter=False, grad_accum=opt.grad_accum), trainable_mask=mask)
     losses = []
     for b in batches:
         state, m = fn(state, {k: jnp.asarray(v) for k, v in b.items()}, rest, ((2, 2), (2, 2)))
@@ -231,14 +263,15 @@ def test_grad_accumulation_equals_one_big_batch():
     g, p, r = nnx.split(Lin(4), nnx.Param, ...)
     params, rest = jax.tree.map(np.array, nnx.to_pure_dict(p)), nnx.to_pure_dict(r)  # host copies: states are donated
     key = jax.random.key(0)
-    acc, one = optim.AdamWConfig(grad_accum=2), optim.AdamWConfig(grad_accum=1)
-    s_acc, _ = _run(acc, steps.init_state(jax.tree.map(jnp.asarray, params), acc, key), [b1], g, rest)
+    acc, one = optim.OptimizerConfig(grad_accum=2), optim.OptimizerConfig(grad_accum=1)
+    tx_acc, tx_one = optim.build(acc, sched(1e-2)), optim.build(one, sched(1e-2))
+    s_acc, _ = _run(acc, steps.init_state(jax.tree.map(jnp.asarray, params), tx_acc, key), [b1], g, rest)
     np.testing.assert_array_equal(s_acc["params"]["w"], params["w"])  # one micro-batch of two: nothing applied
     s_acc, _ = _run(acc, s_acc, [b2], g, rest)
-    s_one, _ = _run(one, steps.init_state(jax.tree.map(jnp.asarray, params), one, key), [big], g, rest)
+    s_one, _ = _run(one, steps.init_state(jax.tree.map(jnp.asarray, params), tx_one, key), [big], g, rest)
     assert not np.allclose(s_one["params"]["w"], params["w"])
-    np.testing.assert_allclose(s_acc["opt_state"]["last"]["grad_norm"], s_one["opt_state"]["last"]["grad_norm"],
-                               rtol=1e-5)
+    np.testing.assert_allclose(optim.last_update(s_acc["opt_state"], sched(1e-2))["grad_norm"],
+                               optim.last_update(s_one["opt_state"], sched(1e-2))["grad_norm"], rtol=1e-5)
     chex.assert_trees_all_close(s_acc["params"], s_one["params"], rtol=1e-6, atol=1e-7)
 
 
@@ -246,9 +279,10 @@ def test_frozen_parameters_do_not_move():
     rng = np.random.default_rng(3)
     g, p, r = nnx.split(Lin(4), nnx.Param, ...)
     params, rest = jax.tree.map(np.array, nnx.to_pure_dict(p)), nnx.to_pure_dict(r)
-    opt, mask = optim.AdamWConfig(), {"w": False, "b": True}
-    state = steps.init_state(jax.tree.map(jnp.asarray, params), opt, jax.random.key(0), mask)
-    assert set(state["opt_state"]["adam"]["mu"]) == {"b"}  # no moments for frozen parameters
+    opt, mask = optim.OptimizerConfig(), {"w": False, "b": True}
+    state = steps.init_state(jax.tree.map(jnp.asarray, params), optim.build(opt, sched(1e-2), mask),
+                             jax.random.key(0), mask)
+    assert set(optim._find(state["opt_state"], optim.TorchAdamWState).mu) == {"b"}  # no moments for frozen ones
     s, _ = _run(opt, state, [_batch(rng), _batch(rng)], g, rest, mask)
     np.testing.assert_array_equal(s["params"]["w"], params["w"])
     assert np.abs(np.asarray(s["params"]["b"])).max() > 1e-4
@@ -328,8 +362,10 @@ def test_rollout_loss_gradient_flows_through_the_predicted_frames_unless_stopped
     assert np.abs(full - stopped).max() > 1e-6 * np.abs(full).max()
 
 
-def test_train_step_lowers_loss_on_a_fixed_batch(tiny_walrus):
+@pytest.mark.parametrize("name, lr", [("release", 3e-3), ("lion", 3e-4)])  # lion: the usual 10x smaller lr
+def test_train_step_lowers_loss_on_a_fixed_batch(tiny_walrus, name, lr):
     g, params, rest = tiny_walrus
+    params = jax.tree.map(jnp.array, params)  # a copy: the step donates its state
     rng = np.random.default_rng(4)
     t = np.linspace(0, 1, 32, dtype=np.float32)
     wave = np.sin(2 * np.pi * (t[:, None] + t[None, :]))[None, None, :, :, None]
@@ -341,11 +377,12 @@ def test_train_step_lowers_loss_on_a_fixed_batch(tiny_walrus):
     db, bcs = steps.device_batch(batch)
     assert bcs == ((2, 2), (2, 2))
     db = {k: jnp.asarray(v) for k, v in db.items()}
-    opt, opts = optim.AdamWConfig(), steps.StepOptions()
-    state = steps.init_state(params, opt, jax.random.key(0))
+    opts = steps.StepOptions()
+    tx = optim.build(optim.OptimizerConfig(name=name), sched(lr))
+    state = steps.init_state(params, tx, jax.random.key(0))
     ev = steps.build_eval_loss(g, opts)
     before = float(ev(state["params"], db, rest, bcs=bcs))
-    fn = steps.build_train_step(g, opt, sched(3e-3), opts)
+    fn = steps.build_train_step(g, tx, sched(lr), opts)
     losses = []
     for _ in range(6):
         state, m = fn(state, db, rest, bcs)

@@ -42,7 +42,7 @@ NOISE = 1e-6
 
 
 def _settings(meta: dict, kernels: str = "auto"):
-    """(ModelConfig, AdamWConfig, Schedule, StepOptions, n_micro, grad_accum) from config_json."""
+    """(ModelConfig, OptimizerConfig, Schedule, StepOptions, n_micro, grad_accum) from config_json."""
     from walrus_jax.training import optim, steps
     from walrus_jax.models import ModelConfig
 
@@ -50,7 +50,7 @@ def _settings(meta: dict, kernels: str = "auto"):
     cfg = ModelConfig.from_torch_config(mc, n_states=int(mc["n_states"]), kernels=kernels)
     o, s, t = meta["optimizer"], meta["scheduler"], meta["trainer"]
     k = int(t["grad_acc_steps"])
-    opt = optim.AdamWConfig(b1=float(o["betas"][0]), b2=float(o["betas"][1]), eps=float(o["eps"]),
+    opt = optim.OptimizerConfig(b1=float(o["betas"][0]), b2=float(o["betas"][1]), eps=float(o["eps"]),
                             weight_decay=float(o["weight_decay"]), clip_norm=t.get("clip_gradient"), grad_accum=k)
     per_update = "per optimizer step" in s.get("stepped", "") or "per_step=True" in s.get("stepped", "")
     sched = optim.Schedule(base_lr=float(o["lr"]), max_epochs=int(s["max_epochs"]),
@@ -111,7 +111,7 @@ def run(path: str, kernels: str = "auto") -> tuple[bool, list[tuple[str, float, 
 
     from walrus_jax.checkpoints import convert
     from walrus_jax.checkpoints import params as parameters
-    from walrus_jax.training import steps
+    from walrus_jax.training import optim, steps
 
     f = np.load(path)
     meta = json.loads(str(f["config_json"]))
@@ -123,8 +123,9 @@ def run(path: str, kernels: str = "auto") -> tuple[bool, list[tuple[str, float, 
     graphdef, p_state, r_state = nnx.split(parameters.model_from_params(cfg, values, f"{path}: w0"), nnx.Param, ...)
     params, rest = nnx.to_pure_dict(p_state), nnx.to_pure_dict(r_state)
     batches = _batches(f, meta)
-    step_fn = steps.build_train_step(graphdef, opt, sched, opts)
-    state = steps.init_state(params, opt, jax.random.key(0))
+    tx = optim.build(opt, sched)
+    step_fn = steps.build_train_step(graphdef, tx, sched, opts)
+    state = steps.init_state(params, tx, jax.random.key(0))
     rows: list[tuple[str, float, float, bool]] = []
 
     def rel(a, b):

@@ -188,7 +188,7 @@ def _dict_suffix(path) -> tuple:
 def like_params(tree, params, param_shardings, mesh: Mesh):
     """Shardings for a tree that embeds params-shaped subtrees (an optimizer state: moments,
     accumulated gradients): a leaf whose trailing dict-key path and shape match a parameter (e.g.
-    opt_state/adam/mu/<parameter path>) gets that parameter's sharding; everything else (counters,
+    the moments `mu`/<parameter path>) gets that parameter's sharding; everything else (counters,
     per-parameter step counts and flags, scalars) is replicated."""
     p_flat = jax.tree_util.tree_flatten_with_path(params)[0]
     s_flat = jax.tree.leaves(param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))

@@ -43,9 +43,10 @@ def build(config, mesh, shapes, batch_per_chip: int, kinds=("train", "eval", "ro
     """The programs of `config`'s job on `mesh` (see the module doc)."""
     cfg = model_config(config)
     parts = setup.model_parts(cfg, mesh, config.sharding.rules)
-    opt = dataclasses.replace(optim.adamw_config(config.train), grad_accum=micro_steps_per_update(config))
+    opt = dataclasses.replace(optim.optimizer_config(config.train), grad_accum=micro_steps_per_update(config))
     schedule = optim.make_schedule(config.train)
-    state_abs, state_sh = setup.state_shardings(parts, opt, None, mesh)
+    tx = optim.build(opt, schedule)
+    state_abs, state_sh = setup.state_shardings(parts, tx, None, mesh)
     state = setup.with_shardings(state_abs, state_sh)
     rest = setup.with_shardings(parts.rest_abstract, parts.rest_shardings)
     params = setup.with_shardings(parts.params_abstract, parts.param_shardings)
@@ -63,7 +64,7 @@ def build(config, mesh, shapes, batch_per_chip: int, kinds=("train", "eval", "ro
         return x, fields
 
     programs = []
-    train_fn = steps.build_train_step(parts.graphdef, opt, schedule, opts, state_sh, parts.rest_shardings)
+    train_fn = steps.build_train_step(parts.graphdef, tx, schedule, opts, state_sh, parts.rest_shardings)
     for shape in shapes:
         bcs = ((PERIODIC, PERIODIC),) * len(shape)
         tag = f"{len(shape)}d"

@@ -66,15 +66,15 @@ def measure(mode: str, batch: int, remat: str, size: int = 128, n_t: int = 6, n_
             targets=DEFAULT_LORA_TARGETS) -> dict:
     cfg = mode_config(mode, remat, targets)
     graphdef, params, rest, mask = abstract_parts(cfg)
-    opt = optim.AdamWConfig()
     schedule = optim.Schedule(base_lr=1e-4, max_epochs=10, warmup_epochs=1, cooldown_epochs=1)
-    state = jax.eval_shape(lambda p: steps.init_state(p, opt, jax.random.key(0), mask), params)
+    tx = optim.build(optim.OptimizerConfig(), schedule, mask)
+    state = jax.eval_shape(lambda p: steps.init_state(p, tx, jax.random.key(0), mask), params)
     f32 = jnp.float32
     data = {"input_fields": jax.ShapeDtypeStruct((batch, n_t, size, size, n_fields), f32),
             "output_fields": jax.ShapeDtypeStruct((batch, 1, size, size, n_fields), f32),
             "field_indices": jax.ShapeDtypeStruct((n_fields,), jnp.int32)}
     bcs = ((2, 2), (2, 2))
-    fn = functools.partial(steps.train_step, graphdef=graphdef, opt=opt, schedule=schedule, bcs=bcs,
+    fn = functools.partial(steps.train_step, graphdef=graphdef, tx=tx, schedule=schedule, bcs=bcs,
                            opts=steps.StepOptions(), trainable_mask=mask)
     t0 = time.time()
     compiled = xla_options.jit(fn, donate_argnums=(0,)).lower(state, data, rest).compile()

@@ -87,13 +87,13 @@ def peak_memory_bytes() -> int:
 
 def bench_one(name: str, cfg: ModelConfig, batch: int, t_in: int, size: int, n_fields: int, n_steps: int,
               jitter: bool = False) -> dict:
-    opt = optim.AdamWConfig()  # the release: betas (0.9, 0.999), eps 1e-10, wd 1e-4, clip 10
     schedule = optim.Schedule(base_lr=1e-4, max_epochs=1000, warmup_epochs=10, cooldown_epochs=10)
+    tx = optim.build(optim.OptimizerConfig(), schedule)  # the release: betas (0.9, 0.999), eps 1e-10, wd 1e-4, clip 10
     model = Walrus(cfg, rngs=nnx.Rngs(0))
     graphdef, p, r = nnx.split(model, nnx.Param, ...)
     params, rest = nnx.to_pure_dict(p), nnx.to_pure_dict(r)
     n_params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
-    state = steps.init_state(params, opt, jax.random.key(0))
+    state = steps.init_state(params, tx, jax.random.key(0))
     rng = np.random.default_rng(0)
     b = {"input_fields": jnp.asarray(rng.normal(size=(batch, t_in, size, size, n_fields)), jnp.float32),
          "output_fields": jnp.asarray(rng.normal(size=(batch, 1, size, size, n_fields)), jnp.float32),
@@ -101,7 +101,7 @@ def bench_one(name: str, cfg: ModelConfig, batch: int, t_in: int, size: int, n_f
          "field_indices": jnp.arange(3, 3 + n_fields, dtype=jnp.int32),
          "padded_field_mask": jnp.ones((n_fields,), bool)}
     bcs = ((2, 2), (2, 2))
-    fn = steps.build_train_step(graphdef, opt, schedule, steps.StepOptions(jitter=jitter))
+    fn = steps.build_train_step(graphdef, tx, schedule, steps.StepOptions(jitter=jitter))
     t = time.perf_counter()
     lowered = fn.lower(state, b, rest, bcs)
     compiled = lowered.compile()

@@ -42,7 +42,7 @@ def validate_config(config) -> None:
     """Errors that need no data and no compute (raised before anything is built)."""
     t = config.train
     optim.make_schedule(t)  # raises on bad lengths (warmup + cooldown longer than the run, ...)
-    optim.adamw_config(t)  # raises on grad_accum < 1, clip_norm <= 0
+    optim.optimizer_config(t)  # raises on grad_accum < 1, clip_norm <= 0, an unknown optimizer
     if config.data.normalization not in ("sample", "global"):
         raise ConfigError(f"config data.normalization={config.data.normalization!r}; expected 'sample' (per-sample "
                           "RMS) or 'global' (the dataset's stats.yaml)")

@@ -98,9 +98,9 @@ def fixed_rest(parts: ModelParts) -> dict:
     return jax.device_put(parameters.unflatten(flat, sep=None), parts.rest_shardings)
 
 
-def state_shardings(parts: ModelParts, opt: optim.AdamWConfig, mask, mesh) -> tuple[dict, dict]:
-    """(abstract train state, its shardings) for `steps.init_state`."""
-    state_abs = jax.eval_shape(lambda p: steps.init_state(p, opt, jax.random.key(0), mask), parts.params_abstract)
+def state_shardings(parts: ModelParts, tx, mask, mesh) -> tuple[dict, dict]:
+    """(abstract train state, its shardings) for `steps.init_state` with the optimizer `tx`."""
+    state_abs = jax.eval_shape(lambda p: steps.init_state(p, tx, jax.random.key(0), mask), parts.params_abstract)
     rep = sharding.replicated(mesh)
     sh = {"params": parts.param_shardings,
           "opt_state": sharding.like_params(state_abs["opt_state"], parts.params_abstract, parts.param_shardings,
@@ -157,9 +157,10 @@ def setup(config, workdir: str, timing: dict | None = None) -> Run:
     pipeline = batches.make_pipeline(config, paths, datasets, model_cfg)
     parts = model_parts(model_cfg, mesh, config.sharding.rules)
     mask = plan.trainable_mask(parts.params_abstract) if plan is not None else None
-    opt = dataclasses.replace(optim.adamw_config(config.train), grad_accum=micro_steps_per_update(config))
+    opt = dataclasses.replace(optim.optimizer_config(config.train), grad_accum=micro_steps_per_update(config))
     schedule = optim.make_schedule(config.train)
-    state_abs, state_sh = state_shardings(parts, opt, mask, mesh)
+    tx = optim.build(opt, schedule, mask)
+    state_abs, state_sh = state_shardings(parts, tx, mask, mesh)
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                         async_save=config.checkpoint.async_save)
@@ -167,7 +168,7 @@ def setup(config, workdir: str, timing: dict | None = None) -> Run:
     ckpt.check_compatible(model_cfg.to_dict(), fp)
     run = Run(config=config, workdir=workdir, is_main=jax.process_index() == 0, mesh=mesh, model_cfg=model_cfg,
               parts=parts, vocab=vocab, schedule=schedule,
-              step_fn=steps.build_train_step(parts.graphdef, opt, schedule, step_options(config), state_sh,
+              step_fn=steps.build_train_step(parts.graphdef, tx, schedule, step_options(config), state_sh,
                                              parts.rest_shardings, mask),
               state={}, rest={}, pipeline=pipeline, checkpointer=ckpt, plan=plan,
               meta={"model_config": model_cfg.to_dict(), "fingerprint": fp, "vocab": vocab.to_dict(),
@@ -178,7 +179,7 @@ def setup(config, workdir: str, timing: dict | None = None) -> Run:
               if config.eval.n_trajectories > 0 else None,
               writer=MetricsWriter(workdir, jax.process_index() == 0), timing=timing)
     if not _resume(run, with_shardings(state_abs, state_sh)):
-        _fresh_state(run, plan, opt, mask, state_sh)
+        _fresh_state(run, plan, tx, mask, state_sh)
     return run
 
 
@@ -216,12 +217,12 @@ def _resume(run: Run, abstract_state) -> bool:
     return True
 
 
-def _fresh_state(run: Run, plan, opt, mask, state_sh) -> None:
+def _fresh_state(run: Run, plan, tx, mask, state_sh) -> None:
     """A new train state: random parameters (mapped from the base checkpoint when fine-tuning)."""
     seed = run.config.seed
     params, run.rest = init_params(run.parts, seed)
     if plan is not None:
         params = plan.initial_params(run.parts, params, seed)
     key = jax.random.key(seed)
-    run.state = jax.jit(lambda p: steps.init_state(p, opt, key, mask), out_shardings=state_sh,
+    run.state = jax.jit(lambda p: steps.init_state(p, tx, key, mask), out_shardings=state_sh,
                         donate_argnums=0)(params)

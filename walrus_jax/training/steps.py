@@ -46,7 +46,8 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, traverse_util
+import optax
+from flax import nnx
 from jax.sharding import NamedSharding
 
 from walrus_jax import normalization, xla_options
@@ -194,11 +195,12 @@ def object_mask(constant_fields, field_names) -> np.ndarray | None:
 
 
 # ------------------------------------------------------------------------------------ state
-def init_state(params: Mapping[str, Any], opt: optim.AdamWConfig, seed_key: jax.Array, trainable_mask=None) -> dict:
-    """The train state bundle: params (pure dict), opt_state (`optim.init`), micro-step counter, RNG key data."""
+def init_state(params: Mapping[str, Any], tx, seed_key: jax.Array, trainable_mask=None) -> dict:
+    """The train state bundle: params (pure dict), opt_state (`tx.init` of the trainable parameters;
+    tx from `optim.build`), micro-step counter, RNG key data."""
     return {
         "params": params,
-        "opt_state": optim.init(params, opt, trainable_mask),
+        "opt_state": tx.init(optim.select(params, trainable_mask)),
         "step": jnp.zeros((), jnp.int32),  # micro-batches done
         # A copy: the state is donated to the step, the caller's key must survive.
         "rng": jnp.array(jax.random.key_data(seed_key) if jnp.issubdtype(seed_key.dtype, jax.dtypes.prng_key)
@@ -236,15 +238,10 @@ def loss_and_grads(params, batch: Mapping[str, Any], rest, key, *, graphdef, bcs
     """(loss of the micro-batch in train mode, gradients of loss / grad_accum) w.r.t. params; with a
     trainable mask, w.r.t. the (partly) trainable parameters only (a nested dict of those): frozen
     weights get no gradient buffers at all, which is what makes adapter fine-tuning small."""
-    flat = traverse_util.flatten_dict(params)
-    keep = {k: bool(np.any(v)) for k, v in traverse_util.flatten_dict(trainable_mask).items()} \
-        if trainable_mask is not None else {k: True for k in flat}
-    trained = traverse_util.unflatten_dict({k: v for k, v in flat.items() if keep[k]})
-    frozen = {k: v for k, v in flat.items() if not keep[k]}
+    trained = optim.select(params, trainable_mask)
 
     def loss_fn(p):
-        full = traverse_util.unflatten_dict({**frozen, **traverse_util.flatten_dict(p)})
-        model = nnx.merge(graphdef, full, rest)
+        model = nnx.merge(graphdef, optim.merge(params, p), rest)
         loss, _ = compute_loss(model, batch, key, bcs=bcs, opts=opts, train=True)
         return loss / opts.grad_accum, loss
 
@@ -252,10 +249,10 @@ def loss_and_grads(params, batch: Mapping[str, Any], rest, key, *, graphdef, bcs
     return loss, grads
 
 
-def train_step(state: dict, batch: Mapping[str, Any], rest, *, graphdef, opt: optim.AdamWConfig, schedule,
-               bcs, opts: StepOptions, trainable_mask=None):
-    """One micro-batch: loss, gradients of loss / grad_accum, accumulation, and on the update's last
-    micro-batch clipping and AdamW (`walrus_jax.training.optim.step`). Pure.
+def train_step(state: dict, batch: Mapping[str, Any], rest, *, graphdef, tx, schedule, bcs, opts: StepOptions,
+               trainable_mask=None):
+    """One micro-batch: loss, gradients of loss / grad_accum, and the optimizer `tx` (`optim.build`:
+    accumulation, and on the update's last micro-batch clipping and AdamW). Pure.
 
     state: see `init_state`; batch: arrays (BATCH_KEYS with a leading batch axis, SHARED_KEYS,
     optionally `jitter`); rest: the model's non-parameter variables (pure dict).
@@ -266,12 +263,11 @@ def train_step(state: dict, batch: Mapping[str, Any], rest, *, graphdef, opt: op
     loss, grads = loss_and_grads(state["params"], batch, rest, key, graphdef=graphdef, bcs=bcs, opts=opts,
                                  trainable_mask=trainable_mask)
     present = present_mask(state["params"], active_spatial_axes(batch["input_fields"].shape))
-    params, opt_state = optim.step(state["params"], grads, present, state["opt_state"], opt, schedule,
-                                   trainable_mask)
+    trained = optim.select(state["params"], trainable_mask)
+    updates, opt_state = tx.update(grads, state["opt_state"], trained, present=optim.select(present, trainable_mask))
+    params = optim.merge(state["params"], optax.apply_updates(trained, updates))
     new = {"params": params, "opt_state": opt_state, "step": state["step"] + 1, "rng": rng}
-    last = opt_state["last"]
-    return new, {"loss": loss, "grad_norm": last["grad_norm"], "clip_coef": last["clip_coef"], "lr": last["lr"],
-                 "applied": opt_state["micro"] == 0}
+    return new, {"loss": loss, **optim.last_update(opt_state, schedule), "applied": opt_state.micro == 0}
 
 
 def eval_loss(params, batch, rest, *, graphdef, bcs, opts: StepOptions):
@@ -281,7 +277,7 @@ def eval_loss(params, batch, rest, *, graphdef, bcs, opts: StepOptions):
     return loss
 
 
-def build_train_step(graphdef, opt: optim.AdamWConfig, schedule, opts: StepOptions, state_shardings=None,
+def build_train_step(graphdef, tx, schedule, opts: StepOptions, state_shardings=None,
                      rest_shardings=None, trainable_mask=None):
     """jit(train_step) with donated state, static bcs (one compile per bcs / shape / field count).
 
@@ -293,7 +289,7 @@ def build_train_step(graphdef, opt: optim.AdamWConfig, schedule, opts: StepOptio
 
     def fn(state, batch, rest, bcs):
         with placed_on(mesh):
-            return train_step(state, batch, rest, graphdef=graphdef, opt=opt, schedule=schedule, bcs=bcs, opts=opts,
+            return train_step(state, batch, rest, graphdef=graphdef, tx=tx, schedule=schedule, bcs=bcs, opts=opts,
                               trainable_mask=trainable_mask)
 
     kw = {}
