@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from walrus_jax.checkpoints.params import cast_model, random_model
+from walrus_jax import normalization
 from walrus_jax.inference import metrics, rollout_job, rollouts
 from walrus_jax.data.fields import FieldVocabulary
 from walrus_jax.data.writer import WellField, axis_boundaries, write_well_file
@@ -100,7 +101,7 @@ def test_predictions_are_the_rollout_and_metrics_match(job):
     np.testing.assert_array_equal(pred_traj[0]["constant_fields"], truth_traj[0]["constant_fields"])
     np.testing.assert_array_equal(pred_traj[0]["boundary_conditions"], truth_traj[0]["boundary_conditions"])
     # The predictions equal a direct rollout of the same weights.
-    mask = rollouts.mask_from_constants(consts, ["mask"])
+    mask = normalization.mask_from_constants(consts, ["mask"])
     direct = np.asarray(rollouts.rollout(model, fields[:, :4], field_indices=truth_traj[0]["field_indices"],
                                   bcs=truth_traj[0]["boundary_conditions"], n_steps=3, constant_fields=consts,
                                   mask=mask))
@@ -131,7 +132,7 @@ def test_ensemble_job_writes_the_mean_and_its_calibration(job):
     src = WellDataset(job["data"], vocab=job["vocab"])
     traj = [src.trajectory(j) for j in range(2)]
     fields, consts = np.stack([t["fields"] for t in traj]), np.stack([t["constant_fields"] for t in traj])
-    mask = rollouts.mask_from_constants(consts, ["mask"])
+    mask = normalization.mask_from_constants(consts, ["mask"])
     keys = jax.random.split(jax.random.fold_in(jax.random.key(0), 0), 4)
     members = np.asarray(rollouts.rollout_ensemble(
         job["model"], fields[:, :4], keys, field_indices=traj[0]["field_indices"],

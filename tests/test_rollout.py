@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from walrus_jax.inference import rollouts
-from walrus_jax import xla_options
+from walrus_jax import normalization, xla_options
 from walrus_jax.models.config import OPEN, PERIODIC, WALL, ModelConfig
 from walrus_jax.models.jitter import Jitter
 
@@ -245,8 +245,8 @@ def test_bad_inputs(setup):
 def test_mask_from_constants_and_step_count():
     c = np.zeros((1, 4, 4, 2), np.float32)
     c[0, 1, 2, 1] = 1.0
-    assert rollouts.mask_from_constants(c, ["k", "other"]) is None
-    m = rollouts.mask_from_constants(c, ["k", "mask"])
+    assert normalization.mask_from_constants(c, ["k", "other"]) is None
+    m = normalization.mask_from_constants(c, ["k", "mask"])
     assert m.shape == (1, 4, 4) and m.sum() == 1 and m[0, 1, 2]
     assert rollouts.n_rollout_steps(100, 6) == 100
     assert rollouts.n_rollout_steps(500, 6) == 205  # max_rollout_steps + T_in - 1, as the original

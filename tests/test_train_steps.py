@@ -427,3 +427,36 @@ def test_oracle_check_fails_on_a_perturbed_weight_or_lr(tmp_path):
     ok, rows = check_train_oracle.run(str(path))
     failed = {r[0].split(" ")[0].split("[")[0] for r in rows if not r[3]}
     assert not ok and {"grad", "update", "lr_used"} <= failed, failed
+
+
+# ------------------------------------------------------------------------------ one normalization
+@pytest.mark.parametrize("global_stats", [False, True])
+def test_training_loss_and_rollout_normalize_identically(global_stats):
+    """The loss and the rollout give the model the same inputs and undo the same delta scale: a
+    model whose last prediction the rollout turns into frame F scores 0 when F is the target."""
+    from walrus_jax.inference import rollouts
+
+    rng = np.random.default_rng(11)
+    inp = jnp.asarray(rng.normal(size=(2, 3, 8, 8, 2)) * [3.0, 0.2] + [1.0, -5.0], jnp.float32)
+    const = jnp.asarray(rng.normal(size=(2, 8, 8, 1)), jnp.float32)
+    y = jnp.asarray(rng.normal(size=(2, 3, 8, 8, 3)), jnp.float32)
+    stats = (np.array([2.0, 0.5, 1.5], np.float32), np.array([0.3, 0.1, 0.7], np.float32)) if global_stats else None
+    seen = []
+
+    class Probe(nnx.Module):
+        def __init__(self):
+            self.cfg = ModelConfig.tiny(jitter_patches=False)
+
+        def __call__(self, x, field_indices, bcs, jitter=None, *, train=False, key=None):
+            seen.append(np.asarray(x))
+            return y
+
+    model, fi, bcs = Probe(), jnp.array([3, 4, 5]), ((2, 2), (2, 2))
+    nxt = rollouts.predict_next(model, inp, fi, bcs, const, stats=stats)
+    batch = {"input_fields": inp, "output_fields": nxt[:, None], "constant_fields": const, "field_indices": fi}
+    if global_stats:
+        batch.update(norm_rms=jnp.asarray(stats[0]), norm_rms_delta=jnp.asarray(stats[1]))
+    loss, _ = steps.compute_loss(model, batch, None, bcs=bcs, opts=steps.StepOptions(jitter=False, minimum_context=2),
+                                 train=False)
+    np.testing.assert_array_equal(seen[0], seen[1])  # the same model input, bit for bit
+    assert float(loss) < 1e-4  # x100 loss multiplier: the last frame's error is float32 rounding

@@ -1,13 +1,27 @@
-"""Asymmetric reversible RMS normalization (the original's SamplewiseRevNormalization).
+"""What goes into the model and what comes out: window formatting, normalization, the object mask.
 
-Inputs are divided by the per-sample, per-channel RMS over (time, space); the model predicts a
-delta normalized by the RMS of the window's consecutive differences. Nothing is centered.
+Training (`training/steps.py`), evaluation and rollouts (`inference/rollouts.py`) all use these, so
+the loss and the rollout see the same model inputs and undo the same scaling.
+
+- `format_window`: the variable fields of a window with the constant fields repeated over time.
+- `normalize`: asymmetric reversible RMS normalization (the original's SamplewiseRevNormalization):
+  inputs are divided by the per-sample, per-channel RMS over (time, space) (clamped below at eps);
+  the model predicts a delta normalized by the RMS of the window's consecutive differences. Nothing
+  is centered. With a dataset's global statistics instead (fine-tuning as released):
+  x / (rms + GLOBAL_EPS) and deltas / (rms_delta + GLOBAL_EPS).
+- `next_state`: the next frame from the last predicted delta.
+- `mask_from_constants`: the points an object occupies (forced to 0 in every prediction).
 All statistics are computed in float32 whatever the input dtype.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from walrus_jax.errors import DataError
 
 DEFAULT_EPS = 1e-5  # the rollout's / trainer's model_epsilon
 GLOBAL_EPS = 1e-8  # with a dataset's global statistics (fine-tuning): x / (rms + eps), deltas / (rms_delta + eps)
@@ -68,3 +82,44 @@ def normalized_delta_targets(window: jax.Array, next_frame: jax.Array, eps: floa
     window (B, T, *spatial, C), next_frame (B, 1, *spatial, C) -> (B, T, *spatial, C).
     """
     return deltas(window, next_frame) / delta_rms(window, eps)
+
+
+def format_window(input_fields: jax.Array, constant_fields: jax.Array | None) -> jax.Array:
+    """(B, T, *sp, C_var) and (B, *sp, C_con) or None -> (B, T, *sp, C_var + C_con) float32, the
+    constants repeated over T."""
+    if constant_fields is None or constant_fields.shape[-1] == 0:
+        return input_fields.astype(jnp.float32)
+    c = jnp.broadcast_to(constant_fields[:, None].astype(jnp.float32),
+                         (input_fields.shape[0], input_fields.shape[1]) + constant_fields.shape[1:])
+    return jnp.concatenate([input_fields.astype(jnp.float32), c], axis=-1)
+
+
+def normalize(x: jax.Array, eps: float = DEFAULT_EPS, stats=None) -> tuple[jax.Array, jax.Array]:
+    """The model input and the delta scale of a formatted window x (B, T, *sp, C).
+
+    stats: None (the window's own RMS statistics, clamped below at eps) or a dataset's global
+    (rms, rms_delta), each (C,). Returns (x_n (B, T, *sp, C), d_rms broadcastable to x's frames:
+    the factor that turns a normalized delta into a physical one).
+    """
+    x = x.astype(jnp.float32)
+    if stats is None:
+        return x / sample_rms(x, eps), delta_rms(x, eps)
+    lead = (1,) * (x.ndim - 1)
+    rms = jnp.asarray(stats[0], jnp.float32).reshape(lead + (-1,))
+    d_rms = jnp.asarray(stats[1], jnp.float32).reshape(lead + (-1,))
+    return x / (rms + GLOBAL_EPS), d_rms + GLOBAL_EPS
+
+
+def mask_from_constants(constant_fields, constant_field_names: Sequence[str]):
+    """The original's rule: if a constant field is named exactly "mask", that channel
+    (nonzero = True) marks points forced to 0 in every prediction. Returns (B, *spatial) bool or None.
+
+    constant_fields: (B, *spatial, C_con) or (*spatial, C_con) with names (C_con,).
+    """
+    names = [str(n) for n in constant_field_names]
+    if "mask" not in names:
+        return None
+    if constant_fields is None or np.shape(constant_fields)[-1] != len(names):
+        raise DataError(f"constant_field_names {names} name {len(names)} channels but constant_fields has shape "
+                        f"{None if constant_fields is None else np.shape(constant_fields)}")
+    return np.asarray(constant_fields)[..., names.index("mask")] != 0

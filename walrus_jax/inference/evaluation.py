@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from walrus_jax.normalization import mask_from_constants
 from walrus_jax.inference import metrics as metrics_lib
 from walrus_jax.inference import rollouts as rollout_lib
 
@@ -92,7 +93,7 @@ def load_eval_sets(paths: Sequence[str], *, n_steps_input: int, n_trajectories: 
         names = [str(s) for s in t0["field_names"]]
         c_var = frames[0].shape[-1]
         constants = np.stack([t["constant_fields"] for t in trajs]).astype(np.float32)
-        mask = rollout_lib.mask_from_constants(constants, names[c_var:]) if constants.shape[-1] else None
+        mask = mask_from_constants(constants, names[c_var:]) if constants.shape[-1] else None
         sets.append(EvalSet(
             name=str(t0.get("dataset_name", os.path.basename(os.path.normpath(path)))),
             inputs=np.stack([f[:t_in] for f in frames]).astype(np.float32),

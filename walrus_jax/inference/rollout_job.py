@@ -31,6 +31,7 @@ from typing import Mapping, Sequence
 import jax
 import numpy as np
 
+from walrus_jax import normalization
 from walrus_jax.checkpoints.load import load_model
 from walrus_jax.errors import ConfigError, DataError, PathError
 from walrus_jax.inference import metrics, rollouts
@@ -215,7 +216,7 @@ def _roll_group(config, model, ds, plan: Plan, g: int, norm_stats, key) -> Group
     consts = consts if consts.shape[-1] else None
     inputs = fields[:, start:start + t_in]
     truth = fields[:, start + t_in:start + t_in + n_steps]
-    mask = rollouts.mask_from_constants(consts, [str(n) for n in plan.con_names]) if consts is not None else None
+    mask = normalization.mask_from_constants(consts, [str(n) for n in plan.con_names]) if consts is not None else None
     t0 = time.time()
     nonfinite, n_ok = None, None
     common = dict(field_indices=first["field_indices"], bcs=first["boundary_conditions"], n_steps=n_steps,

@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -89,21 +89,6 @@ def n_rollout_steps(n_available: int, n_input_steps: int, max_rollout_steps: int
     return int(min(n_available, max_rollout_steps + n_input_steps - 1))
 
 
-def mask_from_constants(constant_fields, constant_field_names: Sequence[str]):
-    """The original's rule: if a constant field is named exactly "mask", that channel
-    (nonzero = True) marks points forced to 0 in every prediction. Returns (B, *spatial) bool or None.
-
-    constant_fields: (B, *spatial, C_con) or (*spatial, C_con) with names (C_con,).
-    """
-    names = [str(n) for n in constant_field_names]
-    if "mask" not in names:
-        return None
-    if constant_fields is None or np.shape(constant_fields)[-1] != len(names):
-        raise DataError(f"constant_field_names {names} name {len(names)} channels but constant_fields has shape "
-                        f"{None if constant_fields is None else np.shape(constant_fields)}")
-    return np.asarray(constant_fields)[..., names.index("mask")] != 0
-
-
 def _is_key(x) -> bool:
     if isinstance(x, Jitter) or x is None:
         return False
@@ -150,19 +135,9 @@ def predict_next(model, window, field_indices, bcs, constant_fields=None, mask=N
     (rms, rms_delta), each (C_var + C_con,): x / (rms + 1e-8), next = x[last] + y[last]·(rms_delta + 1e-8)
     (a model fine-tuned with data.normalization='global'). Returns next (B, *spatial, C_var) float32.
     """
-    window = window.astype(jnp.float32)
     n_var = window.shape[-1]
-    x = window
-    if constant_fields is not None:
-        c = jnp.broadcast_to(constant_fields.astype(jnp.float32)[:, None],
-                             window.shape[:2] + constant_fields.shape[1:])
-        x = jnp.concatenate([window, c], axis=-1)
-    if stats is None:
-        xn, _, d_rms = normalization.normalize_window(x, eps)
-    else:
-        lead = (1,) * (x.ndim - 1)
-        xn = x / (jnp.asarray(stats[0], jnp.float32).reshape(lead + (-1,)) + normalization.GLOBAL_EPS)
-        d_rms = jnp.asarray(stats[1], jnp.float32).reshape(lead + (-1,)) + normalization.GLOBAL_EPS
+    x = normalization.format_window(window, constant_fields)
+    xn, d_rms = normalization.normalize(x, eps, stats)
     # Only the last frame's prediction is used: a Walrus decodes just that one (the same numbers).
     last_only = {"last_frame_only": True} if isinstance(model, Walrus) else {}
     y = model(xn, field_indices, bcs, jitter=jitter, **last_only)
@@ -332,7 +307,7 @@ def rollout(model, input_fields, *, field_indices, bcs, n_steps: int, constant_f
     field_indices (C_var + C_con,) vocabulary rows; bcs (n_spatial_dims, 2) or (B, n_spatial_dims, 2).
     constant_fields (B, *spatial, C_con) or None; padded_field_mask (C_var,) bool or None;
     mask (B, *spatial) bool or None: True points are set to 0 in every prediction (see
-    `mask_from_constants`).
+    `normalization.mask_from_constants`).
     jitter: None (no random shifts); a PRNG key (a draw per step with sample_jitter(fold_in(key,
     step)), inside the compiled program; the same key gives the same rollout, chunked or not); or a
     Jitter stacked over steps (patch_shift (n_steps, 3), token_shift (n_steps, n_blocks, 3)) or a

@@ -51,7 +51,6 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from walrus_jax import normalization, xla_options
-from walrus_jax.inference import rollouts
 from walrus_jax.training import optim
 from walrus_jax.models.activation_sharding import activation_mesh
 from walrus_jax.models.kernels import compile_target, platform_of
@@ -73,21 +72,11 @@ class StepOptions:
     jitter: bool = True  # apply patch/token jitter in training (the release: jitter_patches=True)
     minimum_context: int = 1  # leading causal predictions not scored
     grad_accum: int = 1  # each micro-batch's loss is divided by this before differentiation
-    global_eps: float = normalization.GLOBAL_EPS  # with dataset statistics: x / (rms + eps), deltas / (rms_delta + eps)
     rollout_steps: int = 1  # autoregressive steps in the training loss (module doc)
     rollout_stop_gradient: bool = True  # stop the gradient at each predicted frame (module doc)
 
 
-# ---------------------------------------------------------------------------------- formatting
-def format_window(input_fields: jax.Array, constant_fields: jax.Array | None) -> jax.Array:
-    """(B, T, *sp, C_var) and (B, *sp, C_con) -> (B, T, *sp, C_var + C_con) (constants repeated over T)."""
-    if constant_fields is None or constant_fields.shape[-1] == 0:
-        return input_fields.astype(jnp.float32)
-    c = jnp.broadcast_to(constant_fields[:, None].astype(jnp.float32),
-                         (input_fields.shape[0], input_fields.shape[1]) + constant_fields.shape[1:])
-    return jnp.concatenate([input_fields.astype(jnp.float32), c], axis=-1)
-
-
+# ---------------------------------------------------------------------------------- the loss
 def real_channels(padded_field_mask: jax.Array | None, batch: int, c_var: int) -> jax.Array:
     """(B, C_var) float: 1 for real fields, 0 for padded ones (mask (C_var,) or (B, C_var); None: all real)."""
     if padded_field_mask is None:
@@ -130,7 +119,8 @@ def compute_loss(model, batch: Mapping[str, jax.Array], key: jax.Array | None, *
     if batch["output_fields"].shape[1] < k:
         raise ValueError(f"rollout_steps={k} needs {k} output frames per sample; output_fields has shape "
                          f"{tuple(batch['output_fields'].shape)} (data.n_steps_output must be >= rollout_steps)")
-    global_stats = batch.get("norm_rms") is not None  # the dataset's statistics (fine-tuning as released)
+    # the dataset's statistics (fine-tuning as released), else each window's own
+    stats = (batch["norm_rms"], batch["norm_rms_delta"]) if batch.get("norm_rms") is not None else None
     cfg = model.cfg
     # one key per step; k = 1 keeps the caller's key as it is (the one-step loss, bit for bit)
     keys = [None] * k if key is None else [key] if k == 1 else list(jax.random.split(key, k))
@@ -138,12 +128,8 @@ def compute_loss(model, batch: Mapping[str, jax.Array], key: jax.Array | None, *
 
     def normalized(x, true_next):
         """Model input, target deltas and the delta RMS of window x (B, T, *sp, C) and its next frame."""
-        if global_stats:
-            rms, rms_delta = batch["norm_rms"], batch["norm_rms_delta"]
-            d_rms = jnp.broadcast_to(rms_delta.astype(jnp.float32) + opts.global_eps, (1,) * (x.ndim - 1) + (x.shape[-1],))
-            return x / (rms.astype(jnp.float32) + opts.global_eps), normalization.deltas(x, true_next) / d_rms, d_rms
-        d_rms = normalization.delta_rms(x, opts.eps)
-        return x / normalization.sample_rms(x, opts.eps), normalization.deltas(x, true_next) / d_rms, d_rms
+        x_n, d_rms = normalization.normalize(x, opts.eps, stats)
+        return x_n, normalization.deltas(x, true_next) / d_rms, d_rms
 
     def predict(x_n, step_key):
         k_jitter = k_model = None
@@ -157,8 +143,8 @@ def compute_loss(model, batch: Mapping[str, jax.Array], key: jax.Array | None, *
                 jitter = sample_jitter(k_jitter, cfg, inp.shape[2:-1], bcs)
         return model(x_n, batch["field_indices"], bcs, jitter, train=train, key=k_model if train else None)
 
-    x = format_window(inp, const)
-    x_n, target, d_rms = normalized(x, format_window(batch["output_fields"][:, :1], const))
+    x = normalization.format_window(inp, const)
+    x_n, target, d_rms = normalized(x, normalization.format_window(batch["output_fields"][:, :1], const))
     y = predict(x_n, keys[0])
     mae = scored_mae(y[..., :c_var], target[..., :c_var], real, batch.get("object_mask"), opts.minimum_context)
     step_losses = [jnp.mean(mae)]
@@ -171,8 +157,8 @@ def compute_loss(model, batch: Mapping[str, jax.Array], key: jax.Array | None, *
         if opts.rollout_stop_gradient:
             predicted = jax.lax.stop_gradient(predicted)
         window = jnp.concatenate([window[:, 1:], predicted[:, None]], axis=1)
-        x = format_window(window, const)
-        x_n, target, d_rms = normalized(x, format_window(batch["output_fields"][:, j:j + 1], const))
+        x = normalization.format_window(window, const)
+        x_n, target, d_rms = normalized(x, normalization.format_window(batch["output_fields"][:, j:j + 1], const))
         y = predict(x_n, keys[j])
         last = scored_mae(y[:, -1:, ..., :c_var], target[:, -1:, ..., :c_var], real, batch.get("object_mask"), 0)
         step_losses.append(jnp.mean(last))
@@ -190,7 +176,7 @@ def object_mask(constant_fields, field_names) -> np.ndarray | None:
         return None
     names = [str(n) for n in np.asarray(field_names).reshape(-1)]
     # the same rule as the rollouts' (which force the masked points to 0 in every prediction)
-    mask = rollouts.mask_from_constants(constant_fields, names[len(names) - np.shape(constant_fields)[-1]:])
+    mask = normalization.mask_from_constants(constant_fields, names[len(names) - np.shape(constant_fields)[-1]:])
     return None if mask is None else mask.astype(np.float32)
 
 
