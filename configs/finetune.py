@@ -1,7 +1,7 @@
 """Fine-tuning from a pretrained checkpoint as the original's released fine-tuning example does:
 lr 1e-4 without accumulation, drop path 0, a schedule of 51 pseudo-epochs (warmup 20 from 0.01×
 lr, cooldown 10), a fixed time stride of 1, per-axis learnable RoPE frequencies, 2D data inflated to
-3D, and new fields added to the vocabulary (walrus_jax/finetune.py).
+3D, and new fields added to the vocabulary (walrus_jax/training/finetune.py).
 
     python -m walrus_jax.main --config configs/finetune.py --workdir runs/ft \
         --config.init_from=ckpt/ --config.data.root=/path/to/my_datasets

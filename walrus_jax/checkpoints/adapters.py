@@ -99,7 +99,7 @@ def trained_parts(cfg: ModelConfig, n_base_states: int, paths) -> dict[str, Any]
 
 
 def trainable_mask(params_abstract: Mapping, cfg: ModelConfig, n_base_states: int) -> dict:
-    """The optimizer's trainable mask (walrus_jax.optim) for adapter fine-tuning: True for whole
+    """The optimizer's trainable mask (walrus_jax.training.optim) for adapter fine-tuning: True for whole
     trained arrays, a bool array (True on the new rows, broadcastable) for the vocabulary rows,
     False elsewhere. Same nesting as params_abstract."""
     flat = parameters.flatten(params_abstract)

@@ -165,41 +165,20 @@ def strip_arrays(report: dict) -> dict:
 
 
 def plot_rollout(report: dict, sets: Sequence[EvalSet], path: str, steps: Sequence[int] | None = None) -> str | None:
-    """PNG of prediction vs truth (and their difference) for the first trajectory of the first set,
-    first real field, at a few rollout steps. 3D data is shown through its middle D slice."""
+    """PNG of truth, prediction and their difference for the first trajectory of the first set,
+    first real field, at a few 1-based rollout steps (default: first, middle, last); 3D data is
+    shown through its middle D slice (`plotting.field_panels`)."""
     if not sets:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from walrus_jax.inference import plotting
 
     s = sets[0]
     pred, truth, _ = report["_arrays"][s.name]
     c = int(np.flatnonzero(s.padded_field_mask)[0]) if s.padded_field_mask.any() else 0
     n = pred.shape[1]
     steps = sorted({1, max(1, n // 2), n} if steps is None else {int(k) for k in steps if 1 <= k <= n})
-
-    def img(a):  # (*sp) -> 2D
-        return a if a.ndim == 2 else a[..., a.shape[-1] // 2]
-
-    fig, axes = plt.subplots(3, len(steps), figsize=(3.2 * len(steps), 8.5), squeeze=False)
-    for j, k in enumerate(steps):
-        t, p = img(truth[0, k - 1, ..., c]), img(pred[0, k - 1, ..., c])
-        lo, hi = float(min(t.min(), p.min())), float(max(t.max(), p.max()))
-        for i, (a, title) in enumerate(((t, "truth"), (p, "prediction"), (p - t, "prediction - truth"))):
-            ax = axes[i, j]
-            im = ax.imshow(a.T, origin="lower", cmap="RdBu_r" if i == 2 else "viridis",
-                           vmin=None if i == 2 else lo, vmax=None if i == 2 else hi)
-            ax.set_title(f"{title}, step {k}", fontsize=9)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.suptitle(f"{s.name}: {s.field_names[c]} (trajectory 0)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return plotting.field_panels(truth[0, ..., c:c + 1], pred[0, ..., c:c + 1], [s.field_names[c]],
+                                 [k - 1 for k in steps], path, title=f"{s.name} (trajectory 0)")
 
 
 # ------------------------------------------------------------------------------------ from a job config

@@ -50,7 +50,7 @@ class ModelConfig:
     rope_max_freq: float = 256.0  # lucidrains "pixel" RoPE: freqs = pi * linspace(1, max/2, n_f)
     rel_pos_buckets: int = 32
     rel_pos_max_distance: int = 32
-    # Fine-tuning variants (oracle/README.md, finetune_ckpt):
+    # Fine-tuning variants (a fine-tune's `finetuning_mods`; walrus_jax/training/finetune.py):
     learned_rope: str = "none"  # "none" (buffer), "shared" (one learnable vector), "per_axis"
     ape_grid: tuple[int, int, int] | None = None  # absolute position embedding token grid
     # Numerics and memory:

@@ -22,7 +22,7 @@ from walrus_jax import workdir_lock
 from walrus_jax.inference import evaluation
 from walrus_jax.training.batches import load_batch
 from walrus_jax.training.config import micro_steps_per_update, validate_config
-from walrus_jax.training.logging import Progress, eval_scalars
+from walrus_jax.training.reporting import Progress, eval_scalars
 from walrus_jax.training.setup import Run, setup
 from walrus_jax.training.summary import write_summary
 

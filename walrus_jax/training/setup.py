@@ -35,7 +35,7 @@ from walrus_jax.inference import evaluation
 from walrus_jax.models.config import ModelConfig
 from walrus_jax.training import batches, optim, steps
 from walrus_jax.training.config import micro_steps_per_update, model_config, step_options
-from walrus_jax.training.logging import MetricsWriter
+from walrus_jax.training.reporting import MetricsWriter
 
 log = logging.getLogger(__name__)
 
