@@ -500,3 +500,30 @@ def test_resume_cuts_the_metrics_log_back_to_the_restored_step(tmp_path):
     assert [r["train/loss"] for r in rows] == [1.0, 2.0, 3.0, 4.0, 15.0, 16.0]
     MetricsWriter(str(tmp_path), True, start_step=0).close()  # a fresh run in this workdir starts a new log
     assert _metric_rows(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------ remote data: clean exit
+def test_training_and_rollout_from_http_exit_0(tmp_path):
+    """HDF5 files read through HTTP are closed before the interpreter shuts down (HDF5 closing them
+    from its own exit handler afterwards crashed the process: exit 139 after a complete run)."""
+    from conftest import write_test_dataset
+
+    from walrus_jax.data.serve import serving
+
+    data = str(tmp_path / "data")
+    write_test_dataset(data, "toy", (32, 32), n_traj=2, n_steps=14)
+    env = _subprocess_env()
+    work = tmp_path / "w"
+    overrides = ["train.steps=2", "checkpoint.every=0", "eval.n_trajectories=0", "data.batch_size=2"]
+    with serving(data) as srv:
+        out = subprocess.run(_train_cmd(work, f"{srv.url}/", overrides), env=env, cwd=ROOT, capture_output=True,
+                             text=True, timeout=900)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert json.load(open(work / "summary.json"))["steps_done"] == 2
+        ro = subprocess.run([sys.executable, "-m", "walrus_jax.main", "--config",
+                             os.path.join(ROOT, "configs", "rollout.py") + ":tiny", "--workdir", str(tmp_path / "ro"),
+                             f"--config.checkpoint={work}", f"--config.data={srv.url}/toy", "--config.split=train",
+                             "--config.plot=False",
+                             "--config.max_rollout_steps=4"], env=env, cwd=ROOT, capture_output=True, text=True,
+                            timeout=900)
+        assert ro.returncode == 0, ro.stderr[-3000:]
