@@ -527,3 +527,144 @@ def test_training_and_rollout_from_http_exit_0(tmp_path):
                              "--config.max_rollout_steps=4"], env=env, cwd=ROOT, capture_output=True, text=True,
                             timeout=900)
         assert ro.returncode == 0, ro.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------ adapter deltas
+@pytest.fixture(scope="module")
+def delta_dir(tmp_path_factory):
+    """A small adapter delta (tiny model, rank 2, one new field) as tools.merge_adapters exports it."""
+    from walrus_jax.checkpoints import adapters
+    from walrus_jax.checkpoints.params import random_params
+    from walrus_jax.data.fields import FieldVocabulary
+    from walrus_jax.models.config import ModelConfig
+
+    vocab = FieldVocabulary.released().to_dict()
+    n = len(vocab)
+    vocab["my_tracer"] = n
+    cfg = ModelConfig.tiny(n_states=n + 1, lora_rank=2, lora_targets=("time.qkv", "space.fused"))
+    params = random_params(cfg, seed=3)
+    base_fp = adapters.fingerprint({"w": np.zeros(3)})
+    delta = adapters.delta_from_params(params, cfg, n, vocab, base_fp)
+    return adapters.write_delta(str(tmp_path_factory.mktemp("delta") / "adapters"), delta)
+
+
+def _damaged_copy(src, dst, edit) -> str:
+    import shutil
+
+    shutil.copytree(src, dst)
+    edit(dst)
+    return str(dst)
+
+
+def _edit_json(change):
+    def edit(d):
+        meta = json.load(open(os.path.join(d, "adapters.json")))
+        change(meta)
+        json.dump(meta, open(os.path.join(d, "adapters.json"), "w"), indent=1)
+    return edit
+
+
+def _swap_two_rows(meta):
+    v = meta["vocab"]
+    a, b = sorted(v)[:2]
+    v[a], v[b] = v[b], v[a]
+
+
+def _cut(name, keep):
+    def edit(d):
+        p = os.path.join(d, name)
+        data = open(p, "rb").read()
+        open(p, "wb").write(data[:int(len(data) * keep)])
+    return edit
+
+
+def _add_to_one_array(d):
+    p = os.path.join(d, "adapters.npz")
+    with np.load(p) as z:
+        arrays = {k: z[k] for k in z.files}
+    k = sorted(arrays)[0]
+    arrays[k] = arrays[k] + np.float32(1e-3)
+    np.savez(p, **arrays)
+
+
+@pytest.mark.parametrize("case,edit,file,words", [
+    ("alpha", _edit_json(lambda m: m["model_config"].update(lora_alpha=64.0)), "adapters.json", "edited"),
+    ("rank", _edit_json(lambda m: m["model_config"].update(lora_rank=3)), "adapters.json", "edited"),
+    ("targets", _edit_json(lambda m: m["model_config"].update(lora_targets=["time.qkv"])), "adapters.json", "edited"),
+    ("vocab", _edit_json(_swap_two_rows), "adapters.json", "edited"),
+    ("no_digest", _edit_json(lambda m: m.pop("digest")), "adapters.json", "no digest"),
+    ("array", _add_to_one_array, "adapters.npz", "arrays differ"),
+    ("npz_cut", _cut("adapters.npz", 0.6), "adapters.npz", "damaged"),
+    ("json_cut", _cut("adapters.json", 0.5), "adapters.json", "not readable as JSON"),
+])
+def test_edited_or_truncated_delta_is_refused_naming_the_file(delta_dir, tmp_path, capsys, case, edit, file, words):
+    from tools import merge_adapters
+
+    from walrus_jax.checkpoints import adapters
+
+    assert adapters.read_delta(delta_dir).cfg.lora_alpha == 16.0  # the untouched delta reads
+    bad = _damaged_copy(delta_dir, tmp_path / case, edit)
+    with pytest.raises(errors.DataError, match=words) as e:
+        adapters.read_delta(bad)
+    assert os.path.join(bad, file) in str(e.value)
+    rc = merge_adapters.main(["--base", str(tmp_path / "base"), "--adapters", bad, "--export-delta",
+                              str(tmp_path / "out")])
+    assert rc == 2
+    _one_error_line(capsys.readouterr().err, os.path.join(bad, file))
+
+
+def test_merge_adapters_never_writes_into_its_inputs_and_asks_before_replacing(delta_dir, tmp_path, capsys):
+    from tools import merge_adapters
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "keep.txt").write_text("mine")
+    before = _tree(base), _tree(delta_dir)
+    for flag, out in [("--output", base), ("--output", os.path.join(delta_dir, "merged")),
+                      ("--export-delta", delta_dir), ("--export-delta", base / "sub"), ("--output", tmp_path)]:
+        rc = merge_adapters.main(["--base", str(base), "--adapters", delta_dir, flag, str(out), "--overwrite"])
+        assert rc == 2
+        _one_error_line(capsys.readouterr().err, f"{flag} {out}", "overlaps the input")
+    other = tmp_path / "other_delta"
+    other.mkdir()
+    (other / "adapters.json").write_text("{}")
+    rc = merge_adapters.main(["--base", str(base), "--adapters", delta_dir, "--export-delta", str(other)])
+    assert rc == 2
+    _one_error_line(capsys.readouterr().err, f"--export-delta {other}", "pass --overwrite")
+    assert (other / "adapters.json").read_text() == "{}"
+    assert (_tree(base), _tree(delta_dir)) == before
+
+
+def test_write_dataset_overwrite_replaces_only_its_own_output(tmp_path):
+    from walrus_jax.data.from_arrays import write_dataset
+
+    u = np.random.default_rng(0).normal(size=(2, 6, 8, 8)).astype(np.float32)
+    kw = dict(splits={"train": [0], "valid": [1]}, boundary_conditions={"x": "periodic", "y": "periodic"}, dt=0.1,
+              spacing=0.125)
+    final = write_dataset(tmp_path, "toy", {"u": u}, **kw)
+    write_dataset(tmp_path, "toy", {"u": 2 * u}, overwrite=True, **kw)  # its own output: replaced
+    with h5py.File(os.path.join(final, "data", "train", "toy.hdf5")) as f:
+        assert f["t0_fields/u"][0, 0, 0, 0] == 2 * u[0, 0, 0, 0]
+    (tmp_path / "toy" / "notes.txt").write_text("mine")
+    with pytest.raises(errors.UserError, match=r"holds \['notes.txt'\], which write_dataset did not write") as e:
+        write_dataset(tmp_path, "toy", {"u": u}, overwrite=True, **kw)
+    assert final in str(e.value) and (tmp_path / "toy" / "notes.txt").read_text() == "mine"
+    (tmp_path / "other").write_text("a file")
+    with pytest.raises(errors.UserError, match="not a dataset folder"):
+        write_dataset(tmp_path, "other", {"u": u}, overwrite=True, **kw)
+    assert (tmp_path / "other").read_text() == "a file"
+
+
+@pytest.mark.parametrize("overrides,words", [
+    (["lora.rank=-4"], "lora.rank=-4: expected a positive integer"),
+    (["lora.rank=0"], "lora.rank=0 with lora.targets=('time.qkv', 'space.fused'): rank 0 means no adapters"),
+    (["lora.targets=('time.qkv','space.nope')"], "unknown ['space.nope']"),
+    (["lora.alpha=0.0"], "lora.alpha=0.0: expected > 0"),
+])
+def test_invalid_lora_settings_are_config_errors(tmp_path, overrides, words):
+    from walrus_jax.training.config import validate_config
+
+    c = main.load_config(os.path.join(ROOT, "configs", "finetune.py") + ":lora", overrides)
+    with pytest.raises(errors.ConfigError) as e:
+        validate_config(c)
+    assert words in str(e.value)

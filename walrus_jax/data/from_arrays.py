@@ -340,7 +340,8 @@ def write_dataset(root, dataset_name: str, fields: Mapping, *, splits=None,
       fields, constant_fields: as `write_arrays`, with all trajectories; `splits` divides them.
       splits: {split: fraction (or weight)} or {split: list of trajectory indices}, among train / valid / test
         (default train 0.8, valid 0.1, test 0.1 of the trajectories, in order).
-      overwrite: replace an existing dataset folder (otherwise it is an error).
+      overwrite: replace an existing dataset folder that write_dataset wrote (only its split files and
+        stats.yaml inside; anything else there is refused, naming it); otherwise it is an error.
       file_kwargs: the other `write_arrays` arguments (boundary_conditions, dt, spacing, ...).
     Returns the dataset folder. It is assembled in a temporary folder and renamed into place, so
     a failure leaves nothing half-written.
@@ -351,6 +352,8 @@ def write_dataset(root, dataset_name: str, fields: Mapping, *, splits=None,
     final = dataset_dir(root, dataset_name)
     if os.path.exists(final) and not overwrite:
         raise UserError(f"{final}: already exists (pass overwrite=True to replace it)")
+    if os.path.lexists(final):
+        _check_replaceable(final, dataset_name)
     _, n_traj, _, spatial, _ = prepare_fields(fields, constant_fields, file_kwargs.get("dim_names"))
     parts = split_trajectories(n_traj, splits if splits is not None else {"train": 0.8, "valid": 0.1, "test": 0.1})
     os.makedirs(os.fspath(root), exist_ok=True)
@@ -374,6 +377,28 @@ def write_dataset(root, dataset_name: str, fields: Mapping, *, splits=None,
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _written_files(dataset_name: str) -> set[str]:
+    """Relative paths write_dataset may leave in a dataset folder."""
+    return {"stats.yaml"} | {os.path.join("data", s, f"{dataset_name}.hdf5") for s in SPLITS}
+
+
+def _check_replaceable(final: str, dataset_name: str) -> None:
+    """overwrite=True replaces only what write_dataset wrote before: UserError naming anything else."""
+    if not os.path.isdir(final) or os.path.islink(final):
+        raise UserError(f"{final}: exists and is not a dataset folder (a file or link); overwrite=True replaces only "
+                        "a dataset folder written by write_dataset")
+    allowed = _written_files(dataset_name)
+    foreign = []
+    for d, _, files in os.walk(final):
+        foreign += [os.path.relpath(os.path.join(d, f), final) for f in files
+                    if os.path.relpath(os.path.join(d, f), final) not in allowed]
+    if foreign:
+        foreign.sort()
+        raise UserError(f"{final}: holds {foreign[:3]}{' ...' if len(foreign) > 3 else ''}, which write_dataset did "
+                        "not write; overwrite=True replaces only an earlier write_dataset output. Move those files "
+                        "or choose another dataset name")
 
 
 def _items(fields: Mapping):
