@@ -24,7 +24,9 @@ runs) from those weights and batches, and compares:
     key-norm biases (the same value added to every key of a query: softmax-invariant) and the
     channels of the space-attention key-norm bias that RoPE leaves unrotated (for those channels
     q·(k + b) − q·k = q·b is again the same for every key);
-  * parameters without a gradient (`params_without_grad_json`) must not move at all.
+  * parameters without a gradient (`params_without_grad_json`) must not move at all, in our run and
+    in the file (a file whose own no-gradient parameters moved was recorded by another trainer or
+    with another setting, and fails too).
 Exit status 0 only if every quantity is within its bound.
 """
 from __future__ import annotations
@@ -194,6 +196,8 @@ def run(path: str, kernels: str = "auto") -> tuple[bool, list[tuple[str, float, 
             if name in no_grad:
                 e = float(np.max(np.abs(ours)))
                 rows.append((f"update w{n_upd}-w0 {name} (no gradient: must not move)", e, 0.0, e == 0.0))
+                e = float(np.max(np.abs(theirs)))
+                rows.append((f"update w{n_upd}-w0 {name} (no gradient: the file's must not move)", e, 0.0, e == 0.0))
                 continue
             nz = noise.get(name, np.zeros(theirs.shape, bool))
             if (~nz).any():
