@@ -668,3 +668,31 @@ def test_invalid_lora_settings_are_config_errors(tmp_path, overrides, words):
     with pytest.raises(errors.ConfigError) as e:
         validate_config(c)
     assert words in str(e.value)
+
+
+# ------------------------------------------------------------------------------ eval: config vs checkpoint
+def test_eval_with_a_contradicting_model_section_is_one_line(tmp_path, capsys):
+    from walrus_jax.checkpoints.load import read_weights
+    from walrus_jax.checkpoints.params import random_params
+    from walrus_jax.checkpoints.train_state import Checkpointer
+    from walrus_jax.data.fields import FieldVocabulary
+    from walrus_jax.inference.evaluation import check_model_section
+    from walrus_jax.training.config import model_config
+
+    config = main.load_config(TINY)
+    vocab = FieldVocabulary.released()
+    cfg = model_config(config).replace(n_states=len(vocab) + 1)  # the data grew the vocabulary: not a contradiction
+    work = tmp_path / "w"
+    ck = Checkpointer(str(work / "checkpoints"), keep=2, async_save=False)
+    ck.save(2, {"params": random_params(cfg, seed=0)}, {"model_config": cfg.to_dict(), "vocab": vocab.to_dict(),
+                                                        "opt_step": 2})
+    ck.close()
+    check_model_section(config, read_weights(str(work)))  # the config it was trained with: fine
+    rc, err = _cli(["--config", TINY, "--mode", "eval", "--workdir", str(work), "--config.model.hidden_dim=48"],
+                   capsys)
+    assert rc == 2
+    _one_error_line(err, "--mode=eval", f"checkpoint {work / 'checkpoints' / '2'}",
+                    f"model.hidden_dim: checkpoint {cfg.hidden_dim} vs config 48", "pass the config it was trained with")
+    rc, err = _cli(["--config", os.path.join(ROOT, "configs", "demo.py"), "--mode", "eval", "--workdir", str(work)],
+                   capsys)
+    assert rc == 2 and "model.hidden_dim: checkpoint" in _one_error_line(err, "contradicts checkpoint")
