@@ -696,3 +696,29 @@ def test_eval_with_a_contradicting_model_section_is_one_line(tmp_path, capsys):
     rc, err = _cli(["--config", os.path.join(ROOT, "configs", "demo.py"), "--mode", "eval", "--workdir", str(work)],
                    capsys)
     assert rc == 2 and "model.hidden_dim: checkpoint" in _one_error_line(err, "contradicts checkpoint")
+
+
+def test_asyncio_errors_are_held_and_dropped_after_the_command(capsys):
+    import logging
+
+    def failed_tasks():
+        for _ in range(50):  # how asyncio reports a task whose exception nobody retrieved
+            try:
+                raise RuntimeError("Event loop is closed")
+            except RuntimeError:
+                logging.getLogger("asyncio").error("Task exception was never retrieved", exc_info=True)
+
+    assert errors.run_command(failed_tasks) == 0
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("note: 50 error(s)") and "Event loop is closed" in lines[0], err
+    code = ("import logging, sys, threading; from walrus_jax import errors\n"
+            "logging.basicConfig()\n"
+            "errors.quiet_after_command(False)\n"
+            "logging.getLogger('asyncio').error('Task exception was never retrieved', exc_info=RuntimeError('x'))\n"
+            "t = threading.Thread(target=lambda: 1 / 0); t.start(); t.join()\n"
+            "class C:\n    def __del__(self): raise RuntimeError('Event loop is closed')\n"
+            "c = C(); del c\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_subprocess_env(), cwd=ROOT,
+                         timeout=120)
+    assert out.returncode == 0 and out.stderr == "", out.stderr

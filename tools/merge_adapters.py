@@ -19,7 +19,7 @@ import argparse
 import os
 import sys
 
-from walrus_jax.errors import ConfigError, run_command
+from walrus_jax.errors import ConfigError, quiet_after_command, run_command, verbose_requested
 
 
 def check_output(flag: str, output: str, inputs: dict) -> None:
@@ -81,4 +81,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    quiet_after_command(verbose_requested(sys.argv))
+    sys.exit(rc)

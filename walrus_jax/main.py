@@ -35,7 +35,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from walrus_jax.errors import ConfigError, PathError, run_command, verbose_requested
+from walrus_jax.errors import ConfigError, PathError, quiet_after_command, run_command, verbose_requested
 from walrus_jax.huge_pages import reexec_with_huge_pages
 
 
@@ -242,6 +242,7 @@ def cli(argv=None) -> int:
 if __name__ == "__main__":
     reexec_with_huge_pages()  # once, before any work: glibc reads its tunables only at start-up
     rc = cli()
+    quiet_after_command(verbose_requested(sys.argv))
     sys.stdout.flush()
     sys.stderr.flush()
     if rc:
