@@ -722,3 +722,82 @@ def test_asyncio_errors_are_held_and_dropped_after_the_command(capsys):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_subprocess_env(), cwd=ROOT,
                          timeout=120)
     assert out.returncode == 0 and out.stderr == "", out.stderr
+
+
+# ------------------------------------------------------------------------------ unclear cases: one line each
+def test_adapter_delta_given_as_a_whole_checkpoint_says_so(delta_dir, tmp_path, capsys):
+    from walrus_jax.inference.rollout_job import run_rollout_job
+    from walrus_jax.training.config import validate_config
+
+    with pytest.raises(errors.PathError, match="is an adapter delta .*pass it as adapters= together with the base"):
+        validate_config(main.load_config(os.path.join(ROOT, "configs", "finetune.py"), [f"init_from={delta_dir}"]))
+    data = _toy_data(str(tmp_path / "toy.hdf5"))
+    rc = errors.run_command(lambda: run_rollout_job(_rollout_config(delta_dir, data), str(tmp_path / "ro")))
+    assert rc == 2
+    _one_error_line(capsys.readouterr().err, f"config.checkpoint='{delta_dir}' is an adapter delta")
+
+
+def test_serve_missing_folder_file_or_busy_port_is_one_line(tmp_path, capsys):
+    from walrus_jax.data import serve
+
+    assert serve.main([str(tmp_path / "nope")]) == 2
+    _one_error_line(capsys.readouterr().err, str(tmp_path / "nope"), "no such folder")
+    (tmp_path / "f").write_text("x")
+    assert serve.main([str(tmp_path / "f")]) == 2
+    _one_error_line(capsys.readouterr().err, str(tmp_path / "f"), "is a file")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        assert serve.main([str(tmp_path), "--port", str(port)]) == 2
+    _one_error_line(capsys.readouterr().err, f"--port {port}", "is in use")
+
+
+def test_remote_and_file_data_roots_are_one_line(tmp_path, capsys):
+    from walrus_jax.data import stats
+    from walrus_jax.data.from_arrays import write_dataset
+    from walrus_jax.data.resolve import resolve_data
+    from walrus_jax.data.serve import serving
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text("<html><body>nothing here</body></html>")
+    with serving(str(site)) as srv:
+        with pytest.raises(errors.PathError, match="answers with a page that links to no entries"):
+            resolve_data(main.load_config(TINY, [f"data.root={srv.url}/"]))
+        assert stats.main([f"{srv.url}/flow"]) == 2
+        _one_error_line(capsys.readouterr().err, f"{srv.url}/flow: a URL", "local dataset folder")
+    with pytest.raises(errors.PathError, match="is a file: expected a folder holding dataset folders"):
+        resolve_data(main.load_config(TINY, [f"data.root={site / 'index.html'}"]))
+    with pytest.raises(errors.PathError, match="is a file; the root of write_dataset is the folder"):
+        write_dataset(site / "index.html", "toy", {"u": np.zeros((1, 4, 8, 8))}, dt=0.1, spacing=0.1,
+                      boundary_conditions={"x": "periodic", "y": "periodic"})
+
+
+def test_text_files_given_as_numpy_files_are_named(tmp_path, capsys):
+    from tools import check_train_oracle
+
+    from walrus_jax.data import from_arrays
+
+    txt = tmp_path / "u.npz"
+    txt.write_text("this is not numpy\n")
+    rc = from_arrays.main(["--file", str(tmp_path / "o.hdf5"), "--name", "t", "--field", f"u={txt}", "--dt", "0.1",
+                           "--spacing", "0.1", "--bc", "x=periodic"])
+    assert rc == 2
+    _one_error_line(capsys.readouterr().err, str(txt), "not a NumPy .npy/.npz file", "(a text file)")
+    yml = tmp_path / "oracle.yaml"
+    yml.write_text("model:\n  hidden_dim: 32\n")
+    assert check_train_oracle.main([str(yml)]) == 2
+    _one_error_line(capsys.readouterr().err, str(yml), "not a NumPy .npz file", "training oracle file")
+
+
+def test_field_shapes_that_misread_the_axes_say_how_they_were_read():
+    from walrus_jax.data.from_arrays import write_arrays
+
+    kw = dict(dataset_name="t", boundary_conditions={"x": "periodic", "y": "periodic"}, dt=0.1, spacing=0.1)
+    with pytest.raises(errors.DataError, match=r"field 'u' of shape \(6, 8, 8\) \(tensor rank 0\) was read as "
+                                               r"\(n_trajectories, n_time, x\).*array\[None\]"):
+        write_arrays("/nonexistent/a.hdf5", {"u": np.zeros((6, 8, 8))}, **kw)  # no trajectory axis
+    with pytest.raises(errors.DataError, match=r"no entry for axes \['z'\].*last axis holds the 2 components of a "
+                                               r"vector, give it as a vector"):
+        write_arrays("/nonexistent/a.hdf5", {"v": np.zeros((1, 6, 8, 8, 2))}, **kw)  # a vector as a scalar

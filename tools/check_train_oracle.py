@@ -115,7 +115,14 @@ def run(path: str, kernels: str = "auto") -> tuple[bool, list[tuple[str, float, 
     from walrus_jax.checkpoints import params as parameters
     from walrus_jax.training import steps
 
-    f = np.load(path)
+    from walrus_jax.data.from_arrays import numpy_file_problem
+
+    problem = numpy_file_problem(path, ".npz")
+    if problem:
+        raise ValueError(f"{problem} (a training oracle file is an .npz with config_json, w0/..., batch0/...)")
+    f = np.load(path, allow_pickle=False)
+    if "config_json" not in f:
+        raise KeyError(f"no config_json: not a training oracle file (it holds {sorted(f.files)[:5]})")
     meta = json.loads(str(f["config_json"]))
     cfg, opt, sched, opts, n_micro, k = _settings(meta, kernels)
     w0 = {n[3:]: f[n] for n in f.files if n.startswith("w0/")}
@@ -222,7 +229,7 @@ def main(argv=None) -> int:
         try:
             ok, rows = run(path, args.kernels)
         except (OSError, KeyError, ValueError) as e:
-            print(f"error: {path}: {e}", file=sys.stderr)
+            print(f"error: {path}: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
             return 2
         ok_all &= ok
         print(f"== {path}: {'PASS' if ok else 'FAIL'}")
