@@ -801,3 +801,18 @@ def test_field_shapes_that_misread_the_axes_say_how_they_were_read():
     with pytest.raises(errors.DataError, match=r"no entry for axes \['z'\].*last axis holds the 2 components of a "
                                                r"vector, give it as a vector"):
         write_arrays("/nonexistent/a.hdf5", {"v": np.zeros((1, 6, 8, 8, 2))}, **kw)  # a vector as a scalar
+
+
+def test_a_full_disk_seen_only_in_a_library_thread_is_the_one_line(capsys):
+    import threading
+
+    def write_fails_in_a_thread():
+        def writer():
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/out/.partial/params/d/1234")
+        t = threading.Thread(target=writer)
+        t.start()
+        t.join()
+        raise RuntimeError("Event loop is closed")  # what the caller sees afterwards
+
+    assert errors.run_command(write_fails_in_a_thread) == 2
+    _one_error_line(capsys.readouterr().err, "the disk is full", "/out/.partial/params/d/1234")

@@ -154,6 +154,15 @@ def describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def _environment_error_in(held: list) -> OSError | None:
+    """The first environment OS error (full disk, read-only directory, ...) among held errors."""
+    for _, v, _ in held:
+        found = user_facing(v) if isinstance(v, BaseException) else None
+        if isinstance(found, OSError) and found.errno in _ENVIRONMENT_ERRNOS:
+            return found
+    return None
+
+
 def run_command(fn: Callable[[], int | None], verbose: bool = False) -> int:
     """Runs a command-line body: 0 (or its return value) on success; for a user's mistake or an
     environment error prints `error: <message>` to stderr (the traceback too when `verbose`) and
@@ -167,6 +176,10 @@ def run_command(fn: Callable[[], int | None], verbose: bool = False) -> int:
         return 130
     except BaseException as e:  # noqa: BLE001 - sorted below: user-facing or re-raised
         shown = user_facing(e) if not isinstance(e, SystemExit) else None
+        if shown is None and not isinstance(e, SystemExit):
+            # A write that failed in a library's thread or event loop (a full disk) can surface in the
+            # caller only as its aftermath ("Event loop is closed"): the held cause is the message.
+            shown = _environment_error_in(held)
         if shown is None:
             for t, v, tb in held:
                 print("error in a background thread or callback:", file=sys.stderr)

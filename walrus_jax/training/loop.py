@@ -83,18 +83,20 @@ def _train(config, workdir: str, stop: StopRequest) -> dict:
     report = None
     try:
         step, stopped_early = _loop(run, losses, t_start, stop)
+        # A signal that comes later (during the final evaluation) lets the run finish: its checkpoint is saved.
+        stopped_by = stop.signal
         train_seconds = run.timing["train_seconds"]
         if step > run.start_step or not run.checkpointer.steps():
             save(run, losses, step, force=True)
         stopped_at = None
-        if stop.signal is not None:  # stopped on request: the checkpoint is what matters, complete before the exit
+        if stopped_by is not None:  # stopped on request: the checkpoint is what matters, complete before the exit
             run.checkpointer.wait()
             stopped_at = _newest_checkpoint(run)
         elif run.plan is not None:  # adapter runs: WORKDIR/adapters, the small delta (walrus_jax/checkpoints/adapters.py)
             run.plan.write_delta(os.path.join(run.workdir, "adapters"), run.state["params"], run.vocab, run.meta,
                                  write=run.is_main)
         t_eval = time.time()
-        report = evaluate(run, step) if run.eval_sets and stop.signal is None else None
+        report = evaluate(run, step) if run.eval_sets and stopped_by is None else None
         run.timing["eval_seconds"] = time.time() - t_eval
     finally:
         # Let a started (asynchronous) save finish even when something above failed, so the
@@ -104,7 +106,7 @@ def _train(config, workdir: str, stop: StopRequest) -> dict:
     summary = write_summary(run.workdir, losses.losses, step, run.resumed_from, report, time.time() - t_start,
                             train_seconds, stopped_early, run.is_main, run.timing,
                             {"checkpoints_moved_aside": run.checkpointer.moved_aside,
-                             "stopped_by": stop.signal.name if stop.signal is not None else None,
+                             "stopped_by": stopped_by.name if stopped_by is not None else None,
                              "stopped_checkpoint": stopped_at})
     if report is not None and run.is_main and config.eval.plot:
         evaluation.plot_rollout(report, run.eval_sets, os.path.join(run.workdir, "rollout.png"))
