@@ -816,3 +816,18 @@ def test_a_full_disk_seen_only_in_a_library_thread_is_the_one_line(capsys):
 
     assert errors.run_command(write_fails_in_a_thread) == 2
     _one_error_line(capsys.readouterr().err, "the disk is full", "/out/.partial/params/d/1234")
+
+
+def test_stop_request_sets_a_flag_once_then_signals_act_at_once():
+    import signal
+
+    from walrus_jax.training.preemption import StopRequest
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with StopRequest() as stop:
+        assert not stop.now(0) and stop.exit_status == 0
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: no KeyboardInterrupt, the update finishes
+        assert stop.now(1) and stop.signal == signal.SIGINT and stop.exit_status == 130
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C interrupts at once
+            os.kill(os.getpid(), signal.SIGINT)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
