@@ -210,7 +210,7 @@ def main(fv: flags.FlagValues, argv) -> int | None:
         keys = ("steps_done", "initial_loss", "final_loss", "resumed_from_step", "wall_seconds")
         brief = {k: out[k] for k in keys if k in out}
         if mode == "eval":  # the report itself: its headline numbers and the checkpoint
-            brief = {k: v for k, v in out.items() if isinstance(v, (int, float, str))}
+            brief = {k: v for k, v in out.items() if v is None or isinstance(v, (int, float, str))}
         ev = out.get("eval") or {}
         for k in ("vrmse_1_10", "persistence_vrmse_1_10"):
             if k in ev:
