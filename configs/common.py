@@ -84,10 +84,13 @@ def base_config() -> config_dict.ConfigDict:
     # The lr schedule (InverseSqrtLinearWarmupSqrtCooldown, walrus_jax/training/optim.py) counts pseudo-epochs
     # of steps_per_epoch updates: the lr is constant within one (a staircase), as the release steps it
     # (500 updates = 2000 micro-batches). lr_per_update: the same curve stepped every update.
-    c.train.steps_per_epoch = 1
+    c.train.steps_per_epoch = 1  # -1: train.steps / train.schedule_epochs (the schedule keeps its shape)
+    c.train.schedule_epochs = 0  # pseudo-epochs of the run when steps_per_epoch is -1
     c.train.lr_per_update = False
     c.train.warmup_epochs = -1  # linear warmup from warmup_factor × lr; -1: 5% of the run (the release's 10/200)
     c.train.cooldown_epochs = -1  # sqrt cooldown to 0 at the end; -1: 5% of the run
+    c.train.warmup_fraction = 0.05  # what warmup_epochs = -1 means: this fraction of the run's pseudo-epochs
+    c.train.cooldown_fraction = 0.05  # what cooldown_epochs = -1 means
     c.train.warmup_factor = 0.1
     c.train.lr_offset = 128.0  # decay lr / (1 + (epoch − warmup + offset)^exponent − offset^exponent)
     c.train.lr_exponent = 0.5

@@ -7,8 +7,9 @@ lr, cooldown 10), a fixed time stride of 1, per-axis learnable RoPE frequencies,
         --config.init_from=ckpt/ --config.data.root=/path/to/my_datasets
 
 `init_from` is a converted release (tools.convert_torch_ckpt) or a walrus_jax workdir. The
-architecture comes from the checkpoint. A pseudo-epoch is train.steps_per_epoch updates (500, the
-release's; lower it with train.steps for small data: the schedule follows). Variants: `:ape` (absolute
+architecture comes from the checkpoint. The schedule is the release's 51 pseudo-epochs (warmup 20,
+cooldown 10) whatever `train.steps`: a pseudo-epoch is train.steps / 51 updates (500 at the
+release's 25,500), so `--config.train.steps=N` alone shortens the run in proportion. Variants: `:ape` (absolute
 position embedding; set model.ape_grid to the data's token grid), `:fixed_rope` (the base model's
 fixed RoPE frequencies), `:lora` (low-rank adapters of rank 16 on the time qkv and space fused projections with the
 base frozen: only adapters, new vocabulary rows and the learnable RoPE frequencies train;
@@ -32,10 +33,15 @@ def get_config(variant: str = ""):
     c.data.normalization = "global"  # the dataset's stats.yaml (python -m walrus_jax.data.stats DIR)
     c.train.lr = 1e-4
     c.train.grad_accum = 1
-    c.train.steps_per_epoch = 500
+    # The release: 51 pseudo-epochs of 500 updates, warmup 20, cooldown 10. Given as proportions so
+    # that train.steps alone rescales them (steps_per_epoch -1: train.steps / schedule_epochs).
     c.train.steps = 51 * 500
-    c.train.warmup_epochs = 20
-    c.train.cooldown_epochs = 10
+    c.train.schedule_epochs = 51
+    c.train.steps_per_epoch = -1
+    c.train.warmup_epochs = -1
+    c.train.cooldown_epochs = -1
+    c.train.warmup_fraction = 20 / 51
+    c.train.cooldown_fraction = 10 / 51
     c.train.warmup_factor = 0.01
     c.checkpoint.every = 1_000
     c.eval.every = 2_000

@@ -80,3 +80,19 @@ def test_batch_not_divisible_by_the_mesh_fails_before_compute(tmp_path):
     assert out.returncode != 0
     assert "data.batch_size=6 is not divisible by the mesh's 8 devices (mesh.data=2 × mesh.fsdp=4)" in out.stderr
     assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_finetune_steps_alone_keeps_the_release_schedule_proportions():
+    ft = os.path.join(REPO, "configs", "finetune.py")
+    s = optim.make_schedule(main.load_config(ft).train)  # the release's schedule, unchanged
+    assert (s.max_epochs, s.warmup_epochs, s.cooldown_epochs, s.steps_per_epoch) == (51, 20, 10, 500)
+    for n, want in [(1000, (50, 20, 10, 20)), (51, (51, 20, 10, 1)), (10, (10, 4, 2, 1)), (1, (1, 0, 0, 1))]:
+        c = main.load_config(ft + ":lora", [f"train.steps={n}"])
+        s = optim.make_schedule(c.train)
+        assert (s.max_epochs, s.warmup_epochs, s.cooldown_epochs, s.steps_per_epoch) == want, n
+        lrs = [float(s(u)) for u in range(n)]
+        assert all(v > 0 for v in lrs) and max(lrs) <= c.train.lr  # the whole run inside the schedule
+    # explicit settings still win
+    s = optim.make_schedule(main.load_config(ft, ["train.steps=1000", "train.steps_per_epoch=100",
+                                                  "train.warmup_epochs=2", "train.cooldown_epochs=1"]).train)
+    assert (s.max_epochs, s.warmup_epochs, s.cooldown_epochs, s.steps_per_epoch) == (10, 2, 1, 100)

@@ -1,5 +1,6 @@
 """The training objective, the optimizer / schedule and the jitted train step, against the
 original trainer's numbers (tests/fixtures/train_oracle_*.npz, recorded from its own code)."""
+import json
 import os
 
 import chex
@@ -427,6 +428,18 @@ def test_oracle_check_fails_on_a_perturbed_weight_or_lr(tmp_path):
     ok, rows = check_train_oracle.run(str(path))
     failed = {r[0].split(" ")[0].split("[")[0] for r in rows if not r[3]}
     assert not ok and {"grad", "update", "lr_used"} <= failed, failed
+
+
+def test_oracle_check_fails_when_the_files_no_gradient_parameter_moved(tmp_path):
+    f = dict(np.load(ORACLE_MASK))
+    name = json.loads(str(f["params_without_grad_json"]))[0]
+    f[f"w1/{name}"] = f[f"w1/{name}"] + np.float32(1e-3)  # the original moved a parameter it had no gradient for
+    path = tmp_path / "moved.npz"
+    np.savez(path, **f)
+    ok, rows = check_train_oracle.run(str(path))
+    bad = [r for r in rows if not r[3]]
+    assert not ok and [r[0] for r in bad] == [f"update w1-w0 {name} (no gradient: the file's must not move)"]
+    assert bad[0][1] == pytest.approx(1e-3, rel=1e-3)
 
 
 # ------------------------------------------------------------------------------ one normalization

@@ -24,7 +24,9 @@ runs) from those weights and batches, and compares:
     key-norm biases (the same value added to every key of a query: softmax-invariant) and the
     channels of the space-attention key-norm bias that RoPE leaves unrotated (for those channels
     q·(k + b) − q·k = q·b is again the same for every key);
-  * parameters without a gradient (`params_without_grad_json`) must not move at all.
+  * parameters without a gradient (`params_without_grad_json`) must not move at all, in our run and
+    in the file (a file whose own no-gradient parameters moved was recorded by another trainer or
+    with another setting, and fails too).
 Exit status 0 only if every quantity is within its bound.
 """
 from __future__ import annotations
@@ -113,7 +115,14 @@ def run(path: str, kernels: str = "auto") -> tuple[bool, list[tuple[str, float, 
     from walrus_jax.checkpoints import params as parameters
     from walrus_jax.training import optim, steps
 
-    f = np.load(path)
+    from walrus_jax.data.from_arrays import numpy_file_problem
+
+    problem = numpy_file_problem(path, ".npz")
+    if problem:
+        raise ValueError(f"{problem} (a training oracle file is an .npz with config_json, w0/..., batch0/...)")
+    f = np.load(path, allow_pickle=False)
+    if "config_json" not in f:
+        raise KeyError(f"no config_json: not a training oracle file (it holds {sorted(f.files)[:5]})")
     meta = json.loads(str(f["config_json"]))
     cfg, opt, sched, opts, n_micro, k = _settings(meta, kernels)
     w0 = {n[3:]: f[n] for n in f.files if n.startswith("w0/")}
@@ -195,6 +204,8 @@ def run(path: str, kernels: str = "auto") -> tuple[bool, list[tuple[str, float, 
             if name in no_grad:
                 e = float(np.max(np.abs(ours)))
                 rows.append((f"update w{n_upd}-w0 {name} (no gradient: must not move)", e, 0.0, e == 0.0))
+                e = float(np.max(np.abs(theirs)))
+                rows.append((f"update w{n_upd}-w0 {name} (no gradient: the file's must not move)", e, 0.0, e == 0.0))
                 continue
             nz = noise.get(name, np.zeros(theirs.shape, bool))
             if (~nz).any():
@@ -219,7 +230,7 @@ def main(argv=None) -> int:
         try:
             ok, rows = run(path, args.kernels)
         except (OSError, KeyError, ValueError) as e:
-            print(f"error: {path}: {e}", file=sys.stderr)
+            print(f"error: {path}: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
             return 2
         ok_all &= ok
         print(f"== {path}: {'PASS' if ok else 'FAIL'}")

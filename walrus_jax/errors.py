@@ -86,6 +86,24 @@ class _DropBackgroundEcho(logging.Filter):
         return "raised an exception" not in record.getMessage()
 
 
+class _HoldAsyncioErrors(logging.Filter):
+    """asyncio logs its tasks' unretrieved exceptions ("Task exception was never retrieved",
+    "Event loop is closed" after a failed write) with a traceback each: held like thread errors."""
+
+    def __init__(self, held: list):
+        super().__init__()
+        self.held = held
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        if record.exc_info and record.exc_info[0] is not None:
+            self.held.append(record.exc_info)
+        else:
+            self.held.append((RuntimeError, RuntimeError(record.getMessage()[:200]), None))
+        return False
+
+
 @contextlib.contextmanager
 def _held_background_errors(held: list) -> Iterator[None]:
     """While a command runs without --verbose, exceptions printed from library threads and
@@ -98,14 +116,30 @@ def _held_background_errors(held: list) -> Iterator[None]:
     threading.excepthook = lambda a: held.append((a.exc_type, a.exc_value, a.exc_traceback))
     # TensorStore reports exceptions of its completion callbacks as "unraisable".
     sys.unraisablehook = lambda u: held.append((u.exc_type, u.exc_value, u.exc_traceback))
-    echo = _DropBackgroundEcho()
-    absl_log = logging.getLogger("absl")
+    echo, hold_asyncio = _DropBackgroundEcho(), _HoldAsyncioErrors(held)
+    absl_log, asyncio_log = logging.getLogger("absl"), logging.getLogger("asyncio")
     absl_log.addFilter(echo)
+    asyncio_log.addFilter(hold_asyncio)
     try:
         yield
     finally:
         sys.excepthook, threading.excepthook, sys.unraisablehook = old_hook, old_thread_hook, old_unraisable
         absl_log.removeFilter(echo)
+        asyncio_log.removeFilter(hold_asyncio)
+
+
+def quiet_after_command(verbose: bool) -> None:
+    """For a command line's `__main__`, after the command returned (its last line is printed):
+    without --verbose, what library threads and callbacks still report while the interpreter shuts
+    down (asyncio tasks that failed with the command: "Event loop is closed", TensorStore callbacks,
+    Orbax writer threads) is dropped, as `run_command` held it while the command ran; the command's
+    own outcome is already on stderr."""
+    if verbose:
+        return
+    sys.unraisablehook = lambda u: None
+    threading.excepthook = lambda a: None
+    logging.getLogger("asyncio").addFilter(lambda r: r.levelno < logging.ERROR)
+    logging.getLogger("absl").addFilter(_DropBackgroundEcho())
 
 
 def describe(exc: BaseException) -> str:
@@ -118,6 +152,15 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, KeyError) and exc.args:
         return str(exc.args[0])
     return str(exc) or type(exc).__name__
+
+
+def _environment_error_in(held: list) -> OSError | None:
+    """The first environment OS error (full disk, read-only directory, ...) among held errors."""
+    for _, v, _ in held:
+        found = user_facing(v) if isinstance(v, BaseException) else None
+        if isinstance(found, OSError) and found.errno in _ENVIRONMENT_ERRNOS:
+            return found
+    return None
 
 
 def run_command(fn: Callable[[], int | None], verbose: bool = False) -> int:
@@ -133,6 +176,10 @@ def run_command(fn: Callable[[], int | None], verbose: bool = False) -> int:
         return 130
     except BaseException as e:  # noqa: BLE001 - sorted below: user-facing or re-raised
         shown = user_facing(e) if not isinstance(e, SystemExit) else None
+        if shown is None and not isinstance(e, SystemExit):
+            # A write that failed in a library's thread or event loop (a full disk) can surface in the
+            # caller only as its aftermath ("Event loop is closed"): the held cause is the message.
+            shown = _environment_error_in(held)
         if shown is None:
             for t, v, tb in held:
                 print("error in a background thread or callback:", file=sys.stderr)

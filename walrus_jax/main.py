@@ -16,6 +16,10 @@ A mistake of the user's (unknown config key, unreadable config file, bad path or
 or read-only directory) ends with one line `error: <message>` on stderr and exit status 2; `--verbose`
 (or WALRUS_JAX_VERBOSE=1) prints the traceback too.
 
+SIGTERM or SIGINT during training finishes the current update, saves a checkpoint, releases the
+workdir lock and ends with one line `stopped: SIGTERM received; training stopped after optimizer
+step N ...` and exit status 128 + the signal's number (143, 130); the same command resumes.
+
 On Linux the command first re-executes itself once under glibc's `glibc.malloc.hugetlb=1` tunable,
 where the kernel grants transparent huge pages on request: XLA:CPU's per-call buffers then fault in
 2 MiB at a time (walrus_jax/huge_pages.py; WALRUS_JAX_HUGE_PAGES=0 turns it off).
@@ -31,7 +35,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from walrus_jax.errors import ConfigError, PathError, run_command, verbose_requested
+from walrus_jax.errors import ConfigError, PathError, quiet_after_command, run_command, verbose_requested
 from walrus_jax.huge_pages import reexec_with_huge_pages
 
 
@@ -176,8 +180,17 @@ def run(config, workdir: str, mode: str = "train") -> dict | None:
     raise ConfigError(f"unknown mode {mode!r}: expected train, eval or rollout")
 
 
-def main(fv: flags.FlagValues, argv) -> None:
-    """The command after flag parsing (fv: the parsed flags; argv: what the flags left)."""
+def stopped_line(out: dict, total_steps: int) -> str:
+    """The one line a run stopped by a signal ends with: where it stopped and how to go on."""
+    where = out.get("stopped_checkpoint") or "no checkpoint (no update was done)"
+    return (f"stopped: {out['stopped_by']} received; training stopped after optimizer step {out['steps_done']} "
+            f"of {total_steps}, checkpoint {where}; run the same command to resume")
+
+
+def main(fv: flags.FlagValues, argv) -> int | None:
+    """The command after flag parsing (fv: the parsed flags; argv: what the flags left). Returns
+    the exit status: None (0), or 128 + the signal's number when SIGTERM / SIGINT stopped the
+    training (walrus_jax/training/preemption.py says why not 0)."""
     if len(argv) > 1:
         raise ConfigError(f"unexpected arguments: {argv[1:]}")
     if fv.config is None:
@@ -196,11 +209,21 @@ def main(fv: flags.FlagValues, argv) -> None:
     if jax.process_index() == 0 and isinstance(out, dict):
         keys = ("steps_done", "initial_loss", "final_loss", "resumed_from_step", "wall_seconds")
         brief = {k: out[k] for k in keys if k in out}
+        if mode == "eval":  # the report itself: its headline numbers and the checkpoint
+            brief = {k: v for k, v in out.items() if v is None or isinstance(v, (int, float, str))}
         ev = out.get("eval") or {}
         for k in ("vrmse_1_10", "persistence_vrmse_1_10"):
             if k in ev:
                 brief[k] = ev[k]
         print(json.dumps(brief))
+    if isinstance(out, dict) and out.get("stopped_by"):
+        import signal
+
+        if jax.process_index() == 0:
+            sys.stdout.flush()
+            print(stopped_line(out, fv.config.train.steps), file=sys.stderr, flush=True)
+        return 128 + int(signal.Signals[out["stopped_by"]])
+    return None
 
 
 def cli(argv=None) -> int:
@@ -219,6 +242,7 @@ def cli(argv=None) -> int:
 if __name__ == "__main__":
     reexec_with_huge_pages()  # once, before any work: glibc reads its tunables only at start-up
     rc = cli()
+    quiet_after_command(verbose_requested(sys.argv))
     sys.stdout.flush()
     sys.stderr.flush()
     if rc:

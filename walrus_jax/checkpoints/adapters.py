@@ -15,8 +15,14 @@ checkpoint's fingerprint (`fingerprint`: sizes and a SHA-256 of every base param
 
     adapters.json   {"format": "walrus_jax.adapters", "version", "model_config", "base_n_states",
                      "vocab", "base": fingerprint, "arrays": {path: {"kind": "full" | "rows",
-                     "axis", "shape", "dtype"}}}
+                     "axis", "shape", "dtype"}}, "digest": {"settings", "arrays"}}
     adapters.npz    one array per path ("rows": the new rows along `axis` only)
+
+The delta checks itself: `digest.settings` is a SHA-256 of everything in adapters.json that changes
+the computation (the model config with lora rank, alpha and targets, the vocabulary, the base's
+fingerprint, the array listing), `digest.arrays` one of the arrays' paths, dtypes, shapes and bytes.
+An edited, truncated or mixed-up delta is refused with one line naming the file (deltas of version
+1, written before digests, are read with a warning).
 
 `load(base_dir, adapters=DIR)` (also `walrus_jax.load_pretrained(base_dir, adapters=DIR)`) rebuilds
 the fine-tuned model from a base and a delta or a LoRA fine-tuning workdir, and refuses a delta made
@@ -32,6 +38,9 @@ import json
 import os
 from typing import Any, Mapping
 
+import logging
+import zipfile
+
 import jax
 import numpy as np
 from flax import nnx
@@ -42,10 +51,13 @@ from walrus_jax.models.config import ModelConfig
 from walrus_jax.models.lora import is_adapter_path, merged_kernel
 
 FORMAT = "walrus_jax.adapters"
-VERSION = 1
+VERSION = 2  # 2: adapters.json holds the digests (module docstring)
 DELTA_FILE = "adapters.json"
 ARRAYS_FILE = "adapters.npz"
 META_KEY = "lora_base"  # training checkpoints' meta entry: {"fingerprint", "n_states"} of the base
+SETTINGS_KEYS = ("model_config", "base_n_states", "vocab", "base", "arrays")  # what digest.settings covers
+
+log = logging.getLogger(__name__)
 
 
 def _param_shapes(cfg: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
@@ -156,6 +168,17 @@ def delta_from_params(params: Mapping, cfg: ModelConfig, base_n_states: int, voc
     return Delta(cfg, int(base_n_states), vocab, dict(base_fp), arrays, source)
 
 
+def settings_digest(meta: Mapping) -> str:
+    """SHA-256 of the computation-relevant entries of adapters.json (SETTINGS_KEYS), canonical JSON."""
+    text = json.dumps({k: meta.get(k) for k in SETTINGS_KEYS}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def arrays_digest(arrays: Mapping[str, Any]) -> str:
+    """SHA-256 of a flat {path: array} (paths, dtypes, shapes, bytes)."""
+    return fingerprint(parameters.unflatten({p: np.asarray(a) for p, a in arrays.items()}))["sha256"]
+
+
 def write_delta(directory: str, delta: Delta) -> str:
     """Writes `delta` as DIRECTORY/adapters.json + adapters.npz (module docstring); returns the path."""
     directory = os.path.abspath(directory)
@@ -170,6 +193,8 @@ def write_delta(directory: str, delta: Delta) -> str:
     meta = {"format": FORMAT, "version": VERSION, "model_config": delta.cfg.to_dict(),
             "base_n_states": delta.base_n_states, "vocab": delta.vocab, "base": delta.base, "arrays": listing,
             "source": delta.source}
+    # Digested as it reads back (tuples become lists in JSON).
+    meta["digest"] = {"settings": settings_digest(json.loads(json.dumps(meta))), "arrays": arrays_digest(delta.arrays)}
     with open(os.path.join(directory, DELTA_FILE + ".tmp"), "w") as f:
         json.dump(meta, f, indent=1)
     os.replace(os.path.join(directory, DELTA_FILE + ".tmp"), os.path.join(directory, DELTA_FILE))
@@ -184,16 +209,50 @@ def read_delta(path: str) -> Delta:
         raise PathError(f"adapters={path!r} does not exist (expected a LoRA fine-tuning workdir or an exported "
                         f"adapter delta with {DELTA_FILE})")
     if os.path.isfile(os.path.join(path, DELTA_FILE)):
-        with open(os.path.join(path, DELTA_FILE)) as f:
+        return _read_delta_folder(path)
+    return _delta_from_workdir(path)
+
+
+def _read_delta_folder(path: str) -> Delta:
+    """An exported delta, checked against its digests (module docstring). DataError naming the file."""
+    jpath, npath = os.path.join(path, DELTA_FILE), os.path.join(path, ARRAYS_FILE)
+    try:
+        with open(jpath) as f:
             meta = json.load(f)
-        if meta.get("format") != FORMAT or int(meta.get("version", -1)) > VERSION:
-            raise DataError(f"{path}/{DELTA_FILE}: not a walrus_jax adapter delta of a version this walrus_jax reads "
-                            f"(format {meta.get('format')!r}, version {meta.get('version')!r})")
-        with np.load(os.path.join(path, ARRAYS_FILE)) as z:
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{jpath}: not readable as JSON ({e}); the adapter delta is damaged (cut off?): export it "
+                        "again") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("version"), int) \
+            or meta["version"] > VERSION:
+        got = meta if not isinstance(meta, dict) else {k: meta.get(k) for k in ("format", "version")}
+        raise DataError(f"{jpath}: not a walrus_jax adapter delta of a version this walrus_jax reads ({got})")
+    if not os.path.isfile(npath):
+        raise PathError(f"{npath}: missing (an adapter delta is {DELTA_FILE} and {ARRAYS_FILE} together)")
+    try:
+        with np.load(npath, allow_pickle=False) as z:
             arrays = {k.replace("|", "/"): np.asarray(z[k]) for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise DataError(f"{npath}: unreadable ({type(e).__name__}: {e}); the adapter delta is damaged (truncated?): "
+                        "export it again") from None
+    digest = meta.get("digest")
+    if meta["version"] >= 2:
+        if not isinstance(digest, dict):
+            raise DataError(f"{jpath}: has no digest (version {meta['version']} deltas carry one): edited?")
+        if digest.get("settings") != settings_digest(meta):
+            raise DataError(f"{jpath}: its settings (model config, lora rank / alpha / targets, vocabulary, base "
+                            "fingerprint or array listing) differ from those the delta was written with: the file "
+                            "was edited; export the delta again")
+        if digest.get("arrays") != arrays_digest(arrays):
+            raise DataError(f"{npath}: its arrays differ from those the delta was written with (edited, truncated or "
+                            f"from another delta than {DELTA_FILE}); export the delta again")
+    else:
+        log.warning("%s: a version-%s delta (written before deltas carried digests): not checked", jpath,
+                    meta["version"])
+    try:
         return Delta(ModelConfig.from_dict(meta["model_config"]), int(meta["base_n_states"]), meta["vocab"],
                      meta["base"], arrays, path)
-    return _delta_from_workdir(path)
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{jpath}: incomplete adapter delta ({type(e).__name__}: {e})") from None
 
 
 def _delta_from_workdir(path: str) -> Delta:

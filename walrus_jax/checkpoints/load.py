@@ -49,6 +49,10 @@ def check_path(path: str, what: str = "config init_from") -> None:
                         "converted checkpoint directory from tools.convert_torch_ckpt)")
     if checkpoint_dir(path) is not None:
         return
+    if os.path.isfile(os.path.join(path, "adapters.json")):  # walrus_jax/checkpoints/adapters.py
+        raise PathError(f"{what}={path!r} is an adapter delta (adapters.json), not a whole model: pass it as "
+                        "adapters= together with the base checkpoint it was trained on (configs/rollout.py "
+                        "`adapters`, load_pretrained(base, adapters=...)), or merge it with tools.merge_adapters")
     if not os.path.isdir(path) or not os.listdir(path):
         raise PathError(f"{what}={path!r} is not a walrus_jax workdir (no checkpoints/<step>/state) "
                         "and not a converted checkpoint directory")

@@ -28,9 +28,13 @@ window is read (each request to a store costs a round trip of tens of millisecon
 
 Opened remote files are kept open per process (an LRU of MAX_OPEN handles), so reading a window
 does not re-fetch the file's metadata; the cache is per process id (grain workers start empty).
+Every remote HDF5 file a process opened (cached or not) is closed by an `atexit` hook, while the
+interpreter still runs: left open, HDF5's own exit handler would close them after the interpreter
+is gone and call into Python through the file-object driver (a segmentation fault at exit).
 """
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
 import glob
@@ -38,6 +42,7 @@ import io
 import os
 import posixpath
 import threading
+import weakref
 from typing import Iterator, Sequence
 
 from walrus_jax.errors import ConfigError, DataError, PathError, UserError
@@ -328,6 +333,32 @@ class RemoteFile(io.RawIOBase):
 _open_lock = threading.Lock()
 _open_files: collections.OrderedDict = collections.OrderedDict()  # url -> (h5py.File, RemoteFile)
 _open_pid = [os.getpid()]
+_every_open: "weakref.WeakSet" = weakref.WeakSet()  # every remote h5py.File still alive (closed at exit)
+_exit_hook = []  # [True] once the atexit hook is registered (a forked child inherits it)
+
+
+def _close_at_exit(f) -> None:
+    """Remembers an opened remote h5py.File for `close_every_remote_file` at interpreter exit."""
+    with _open_lock:
+        _every_open.add(f)
+        if not _exit_hook:
+            atexit.register(close_every_remote_file)
+            _exit_hook.append(True)
+
+
+def close_every_remote_file() -> None:
+    """Closes every remote HDF5 file this process opened and still holds (the atexit hook; also
+    safe to call at any time when no read is in flight)."""
+    with _open_lock:
+        files = list(_every_open) + [f for f, _ in _open_files.values()]
+        _every_open.clear()
+        _open_files.clear()
+    for f in files:
+        try:
+            if f.id.valid:
+                f.close()
+        except Exception:  # noqa: BLE001 - at exit a file that will not close is left to HDF5
+            pass
 
 
 def _remote_h5(url: str):
@@ -348,6 +379,7 @@ def _remote_h5(url: str):
         if raw.error is not None:
             raise raw.error from None
         raise DataError(f"{url}: not an HDF5 file or cannot be opened as one ({e})") from None
+    _close_at_exit(f)
     with _open_lock:
         _open_files[url] = (f, raw)
         while len(_open_files) > MAX_OPEN:  # not closed here: another thread may be reading it;
@@ -397,4 +429,5 @@ def close_all() -> None:
 
 
 __all__ = ["is_remote", "join", "basename", "dirname", "isdir", "isfile", "listdir", "list_files", "open_text",
-           "open_h5", "read_ahead", "RemoteFile", "errors", "close_all", "BLOCK_SIZE", "MAX_OPEN"]
+           "open_h5", "read_ahead", "RemoteFile", "errors", "close_all",
+           "close_every_remote_file", "BLOCK_SIZE", "MAX_OPEN"]

@@ -134,7 +134,22 @@ def _time(n_time: int, dt, time, t0: float) -> np.ndarray:
     return float(t0) + dt * np.arange(n_time)
 
 
-def _boundaries(boundary_conditions, dim_names: Sequence[str], spatial: tuple[int, ...]) -> dict:
+def _layout_hint(fields: Mapping, dim_names: Sequence[str]) -> str:
+    """How the first field's shape was read (the cause when the boundary axes do not match the data):
+    a field missing its trajectory axis reads as one spatial axis fewer, a vector given as a scalar
+    as one more."""
+    name, spec = next(iter(fields.items()))
+    a, rank = _field_spec(name, spec, "field")
+    read = ", ".join(["n_trajectories", "n_time", *dim_names] + ["n_dims"] * rank)
+    hint = (f"; field {name!r} of shape {a.shape} (tensor rank {rank}) was read as ({read}), {len(dim_names)} "
+            "spatial axes: a field needs (n_trajectories, n_time, *spatial, components)")
+    if rank == 0 and a.shape[-1] in (2, 3) and len(dim_names) == a.shape[-1] + 1:
+        hint += f"; if its last axis holds the {a.shape[-1]} components of a vector, give it as a vector " \
+                "((array, 1), --vector)"
+    return hint + "; a single trajectory needs its axis too (array[None])"
+
+
+def _boundaries(boundary_conditions, dim_names: Sequence[str], spatial: tuple[int, ...], hint: str = "") -> dict:
     if not isinstance(boundary_conditions, Mapping):
         raise DataError(f"boundary_conditions: expected a mapping {{axis: 'periodic' | 'wall' | 'open' or "
                         f"(low, high)}} over the axes {list(dim_names)}")
@@ -146,7 +161,7 @@ def _boundaries(boundary_conditions, dim_names: Sequence[str], spatial: tuple[in
             axis = key
         else:
             raise DataError(f"boundary_conditions: axis {key!r} is not one of {list(dim_names)} "
-                            f"(or 0..{len(dim_names) - 1})")
+                            f"(or 0..{len(dim_names) - 1}){hint}")
         if axis in per_axis:
             raise DataError(f"boundary_conditions: axis {axis!r} given twice")
         pair = (spec, spec) if isinstance(spec, str) else tuple(spec) if isinstance(spec, (tuple, list)) else None
@@ -163,7 +178,8 @@ def _boundaries(boundary_conditions, dim_names: Sequence[str], spatial: tuple[in
         per_axis[axis] = (low, high)
     missing = [d for d in dim_names if d not in per_axis]
     if missing:
-        raise DataError(f"boundary_conditions: no entry for axes {missing}; every axis of {list(dim_names)} needs one")
+        raise DataError(f"boundary_conditions: no entry for axes {missing}; every axis of {list(dim_names)} needs "
+                        f"one{hint}")
     out = {}
     for d, n in zip(dim_names, spatial):
         out.update(axis_boundaries(d, n, *per_axis[d]))
@@ -280,7 +296,8 @@ def write_arrays(path, fields: Mapping, *, dataset_name: str, boundary_condition
         path, dataset_name=dataset_name, n_trajectories=n_traj,
         time=_time(n_time, dt, time, t0), coords=_grid_coords(len(dims), spatial, dims, coords, spacing, origin),
         t0_fields=groups[0], t1_fields=groups[1], t2_fields=groups[2],
-        boundaries=_boundaries(boundary_conditions, dims, spatial), simulation_parameters=params,
+        boundaries=_boundaries(boundary_conditions, dims, spatial, _layout_hint(fields, dims)),
+        simulation_parameters=params,
         extra_attrs={"generator": "walrus_jax.data.from_arrays"})
 
 
@@ -340,7 +357,8 @@ def write_dataset(root, dataset_name: str, fields: Mapping, *, splits=None,
       fields, constant_fields: as `write_arrays`, with all trajectories; `splits` divides them.
       splits: {split: fraction (or weight)} or {split: list of trajectory indices}, among train / valid / test
         (default train 0.8, valid 0.1, test 0.1 of the trajectories, in order).
-      overwrite: replace an existing dataset folder (otherwise it is an error).
+      overwrite: replace an existing dataset folder that write_dataset wrote (only its split files and
+        stats.yaml inside; anything else there is refused, naming it); otherwise it is an error.
       file_kwargs: the other `write_arrays` arguments (boundary_conditions, dt, spacing, ...).
     Returns the dataset folder. It is assembled in a temporary folder and renamed into place, so
     a failure leaves nothing half-written.
@@ -348,9 +366,14 @@ def write_dataset(root, dataset_name: str, fields: Mapping, *, splits=None,
     from walrus_jax.data.stats import compute_stats
 
     _check_dataset_name(dataset_name)
+    if os.path.exists(os.fspath(root)) and not os.path.isdir(os.fspath(root)):
+        raise PathError(f"{os.fspath(root)}: is a file; the root of write_dataset is the folder that holds dataset "
+                        "folders (the trainer's data.root)")
     final = dataset_dir(root, dataset_name)
     if os.path.exists(final) and not overwrite:
         raise UserError(f"{final}: already exists (pass overwrite=True to replace it)")
+    if os.path.lexists(final):
+        _check_replaceable(final, dataset_name)
     _, n_traj, _, spatial, _ = prepare_fields(fields, constant_fields, file_kwargs.get("dim_names"))
     parts = split_trajectories(n_traj, splits if splits is not None else {"train": 0.8, "valid": 0.1, "test": 0.1})
     os.makedirs(os.fspath(root), exist_ok=True)
@@ -376,6 +399,28 @@ def write_dataset(root, dataset_name: str, fields: Mapping, *, splits=None,
     return final
 
 
+def _written_files(dataset_name: str) -> set[str]:
+    """Relative paths write_dataset may leave in a dataset folder."""
+    return {"stats.yaml"} | {os.path.join("data", s, f"{dataset_name}.hdf5") for s in SPLITS}
+
+
+def _check_replaceable(final: str, dataset_name: str) -> None:
+    """overwrite=True replaces only what write_dataset wrote before: UserError naming anything else."""
+    if not os.path.isdir(final) or os.path.islink(final):
+        raise UserError(f"{final}: exists and is not a dataset folder (a file or link); overwrite=True replaces only "
+                        "a dataset folder written by write_dataset")
+    allowed = _written_files(dataset_name)
+    foreign = []
+    for d, _, files in os.walk(final):
+        foreign += [os.path.relpath(os.path.join(d, f), final) for f in files
+                    if os.path.relpath(os.path.join(d, f), final) not in allowed]
+    if foreign:
+        foreign.sort()
+        raise UserError(f"{final}: holds {foreign[:3]}{' ...' if len(foreign) > 3 else ''}, which write_dataset did "
+                        "not write; overwrite=True replaces only an earlier write_dataset output. Move those files "
+                        "or choose another dataset name")
+
+
 def _items(fields: Mapping):
     for name, spec in fields.items():
         a, rank = _field_spec(name, spec, "field")
@@ -383,6 +428,23 @@ def _items(fields: Mapping):
 
 
 # ----------------------------------------------------------------------------------- command line
+NPY_MAGIC, NPZ_MAGIC = b"\x93NUMPY", b"PK\x03\x04"
+
+
+def numpy_file_problem(path: str, want: str = ".npy/.npz") -> str | None:
+    """Why `path` is not a NumPy .npy / .npz file, judged by its first bytes (numpy itself would try
+    it as a pickle and blame "pickled (object) data"); None when it starts like one."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(NPY_MAGIC) or head.startswith(NPZ_MAGIC):
+        return None
+    if not head:
+        return f"not a NumPy {want} file: it is empty"
+    text = all(32 <= b < 127 or b in (9, 10, 13) for b in head)
+    return (f"not a NumPy {want} file: it starts with {head!r}" + (" (a text file)" if text else "")
+            + f"; expected a file written by numpy.save / numpy.savez")
+
+
 def _load_array(spec: str, flag: str) -> tuple[str, np.ndarray]:
     """'NAME=FILE.npy' or 'NAME=FILE.npz:KEY' (KEY may be omitted when the .npz holds one array)."""
     if "=" not in spec:
@@ -393,6 +455,9 @@ def _load_array(spec: str, flag: str) -> tuple[str, np.ndarray]:
         path, key = src.rsplit(":", 1)
     if not os.path.isfile(path):
         raise PathError(f"{flag} {spec!r}: {path}: no such file")
+    problem = numpy_file_problem(path)
+    if problem:
+        raise DataError(f"{flag} {spec!r}: {path}: {problem}")
     try:
         data = np.load(path, allow_pickle=False)
     except Exception as e:  # a corrupt or non-numpy file

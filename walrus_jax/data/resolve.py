@@ -38,13 +38,25 @@ def generated_data_dir(config) -> str:
     return os.path.join(os.path.expanduser(d.cache_dir), tag)
 
 
+def _not_a_folder(given: str, root: str) -> str:
+    """Why data.root is not a folder of datasets, in words."""
+    if fsys.is_remote(root) and fsys.isfile(root):
+        what = ("answers with a page that links to no entries" if root.startswith(("http://", "https://"))
+                else "is a file")
+        return (f"config data.root={given!r} {what}: expected a folder of dataset folders (over HTTP, a directory "
+                "index linking to them, as `python -m walrus_jax.data.serve DIR` serves)")
+    if not fsys.is_remote(root) and os.path.isfile(root):
+        return f"config data.root={given!r} is a file: expected a folder holding dataset folders (each with data/)"
+    return f"config data.root={given!r} does not exist"
+
+
 def resolve_data(config) -> list[str]:
     """Dataset directories (each with data/<split>/*.hdf5) for this job (module docstring)."""
     d = config.data
     if d.root:
         root = d.root if fsys.is_remote(d.root) else os.path.expanduser(d.root)
         if not fsys.isdir(root):  # a URL's store errors (bucket, credentials) name it
-            raise PathError(f"config data.root={d.root!r} does not exist")
+            raise PathError(_not_a_folder(d.root, root))
     else:
         if d.generate != "miniwell":
             raise ConfigError("config data.root is empty and data.generate is not 'miniwell': no data to train on")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import functools
 import http.server
 import os
@@ -122,18 +123,42 @@ def serving(directory: str, latency_ms: float = 0.0, forbidden: tuple[str, ...] 
         t.join(timeout=5)
 
 
-def main(argv=None) -> None:
+def _server(directory: str, host: str, port: int, latency_ms: float) -> Server:
+    """The server for the command line; a missing folder, a file or a busy port is a UserError."""
+    from walrus_jax.errors import PathError, UserError
+
+    if not os.path.exists(directory):
+        raise PathError(f"{directory}: no such folder (expected a folder of Well datasets to serve)")
+    if not os.path.isdir(directory):
+        raise PathError(f"{directory}: is a file, not a folder (serve the folder holding the datasets)")
+    handler = functools.partial(RangeHandler, directory=directory)
+    try:
+        return Server((host, port), handler, latency_ms / 1000.0)
+    except OSError as e:
+        why = "is in use (another server?); choose another --port" if e.errno == errno.EADDRINUSE else e.strerror
+        raise UserError(f"--host {host} --port {port}: cannot listen there: {why}") from None
+
+
+def main(argv=None) -> int:
+    from walrus_jax.errors import run_command
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("directory")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--latency-ms", type=float, default=0.0, help="added to every request")
+    ap.add_argument("--verbose", action="store_true", help="print the traceback of an error")
     args = ap.parse_args(argv)
-    handler = functools.partial(RangeHandler, directory=args.directory)
-    with Server((args.host, args.port), handler, args.latency_ms / 1000.0) as srv:
-        print(f"serving {args.directory} at http://{args.host}:{srv.server_address[1]}/", flush=True)
-        srv.serve_forever()
+
+    def go():
+        with _server(args.directory, args.host, args.port, args.latency_ms) as srv:
+            print(f"serving {args.directory} at http://{args.host}:{srv.server_address[1]}/", flush=True)
+            srv.serve_forever()
+
+    return run_command(go, args.verbose)
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    sys.exit(main())

@@ -112,6 +112,12 @@ def compute_stats(dataset_dir, split: str = "train", out: str | None = None, ove
     Raises PathError for a missing folder/files, DataError for an invalid Well file or NaN/Inf
     (naming file, field and trajectory), UserError if `out` exists and overwrite is False.
     """
+    from walrus_jax.data import filesystem
+
+    if filesystem.is_remote(dataset_dir):
+        raise PathError(f"{dataset_dir}: a URL; statistics are computed from a local dataset folder (they are "
+                        "written beside it as stats.yaml): run this where the files are, or on a local copy, and "
+                        "put stats.yaml beside the data on the server")
     files = split_files(dataset_dir, split)
     out = os.path.join(os.fspath(dataset_dir), "stats.yaml") if out is None else out
     if out and os.path.exists(out) and not overwrite:

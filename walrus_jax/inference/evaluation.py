@@ -197,6 +197,28 @@ def eval_jitter_key(config):
     return jax.random.fold_in(jax.random.key(config.seed), 0x5EED) if config.eval.jitter else None
 
 
+def check_model_section(config, weights) -> None:
+    """--mode=eval evaluates the checkpoint's own model: a config whose model section says otherwise
+    (another config file, a --config.model.* override) is an error naming the settings, rather than
+    silently ignored. n_states is left out (the training data's vocabulary may have grown it); a
+    fine-tuning config (init_from) takes its architecture from the base checkpoint, so it has none to
+    contradict."""
+    from walrus_jax.errors import ConfigError
+    from walrus_jax.training.config import model_config
+
+    ours, theirs = model_config(config).to_dict(), weights.cfg.to_dict()
+    diffs = sorted(k for k in ours if k != "n_states" and k in theirs and _same(ours[k]) != _same(theirs[k]))
+    if diffs:
+        pretty = ", ".join(f"model.{k}: checkpoint {theirs[k]!r} vs config {ours[k]!r}" for k in diffs[:6])
+        more = f" and {len(diffs) - 6} more" if len(diffs) > 6 else ""
+        raise ConfigError(f"--mode=eval: the config's model section contradicts checkpoint {weights.source} ({pretty}"
+                          f"{more}); eval uses the checkpoint's model: pass the config it was trained with")
+
+
+def _same(v):
+    return [_same(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
 def evaluate_job(config, workdir: str) -> dict:
     """--mode=eval: rollout metrics of the newest checkpoint in WORKDIR (or of config.init_from when
     WORKDIR has none) on the held-out split of the configured data -> WORKDIR/eval.json."""
@@ -211,6 +233,8 @@ def evaluate_job(config, workdir: str) -> dict:
     if not source:
         raise PathError(f"--mode=eval: no checkpoint in {workdir}/checkpoints and config init_from is empty")
     weights = read_weights(source)
+    if source == workdir and not config.init_from:
+        check_model_section(config, weights)
     sets = eval_sets_from_config(config, resolve_data(config), weights.vocab, max(1, config.eval.n_trajectories),
                                  False)
     model = parameters.model_from_params(weights.cfg, weights.params, weights.source)

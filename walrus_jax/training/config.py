@@ -51,6 +51,7 @@ def validate_config(config) -> None:
                           f"{t.minimum_context} (>= 0): the first minimum_context predictions are not scored")
     if int(t.rollout_steps) < 1:
         raise ConfigError(f"config train.rollout_steps={t.rollout_steps}: expected >= 1 (1: the one-step loss)")
+    _check_lora(config.lora)
     if config.lora.rank > 0 and not config.init_from:
         raise ConfigError(f"config lora.rank={config.lora.rank} needs config.init_from (a base checkpoint to adapt)")
     if config.checkpoint.every < 0:
@@ -62,6 +63,28 @@ def validate_config(config) -> None:
         from walrus_jax.checkpoints.load import check_path
 
         check_path(config.init_from)
+
+
+def _check_lora(lo) -> None:
+    """The lora section: rank > 0 (adapters) or 0 (full fine-tuning, and then none of the adapter
+    settings given); known targets; alpha > 0; dropout in [0, 1)."""
+    from walrus_jax.models.config import LORA_TARGETS
+
+    if not isinstance(lo.rank, int) or lo.rank < 0:
+        raise ConfigError(f"config lora.rank={lo.rank!r}: expected a positive integer (adapters of that rank) or 0 "
+                          "(no adapters: full fine-tuning)")
+    unknown = [t for t in lo.targets if t not in LORA_TARGETS]
+    if unknown or not lo.targets:
+        raise ConfigError(f"config lora.targets={tuple(lo.targets)}: unknown {unknown}; choose a non-empty subset of "
+                          f"{LORA_TARGETS}")
+    if lo.rank == 0 and tuple(lo.targets) != LORA_TARGETS:
+        raise ConfigError(f"config lora.rank=0 with lora.targets={tuple(lo.targets)}: rank 0 means no adapters (a full "
+                          "fine-tune of every parameter); give lora.rank > 0 for adapters, or drop the :lora variant "
+                          "for a full fine-tune")
+    if lo.rank > 0 and not float(lo.alpha) > 0:
+        raise ConfigError(f"config lora.alpha={lo.alpha}: expected > 0 (the adapters' scale is alpha / rank)")
+    if not 0.0 <= float(lo.dropout) < 1.0:
+        raise ConfigError(f"config lora.dropout={lo.dropout}: expected a value in [0, 1)")
 
 
 def _check_batch(config) -> None:

@@ -6,6 +6,10 @@ with a progress bar, WORKDIR/metrics.jsonl and TensorBoard events every `train.l
 checkpoints every `checkpoint.every` updates and at the end, and rollout evaluation
 (`walrus_jax.inference.evaluation`) every `eval.every` updates and at the end. Last come
 WORKDIR/summary.json (`training.summary`) and WORKDIR/rollout.png.
+
+SIGTERM or SIGINT (`walrus_jax.training.preemption`) ends the run after the current update: a
+checkpoint of that update is saved (and complete) before `train` returns, the evaluation is left
+out, and the summary's `stopped_by` names the signal (the command line then exits 128 + its number).
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from walrus_jax.inference import evaluation
 from walrus_jax.training.batches import load_batch
 from walrus_jax.training.config import micro_steps_per_update, validate_config
 from walrus_jax.training.reporting import Progress, eval_scalars
+from walrus_jax.training.preemption import StopRequest
 from walrus_jax.training.setup import Run, setup
 from walrus_jax.training.summary import write_summary
 
@@ -66,25 +71,32 @@ def train(config, workdir: str) -> dict:
     validate_config(config)  # a bad config fails before the workdir (and its lock) is created
     with workdir_lock.hold(os.path.abspath(workdir), primary=jax.process_index() == 0,
                            n_processes=jax.process_count()):
-        return _train(config, workdir)
+        with StopRequest() as stop:
+            return _train(config, workdir, stop)
 
 
-def _train(config, workdir: str) -> dict:
+def _train(config, workdir: str, stop: StopRequest) -> dict:
     t_start = time.time()
     run = setup(config, workdir)
     run.timing["setup_seconds"] = time.time() - t_start  # data, model init, optimizer state, eval sets
     losses = LossLog(run)
     report = None
     try:
-        step, stopped_early = _loop(run, losses, t_start)
+        step, stopped_early = _loop(run, losses, t_start, stop)
+        # A signal that comes later (during the final evaluation) lets the run finish: its checkpoint is saved.
+        stopped_by = stop.signal
         train_seconds = run.timing["train_seconds"]
         if step > run.start_step or not run.checkpointer.steps():
             save(run, losses, step, force=True)
-        if run.plan is not None:  # adapter runs: WORKDIR/adapters, the small delta (walrus_jax/checkpoints/adapters.py)
+        stopped_at = None
+        if stopped_by is not None:  # stopped on request: the checkpoint is what matters, complete before the exit
+            run.checkpointer.wait()
+            stopped_at = _newest_checkpoint(run)
+        elif run.plan is not None:  # adapter runs: WORKDIR/adapters, the small delta (walrus_jax/checkpoints/adapters.py)
             run.plan.write_delta(os.path.join(run.workdir, "adapters"), run.state["params"], run.vocab, run.meta,
                                  write=run.is_main)
         t_eval = time.time()
-        report = evaluate(run, step) if run.eval_sets else None
+        report = evaluate(run, step) if run.eval_sets and stopped_by is None else None
         run.timing["eval_seconds"] = time.time() - t_eval
     finally:
         # Let a started (asynchronous) save finish even when something above failed, so the
@@ -93,18 +105,28 @@ def _train(config, workdir: str) -> dict:
         run.writer.close()
     summary = write_summary(run.workdir, losses.losses, step, run.resumed_from, report, time.time() - t_start,
                             train_seconds, stopped_early, run.is_main, run.timing,
-                            {"checkpoints_moved_aside": run.checkpointer.moved_aside})
+                            {"checkpoints_moved_aside": run.checkpointer.moved_aside,
+                             "stopped_by": stopped_by.name if stopped_by is not None else None,
+                             "stopped_checkpoint": stopped_at})
     if report is not None and run.is_main and config.eval.plot:
         evaluation.plot_rollout(report, run.eval_sets, os.path.join(run.workdir, "rollout.png"))
     return summary
 
 
-def _loop(run: Run, losses: LossLog, t_start: float) -> tuple[int, bool]:
+def _newest_checkpoint(run: Run) -> str | None:
+    steps = run.checkpointer.steps()
+    return os.path.join(run.checkpointer.directory, str(steps[-1])) if steps else None
+
+
+def _loop(run: Run, losses: LossLog, t_start: float, stop: StopRequest) -> tuple[int, bool]:
     """Optimizer updates from run.start_step to train.steps -> (steps done, stopped early)."""
     config, t_loop = run.config, time.time()
     progress = Progress(config.train.steps, run.start_step, run.is_main)
     step, stopped_early, total = run.start_step, False, config.train.steps
     while step < total:
+        if stop.now(step):  # checked before each update: a signal during setup stops before the first
+            stopped_early = True
+            break
         losses.add(step, *_update(run, t_loop))
         step += 1
         if step % config.train.log_every == 0 or step == total:

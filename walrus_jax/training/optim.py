@@ -114,20 +114,36 @@ class Schedule:
         return self.lr_at(level)
 
 
+def steps_per_epoch(train_cfg) -> int:
+    """Updates per pseudo-epoch: train.steps_per_epoch, or with -1 train.steps / train.schedule_epochs
+    (rounded, at least 1), so a schedule of that many pseudo-epochs keeps its shape for any train.steps."""
+    spe = int(train_cfg.steps_per_epoch)
+    if spe == -1:
+        n = int(train_cfg.get("schedule_epochs", 0) or 0)
+        if n < 1:
+            raise ConfigError(f"config train.steps_per_epoch=-1 needs train.schedule_epochs >= 1 (the pseudo-epochs "
+                              f"the run is divided into), got {n}")
+        return max(1, round(int(train_cfg.steps) / n))
+    if spe < 1:
+        raise ConfigError(f"config train.steps_per_epoch must be >= 1 (or -1: train.steps / train.schedule_epochs), "
+                          f"got {spe}")
+    return spe
+
+
 def resolve_epochs(train_cfg) -> tuple[int, int, int]:
     """(max_epochs, warmup_epochs, cooldown_epochs) of a `train` config section.
 
-    max_epochs = ceil(train.steps / train.steps_per_epoch); warmup / cooldown of -1 follow the run
-    length with the release's proportions (10 of 200 pseudo-epochs each: 5%, rounded).
+    max_epochs = ceil(train.steps / steps_per_epoch(train)); warmup / cooldown of -1 follow the run
+    length: train.warmup_fraction / train.cooldown_fraction of it (default 0.05 each, the release's
+    10 of 200 pseudo-epochs), rounded.
     """
-    spe = int(train_cfg.steps_per_epoch)
-    if spe < 1:
-        raise ConfigError(f"config train.steps_per_epoch must be >= 1, got {spe}")
     if train_cfg.steps <= 0:
         raise ConfigError(f"config train.steps must be > 0, got {train_cfg.steps}")
-    m = math.ceil(int(train_cfg.steps) / spe)
-    w = round(0.05 * m) if train_cfg.warmup_epochs == -1 else int(train_cfg.warmup_epochs)
-    c = round(0.05 * m) if train_cfg.cooldown_epochs == -1 else int(train_cfg.cooldown_epochs)
+    m = math.ceil(int(train_cfg.steps) / steps_per_epoch(train_cfg))
+    w = round(float(train_cfg.get("warmup_fraction", 0.05)) * m) if train_cfg.warmup_epochs == -1 \
+        else int(train_cfg.warmup_epochs)
+    c = round(float(train_cfg.get("cooldown_fraction", 0.05)) * m) if train_cfg.cooldown_epochs == -1 \
+        else int(train_cfg.cooldown_epochs)
     return m, w, c
 
 
@@ -135,7 +151,7 @@ def make_schedule(train_cfg) -> Schedule:
     """The schedule of a `train` config section."""
     m, w, c = resolve_epochs(train_cfg)
     return Schedule(base_lr=float(train_cfg.lr), max_epochs=m, warmup_epochs=w,
-                    cooldown_epochs=c, steps_per_epoch=int(train_cfg.steps_per_epoch),
+                    cooldown_epochs=c, steps_per_epoch=steps_per_epoch(train_cfg),
                     per_update=bool(train_cfg.lr_per_update), warmup_factor=float(train_cfg.warmup_factor),
                     offset=float(train_cfg.lr_offset), exponent=float(train_cfg.lr_exponent))
 

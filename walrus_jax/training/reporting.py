@@ -5,9 +5,13 @@ ETA and the latest loss on a terminal; when stderr is not a terminal (batch jobs
 plain line goes to the log every 10 s instead of a redrawn bar.
 Metrics: WORKDIR/metrics.jsonl (one JSON object per line, strict JSON) and TensorBoard events
 through tensorboardX's SummaryWriter (WORKDIR/tensorboard). Both on process 0 only.
+A run that starts after `start_step` updates (resumed from that checkpoint, or 0 when fresh) first
+cuts metrics.jsonl back to the rows of steps <= start_step, and TensorBoard is told to drop the
+earlier events of later steps (its `purge_step`), so each step appears once after a resume.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -63,14 +67,18 @@ class Progress:
 class MetricsWriter:
     """WORKDIR/metrics.jsonl and TensorBoard events (module docstring); a no-op when not enabled."""
 
-    def __init__(self, workdir: str, enabled: bool):
+    def __init__(self, workdir: str, enabled: bool, start_step: int = 0):
         self.enabled = enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.tb = None
         if enabled:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            cut_metrics(self.path, start_step)
+            tb_dir = os.path.join(workdir, "tensorboard")
+            # Rows are logged at step = updates done, so the restored run's own rows are <= start_step.
+            purge = start_step + 1 if os.path.isdir(tb_dir) and os.listdir(tb_dir) else None
+            self.tb = SummaryWriter(tb_dir, purge_step=purge)
 
     def write(self, step: int, values: dict) -> None:
         if not self.enabled:
@@ -85,6 +93,31 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def cut_metrics(path: str, start_step: int) -> int:
+    """Drops the rows of `path` (metrics.jsonl) logged after `start_step` updates, and a last line
+    cut off by a killed run; returns how many lines were dropped. The file is replaced atomically."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for ln in lines:
+        try:
+            row = json.loads(ln)
+        except ValueError:
+            continue  # a line cut off when the run was killed
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= start_step:
+            keep.append(ln if ln.endswith("\n") else ln + "\n")
+    if len(keep) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+        log.warning("%s: %d row(s) after step %d dropped (the run goes on from there)", path,
+                    len(lines) - len(keep), start_step)
+    return len(lines) - len(keep)
 
 
 def eval_scalars(report: dict, prefix: str = "eval/") -> dict:

@@ -12,7 +12,8 @@ Order (each stage needs the one before):
    restored (params, optimizer, step, data-iterator state, RNG), else a fresh state is initialised
    directly sharded (a 1.3B model is never materialised on one device). A resumed run never draws
    a random initialization;
-6. the jitted train step, the validation sets and the metrics writer.
+6. the jitted train step and the validation sets; last the metrics writer, which cuts the metrics
+   log back to the restored step.
 """
 from __future__ import annotations
 
@@ -177,9 +178,11 @@ def setup(config, workdir: str, timing: dict | None = None) -> Run:
               eval_sets=evaluation.eval_sets_from_config(config, paths, vocab, config.eval.n_trajectories,
                                                          config.data.allow_new_fields)
               if config.eval.n_trajectories > 0 else None,
-              writer=MetricsWriter(workdir, jax.process_index() == 0), timing=timing)
+              writer=None, timing=timing)
     if not _resume(run, with_shardings(state_abs, state_sh)):
         _fresh_state(run, plan, tx, mask, state_sh)
+    # After the restore: the metrics log is cut back to the step the run goes on from.
+    run.writer = MetricsWriter(workdir, run.is_main, start_step=run.start_step)
     return run
 
 
