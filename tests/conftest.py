@@ -1,15 +1,19 @@
-"""Shared test helpers: oracle loading, layout conversion, cached models."""
+"""Shared test helpers: oracle loading, layout conversion, small Well datasets, the main command line."""
 from __future__ import annotations
 
 import functools
 import json
 import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+REPO = str(pathlib.Path(__file__).resolve().parents[1])
+TINY = os.path.join(REPO, "configs", "tiny.py")
 
 
 def pytest_configure(config):
@@ -93,3 +97,36 @@ def execute_notebook(path: str, tmp_path, monkeypatch, work) -> tuple:
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
                      if o.get("output_type") == "stream")
     return nb, text
+
+
+def subprocess_env(n_devices: int | None = None, cache=None) -> dict:
+    """The environment of a `python -m ...` test subprocess: this checkout first on the path, JAX on
+    the CPU, errors not verbose; `n_devices` fake CPU devices; `cache`: JAX's persistent compilation
+    cache in that folder (runs that compile the same step share it)."""
+    from walrus_jax import errors
+
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
+    env.pop(errors.VERBOSE_ENV, None)
+    if n_devices is not None:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
+    if cache is not None:
+        env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    return env
+
+
+def main_command(workdir, data=None, overrides=(), config: str = TINY) -> list[str]:
+    """`python -m walrus_jax.main --config <config> --workdir <workdir> [--config.data.root=<data>]
+    --config.<override> ...` as an argv list."""
+    cmd = [sys.executable, "-m", "walrus_jax.main", "--config", config, "--workdir", str(workdir)]
+    if data is not None:
+        cmd.append(f"--config.data.root={data}")
+    return cmd + [f"--config.{o}" for o in overrides]
+
+
+@pytest.fixture(scope="session")
+def gray_scott(tmp_path_factory) -> str:
+    """The miniwell's Gray-Scott system, quick size, generated once per test session: its root."""
+    out = tmp_path_factory.mktemp("miniwell")
+    subprocess.run([sys.executable, "-m", "walrus_jax.data.miniwell", "--out", str(out), "--quick",
+                    "--systems", "gray_scott"], check=True, capture_output=True, env=subprocess_env(), cwd=REPO)
+    return str(out)

@@ -5,34 +5,26 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import chex
 import jax
 import numpy as np
 import pytest
+from conftest import main_command, subprocess_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    e = dict(os.environ)
-    e["PYTHONPATH"] = REPO + os.pathsep + e.get("PYTHONPATH", "")
-    e["JAX_PLATFORMS"] = "cpu"
     # The three runs compile the same step: share it through JAX's persistent cache.
-    e["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jaxcache"))
-    e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    return e
+    return subprocess_env(cache=tmp_path_factory.mktemp("jaxcache"))
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, env):
-    out = tmp_path_factory.mktemp("mw")
-    subprocess.run([sys.executable, "-m", "walrus_jax.data.miniwell", "--out", str(out), "--quick",
-                    "--systems", "gray_scott"], check=True, capture_output=True, env=env, cwd=REPO)
-    return str(out)
+def data(gray_scott):
+    return gray_scott
 
 
 # Two-step rollout training (train.rollout_steps=2): the resumed run must also restore what the
@@ -42,8 +34,7 @@ OVERRIDES = ["train.steps=6", "checkpoint.every=2", "checkpoint.keep=5", "eval.n
 
 
 def _cmd(workdir, data):
-    return [sys.executable, "-m", "walrus_jax.main", "--config", os.path.join(REPO, "configs", "tiny.py"),
-            "--workdir", str(workdir), f"--config.data.root={data}"] + [f"--config.{o}" for o in OVERRIDES]
+    return main_command(workdir, data, OVERRIDES)
 
 
 @pytest.fixture(scope="module")

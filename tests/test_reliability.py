@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import main_command, subprocess_env
 
 from walrus_jax import errors, main, workdir_lock
 from walrus_jax.inference import rollouts
@@ -413,23 +414,10 @@ def test_rollout_job_checkpoint_errors_name_config_checkpoint(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------ preemption (SIGTERM)
-def _subprocess_env(cache=None) -> dict:
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
-    env.pop(errors.VERBOSE_ENV, None)
-    if cache:  # the runs compile the same step: share it through JAX's persistent cache
-        env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    return env
-
-
 # No periodic checkpoint before step 20 and asynchronous saves: what survives SIGTERM is the save
 # the signal asked for, complete before the process ends.
 SIGTERM_OVERRIDES = ["train.steps=24", "checkpoint.every=20", "checkpoint.async_save=True", "eval.n_trajectories=0",
                      "data.batch_size=2", "train.log_every=1"]
-
-
-def _train_cmd(workdir, data, overrides):
-    return [sys.executable, "-m", "walrus_jax.main", "--config", TINY, "--workdir", str(workdir),
-            f"--config.data.root={data}"] + [f"--config.{o}" for o in overrides]
 
 
 def _metric_rows(workdir) -> list[dict]:
@@ -444,13 +432,13 @@ def test_sigterm_saves_the_step_releases_the_lock_and_resumes_bitwise(tmp_path):
 
     data = str(tmp_path / "data")
     write_test_dataset(data, "toy", (32, 32), n_traj=2, n_steps=14)
-    env = _subprocess_env(cache=tmp_path / "jaxcache")
-    full = subprocess.run(_train_cmd(tmp_path / "full", data, SIGTERM_OVERRIDES), env=env, cwd=ROOT,
+    env = subprocess_env(cache=tmp_path / "jaxcache")
+    full = subprocess.run(main_command(tmp_path / "full", data, SIGTERM_OVERRIDES), env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     assert full.returncode == 0, full.stderr[-3000:]
 
     work = tmp_path / "stopped"
-    p = subprocess.Popen(_train_cmd(work, data, SIGTERM_OVERRIDES), env=env, cwd=ROOT, stdout=subprocess.PIPE,
+    p = subprocess.Popen(main_command(work, data, SIGTERM_OVERRIDES), env=env, cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     t0 = time.time()
     while not (work / "metrics.jsonl").exists() or len(open(work / "metrics.jsonl").readlines()) < 3:
@@ -472,7 +460,7 @@ def test_sigterm_saves_the_step_releases_the_lock_and_resumes_bitwise(tmp_path):
     assert not (work / workdir_lock.LOCK_NAME).exists()
     assert [r["step"] for r in _metric_rows(work)] == list(range(1, k + 1))
 
-    resumed = subprocess.run(_train_cmd(work, data, SIGTERM_OVERRIDES), env=env, cwd=ROOT, capture_output=True,
+    resumed = subprocess.run(main_command(work, data, SIGTERM_OVERRIDES), env=env, cwd=ROOT, capture_output=True,
                              text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = json.load(open(tmp_path / "full" / "summary.json")), json.load(open(work / "summary.json"))
@@ -512,11 +500,11 @@ def test_training_and_rollout_from_http_exit_0(tmp_path):
 
     data = str(tmp_path / "data")
     write_test_dataset(data, "toy", (32, 32), n_traj=2, n_steps=14)
-    env = _subprocess_env()
+    env = subprocess_env()
     work = tmp_path / "w"
     overrides = ["train.steps=2", "checkpoint.every=0", "eval.n_trajectories=0", "data.batch_size=2"]
     with serving(data) as srv:
-        out = subprocess.run(_train_cmd(work, f"{srv.url}/", overrides), env=env, cwd=ROOT, capture_output=True,
+        out = subprocess.run(main_command(work, f"{srv.url}/", overrides), env=env, cwd=ROOT, capture_output=True,
                              text=True, timeout=900)
         assert out.returncode == 0, out.stderr[-3000:]
         assert json.load(open(work / "summary.json"))["steps_done"] == 2
@@ -719,7 +707,7 @@ def test_asyncio_errors_are_held_and_dropped_after_the_command(capsys):
             "t = threading.Thread(target=lambda: 1 / 0); t.start(); t.join()\n"
             "class C:\n    def __del__(self): raise RuntimeError('Event loop is closed')\n"
             "c = C(); del c\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_subprocess_env(), cwd=ROOT,
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), cwd=ROOT,
                          timeout=120)
     assert out.returncode == 0 and out.stderr == "", out.stderr
 

@@ -11,16 +11,13 @@ import textwrap
 
 import numpy as np
 import pytest
+from conftest import main_command, subprocess_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _env(n_devices: int) -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
+    return subprocess_env(n_devices)
 
 
 MESH_SCRIPT = textwrap.dedent(r"""
@@ -130,19 +127,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def gray_scott(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mw")
-    subprocess.run([sys.executable, "-m", "walrus_jax.data.miniwell", "--out", str(out), "--quick",
-                    "--systems", "gray_scott"], check=True, capture_output=True, env=_env(1), cwd=REPO)
-    return str(out)
-
-
 def _main_cmd(workdir, data, extra=()):
-    return [sys.executable, "-m", "walrus_jax.main", "--config", os.path.join(REPO, "configs", "tiny.py"),
-            "--workdir", str(workdir), f"--config.data.root={data}", "--config.train.steps=3",
-            "--config.checkpoint.every=0", "--config.eval.n_trajectories=0", "--config.data.batch_size=4",
-            "--config.mesh.data=2", "--config.mesh.fsdp=2",
+    return main_command(workdir, data, ["train.steps=3", "checkpoint.every=0", "eval.n_trajectories=0",
+                                        "data.batch_size=4", "mesh.data=2", "mesh.fsdp=2"]) + [
             # The k_norm biases have an identically zero gradient (a shift of every key leaves the
             # softmax unchanged): with the release's eps 1e-10 AdamW turns their round-off
             # gradients, which depend on the summation order, into ±lr steps. eps 1e-4 keeps them
