@@ -1,7 +1,8 @@
 """walrus_jax: Walrus (PolymathicAI, arXiv 2511.15684) in JAX + Flax NNX.
 
     import walrus_jax as wj
-    model = wj.Walrus(wj.ModelConfig.walrus_1p3b(), rngs=nnx.Rngs(0))     # or wj.load_pretrained(dir)
+    model = wj.from_pretrained("polymathic-ai/walrus")                   # hub id, hf:// URL or local dir
+    model = wj.Walrus(wj.ModelConfig.walrus_1p3b(), rngs=nnx.Rngs(0))     # or random weights
     y = model(x, field_indices, bcs, jitter=None)                        # (B, T, *spatial, C)
     preds = wj.rollout(model, input_fields, field_indices=..., bcs=..., n_steps=...)
     f = wj.rollout_fn(model, field_indices=..., bcs=..., n_steps=...)   # pure: jax.grad(loss o f)
@@ -22,6 +23,7 @@ _EXPORTS = {
     "metrics": ("walrus_jax.inference.metrics", None),
     **{name: ("walrus_jax.checkpoints.pretrained", name)
        for name in ("load_pretrained", "save_pretrained", "model_config", "model_vocabulary")},
+    **{name: ("walrus_jax.checkpoints.hub", name) for name in ("from_pretrained", "list_pretrained")},
     **{name: ("walrus_jax.inference.rollouts", name) for name in ("rollout", "rollout_ensemble")},
     "rollout_fn": ("walrus_jax.inference.differentiable", "rollout_fn"),
     "export": ("walrus_jax.inference.export", "export"),
@@ -54,6 +56,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from walrus_jax import data
     from walrus_jax.checkpoints import convert
+    from walrus_jax.checkpoints.hub import from_pretrained, list_pretrained
     from walrus_jax.checkpoints.pretrained import load_pretrained, model_config, model_vocabulary, save_pretrained
     from walrus_jax.inference import metrics
     from walrus_jax.inference.differentiable import rollout_fn

@@ -1,0 +1,207 @@
+"""A local stand-in for the Hugging Face hub: the part of its HTTP protocol that huggingface_hub's
+`HfApi.model_info` and `hf_hub_download` use, served from memory by a thread.
+
+    hub = StandinHub()
+    sha = hub.add_repo("org/name", {"walrus.pt": path_or_bytes, "extended_config.yaml": ...})
+    url = hub.start()        # set HF_ENDPOINT=url (walrus_jax.checkpoints.hub reads it at call time)
+    hub.stop()
+
+Endpoints (what huggingface_hub 1.x/2.x requests):
+  GET       /api/models/ORG/NAME/revision/REV[?blobs=True]  {"id", "sha", "siblings": [{"rfilename",
+            "size", "blobId", "lfs": {"sha256", "size", "pointerSize"}}]}
+  HEAD, GET /ORG/NAME/resolve/REV/FILE   the bytes, with X-Repo-Commit, ETag (the LFS sha256 for
+            checkpoint files, a git blob id otherwise) and Content-Length; a GET honours
+            `Range: bytes=N-` (206), which is how an interrupted download resumes.
+Errors as the hub reports them: 404 + X-Error-Code RepoNotFound / RevisionNotFound / EntryNotFound;
+a private repository answers 401 RepoNotFound without a token and 401 "Invalid credentials in
+Authorization header" with a wrong one. `stall(file, after_bytes)` makes a GET of that file hang
+after that many bytes until `release()` (to kill a client in the middle of a download).
+"""
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import os
+import re
+import threading
+import urllib.parse
+
+LFS_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin")
+
+
+def _read(src) -> bytes:
+    if isinstance(src, (bytes, bytearray)):
+        return bytes(src)
+    with open(src, "rb") as f:
+        return f.read()
+
+
+class StandinHub:
+    def __init__(self):
+        self.repos: dict[str, dict] = {}  # repo -> {"refs": {rev: sha}, "commits": {sha: {file: bytes}}, "token"}
+        self.log: list[tuple[str, str, dict]] = []  # (method, path, selected request headers)
+        self.sent: dict[str, int] = {}  # file name -> bytes sent by GETs so far
+        self._stalls: dict[str, int] = {}
+        self._go = threading.Event()
+        self._server = None
+
+    # ------------------------------------------------------------------ content
+    def add_repo(self, repo_id: str, files: dict, *, revision: str = "main", token: str | None = None) -> str:
+        """Adds (or adds a commit to) a repository; returns the new commit's hash."""
+        content = {name: _read(src) for name, src in files.items()}
+        digest = hashlib.sha1(repr(sorted((k, hashlib.sha256(v).hexdigest()) for k, v in content.items()))
+                              .encode() + repo_id.encode() + revision.encode()).hexdigest()
+        repo = self.repos.setdefault(repo_id, {"refs": {}, "commits": {}, "token": token})
+        repo["commits"][digest] = content
+        repo["refs"][revision] = digest
+        return digest
+
+    def stall(self, filename: str, after_bytes: int) -> None:
+        self._go.clear()
+        self._stalls[filename] = after_bytes
+
+    def release(self) -> None:
+        self._stalls.clear()
+        self._go.set()
+
+    def requests(self, method: str | None = None, contains: str = "") -> list:
+        return [r for r in self.log if (method is None or r[0] == method) and contains in r[1]]
+
+    # ------------------------------------------------------------------ server
+    def start(self) -> str:
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_HEAD(self):
+                hub._handle(self, head=True)
+
+            def do_GET(self):
+                hub._handle(self, head=False)
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def stop(self) -> None:
+        self.release()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    # ------------------------------------------------------------------ protocol
+    @staticmethod
+    def _send(h, status: int, headers: dict, body: bytes = b"", head: bool = False) -> None:
+        h.send_response(status)
+        for k, v in headers.items():
+            h.send_header(k, str(v))
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        if not head and body:
+            h.wfile.write(body)
+
+    def _error(self, h, status: int, code: str | None, head: bool, message: str | None = None) -> None:
+        headers = {"Content-Type": "application/json"}
+        if code:
+            headers["X-Error-Code"] = code
+        if message:
+            headers["X-Error-Message"] = message
+        self._send(h, status, headers, json.dumps({"error": message or code or "error"}).encode(), head)
+
+    def _repo(self, h, repo_id: str, head: bool):
+        repo = self.repos.get(repo_id)
+        auth = h.headers.get("Authorization", "")
+        if repo is None:
+            self._error(h, 404 if not auth else 401, "RepoNotFound", head)
+            return None
+        if repo["token"] is not None and auth != f"Bearer {repo['token']}":
+            if auth:
+                self._error(h, 401, None, head, "Invalid credentials in Authorization header")
+            else:
+                self._error(h, 401, "RepoNotFound", head)
+            return None
+        return repo
+
+    @staticmethod
+    def _commit(repo, rev: str):
+        sha = repo["refs"].get(rev, rev if rev in repo["commits"] else None)
+        return sha, (repo["commits"].get(sha) if sha else None)
+
+    @staticmethod
+    def _etag(name: str, data: bytes) -> tuple[str, dict | None]:
+        if name.endswith(LFS_SUFFIXES):
+            sha = hashlib.sha256(data).hexdigest()
+            return sha, {"sha256": sha, "size": len(data), "pointerSize": 134}
+        blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        return blob, None
+
+    def _handle(self, h, head: bool) -> None:
+        url = urllib.parse.urlsplit(h.path)
+        path = urllib.parse.unquote(url.path)
+        self.log.append(("HEAD" if head else "GET", path,
+                         {k: h.headers[k] for k in ("Range", "Authorization") if k in h.headers}))
+        m = re.match(r"^/api/models/([^/]+/[^/]+)/revision/(.+)$", path)
+        if m:
+            repo = self._repo(h, m.group(1), head)
+            if repo is None:
+                return
+            sha, files = self._commit(repo, m.group(2))
+            if files is None:
+                return self._error(h, 404, "RevisionNotFound", head)
+            siblings = []
+            for name, data in sorted(files.items()):
+                blob, lfs = self._etag(name, data)
+                siblings.append({"rfilename": name, "size": len(data), "blobId": blob, **({"lfs": lfs} if lfs else {})})
+            body = json.dumps({"id": m.group(1), "modelId": m.group(1), "sha": sha, "private": repo["token"] is not None,
+                               "siblings": siblings}).encode()
+            return self._send(h, 200, {"Content-Type": "application/json"}, body, head)
+        m = re.match(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$", path)
+        if not m:
+            return self._error(h, 404, None, head, "no such endpoint")
+        repo = self._repo(h, m.group(1), head)
+        if repo is None:
+            return
+        sha, files = self._commit(repo, m.group(2))
+        if files is None:
+            return self._error(h, 404, "RevisionNotFound", head)
+        name = m.group(3)
+        if name not in files:
+            return self._error(h, 404, "EntryNotFound", head)
+        data = files[name]
+        etag, _ = self._etag(name, data)
+        headers = {"X-Repo-Commit": sha, "ETag": f'"{etag}"', "Accept-Ranges": "bytes",
+                   "Content-Type": "application/octet-stream"}
+        start = 0
+        rng = re.match(r"bytes=(\d+)-$", h.headers.get("Range", ""))
+        if rng and not head:
+            start = int(rng.group(1))
+            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+        body = data[start:]
+        if head:
+            h.send_response(200)
+            for k, v in headers.items():
+                h.send_header(k, v)
+            h.send_header("Content-Length", str(len(data)))
+            h.end_headers()
+            return
+        h.send_response(206 if start else 200)
+        for k, v in headers.items():
+            h.send_header(k, v)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        limit = self._stalls.get(name)
+        step = 64 * 1024
+        for i in range(0, len(body), step):
+            if limit is not None and self.sent.get(name, 0) >= limit:
+                h.wfile.flush()
+                self._go.wait(120)
+                h.close_connection = True
+                return
+            h.wfile.write(body[i:i + step])
+            self.sent[name] = self.sent.get(name, 0) + len(body[i:i + step])
