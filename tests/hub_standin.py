@@ -14,7 +14,7 @@ Endpoints (what huggingface_hub 1.x/2.x requests):
             `Range: bytes=N-` (206), which is how an interrupted download resumes.
 Errors as the hub reports them: 404 + X-Error-Code RepoNotFound / RevisionNotFound / EntryNotFound;
 a private repository answers 401 RepoNotFound without a token and 401 "Invalid credentials in
-Authorization header" with a wrong one. `stall(file, after_bytes)` makes a GET of that file hang
+Authorization header" with a wrong one. `stall("ORG/NAME/FILE", after_bytes)` makes a GET of that file hang
 after that many bytes until `release()` (to kill a client in the middle of a download).
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ class StandinHub:
     def __init__(self):
         self.repos: dict[str, dict] = {}  # repo -> {"refs": {rev: sha}, "commits": {sha: {file: bytes}}, "token"}
         self.log: list[tuple[str, str, dict]] = []  # (method, path, selected request headers)
-        self.sent: dict[str, int] = {}  # file name -> bytes sent by GETs so far
+        self.sent: dict[str, int] = {}  # "ORG/NAME/FILE" -> bytes sent by GETs so far
         self._stalls: dict[str, int] = {}
         self._go = threading.Event()
         self._server = None
@@ -57,9 +57,10 @@ class StandinHub:
         repo["refs"][revision] = digest
         return digest
 
-    def stall(self, filename: str, after_bytes: int) -> None:
+    def stall(self, repo_file: str, after_bytes: int) -> None:
+        """GETs of "ORG/NAME/FILE" hang once that many bytes of it were sent, until release()."""
         self._go.clear()
-        self._stalls[filename] = after_bytes
+        self._stalls[repo_file] = after_bytes
 
     def release(self) -> None:
         self._stalls.clear()
@@ -195,13 +196,14 @@ class StandinHub:
             h.send_header(k, v)
         h.send_header("Content-Length", str(len(body)))
         h.end_headers()
-        limit = self._stalls.get(name)
+        key = f"{m.group(1)}/{name}"
+        limit = self._stalls.get(key)
         step = 64 * 1024
         for i in range(0, len(body), step):
-            if limit is not None and self.sent.get(name, 0) >= limit:
+            if limit is not None and self.sent.get(key, 0) >= limit:
                 h.wfile.flush()
                 self._go.wait(120)
                 h.close_connection = True
                 return
             h.wfile.write(body[i:i + step])
-            self.sent[name] = self.sent.get(name, 0) + len(body[i:i + step])
+            self.sent[key] = self.sent.get(key, 0) + len(body[i:i + step])

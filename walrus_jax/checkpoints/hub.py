@@ -17,8 +17,7 @@
 A repository is resolved to a commit (one API call; offline or without network, the last commit
 this cache saw for that revision), its checkpoint file chosen (.pt, then .pth, then .safetensors:
 the released formats first), the file and extended_config.yaml downloaded through huggingface_hub
-(its cache and settings: HF_HOME / HF_HUB_CACHE, HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE; downloads
-resume where they stopped), then converted by tools.convert_torch_ckpt (streaming, one block at a
+(its cache and settings: HF_HOME / HF_HUB_CACHE, HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE), then converted by tools.convert_torch_ckpt (streaming, one block at a
 time; finetuning_mods checked, the vocabulary from data.field_index_map_override, the 66 <-> 64
 resize switched on for checkpoints trained on post_neutron_star_merger) into
 
@@ -30,8 +29,10 @@ resize switched on for checkpoints trained on post_neutron_star_merger) into
                                  sizes and modification times)
 
 so later calls (and later commits that keep the same files) load the converted copy: nothing is
-downloaded or converted again, and torch is not imported. Repairs: an interrupted download resumes
-(huggingface_hub's .incomplete files); an interrupted conversion leaves only a hidden
+downloaded or converted again, and torch is not imported. Repairs: a dropped connection resumes
+within the process (huggingface_hub retries with a byte range); a download whose process was
+killed starts again, and the partial file it left in huggingface_hub's cache is removed once the
+blob is complete (_remove_orphaned_downloads); an interrupted conversion leaves only a hidden
 .KEY.partial-* folder, which the next call removes before converting; a converted directory found
 damaged (missing parameter groups, unreadable arrays) is removed and converted again. A lock file per
 KEY keeps two processes from converting the same checkpoint at once.
@@ -319,6 +320,32 @@ def _from_ref(repo_id: str, revision: str, repo_dir: str, why: str) -> str:
     return out
 
 
+def _remove_orphaned_downloads(path: str, log_fn) -> None:
+    """Removes what killed downloads of the blob behind `path` left in huggingface_hub's cache.
+
+    huggingface_hub downloads into a file unique to the process (blobs/ETAG.UUID.incomplete), under a
+    lock per blob (.locks/REPO/ETAG.lock), and restarts rather than resumes a download whose process
+    died: a process killed in the middle leaves its part of a 5 GB file there for good. With the blob
+    complete and its lock free, no download of it is running, so any such file is an orphan."""
+    from filelock import FileLock, Timeout
+
+    blob = os.path.realpath(path)
+    blobs, etag = os.path.split(blob)
+    storage = os.path.dirname(blobs)
+    lock = os.path.join(os.path.dirname(storage), ".locks", os.path.basename(storage), f"{etag}.lock")
+    orphans = [f for f in os.listdir(blobs) if f.startswith(etag + ".") and f.endswith(".incomplete")]
+    if not orphans or not os.path.exists(lock):
+        return
+    try:
+        with FileLock(lock, timeout=0):
+            for f in orphans:
+                size = os.path.getsize(os.path.join(blobs, f))
+                os.remove(os.path.join(blobs, f))
+                log_fn(f"removed {os.path.join(blobs, f)} ({size:,} bytes left by an interrupted download)")
+    except (Timeout, OSError):
+        pass  # a download of this blob is running, or the file went away: leave it
+
+
 def _content_hash(sibling) -> str:
     lfs = getattr(sibling, "lfs", None)
     sha = getattr(lfs, "sha256", None) if lfs is not None else None
@@ -356,6 +383,7 @@ def _resolve_repo(repo_id: str, revision: str, token, log_fn) -> str:
             log_fn(f"downloading {repo_id}/{name} at {info.sha[:12]}")
             try:
                 paths[name] = hf.hf_hub_download(repo_id, name, revision=info.sha, endpoint=endpoint, token=token)
+                _remove_orphaned_downloads(paths[name], log_fn)
             except Exception as e:  # noqa: BLE001
                 err = _hub_error(e, repo_id, revision, endpoint)
                 if err is None and (_is_network_error(e) or isinstance(e, hf.errors.LocalEntryNotFoundError)):
@@ -387,7 +415,13 @@ def resolve(name_or_path: str, *, revision: str | None = None, token: str | bool
                             "repositories only")
         return _resolve_local(text, what, log_fn)
     repo_id, rev = parse_repo(str(name_or_path), revision, what)
-    return _resolve_repo(repo_id, rev, token, log_fn)
+    try:
+        return _resolve_repo(repo_id, rev, token, log_fn)
+    except HubError as e:
+        if str(name_or_path).startswith("hf://"):
+            raise
+        # A bare ORG/NAME may also have been meant as a local path: say that it is not one.
+        raise HubError(f"{what}={str(name_or_path)!r} is not a local path; as a hub repository: {e}") from e.__cause__
 
 
 def from_pretrained(name_or_path: str, *, revision: str | None = None, dtype: str | None = "float32",
