@@ -207,3 +207,35 @@ class StandinHub:
                 return
             h.wfile.write(body[i:i + step])
             self.sent[key] = self.sent.get(key, 0) + len(body[i:i + step])
+
+
+def released_files(cfg, seed: int = 0, vocab=None, checkpoint_name: str = "walrus.pt") -> dict:
+    """{checkpoint_name: torch.save({"app": {"model": state_dict}}), "extended_config.yaml": ...}: a
+    random-weight model of ModelConfig `cfg` in the released layout, with the released field
+    vocabulary (or `vocab`) as data.field_index_map_override."""
+    import io
+
+    import numpy as np
+    import torch
+    import yaml
+
+    from walrus_jax.checkpoints import convert
+    from walrus_jax.checkpoints.params import random_model
+    from walrus_jax.data.fields import RELEASED_FIELD_INDEX_MAP
+
+    state_dict = convert.to_state_dict(random_model(cfg, seed=seed, scale=0.5))
+    buf = io.BytesIO()
+    torch.save({"app": {"model": {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}}}, buf)
+    model_section = {
+        "hidden_dim": cfg.hidden_dim, "intermediate_dim": cfg.intermediate_dim, "processor_blocks": cfg.n_blocks,
+        "groups": cfg.groups, "n_states": cfg.n_states, "include_d": list(cfg.include_d), "causal_in_time": True,
+        "jitter_patches": True, "drop_path": cfg.drop_path, "input_field_drop": 0.0, "projection_dim": 48,
+        "max_d": 3, "use_periodic_fixed_jitter": True,
+        "processor": {"space_mixing": {"num_heads": cfg.num_heads, "mlp_dim": None},
+                      "time_mixing": {"num_heads": cfg.num_heads, "bias_type": "rel"}},
+        "encoder": {"learned_pad": True, "activation": {"_target_": "torch.nn.SiLU"},
+                    "base_kernel_size2d": [[8, 4], [8, 4]], "base_kernel_size3d": [[8, 4], [8, 4], [8, 4]]},
+        "decoder": {"learned_pad": True},
+    }
+    doc = {"model": model_section, "data": {"field_index_map_override": dict(vocab or RELEASED_FIELD_INDEX_MAP)}}
+    return {checkpoint_name: buf.getvalue(), "extended_config.yaml": yaml.safe_dump(doc).encode()}

@@ -346,3 +346,25 @@ def test_list_pretrained():
     known = wj.list_pretrained()
     assert [k.repo_id for k in known][0] == "polymathic-ai/walrus" and len(known) == 9
     assert all(k.repo_id.startswith("polymathic-ai/walrus") and k.description and k.dims for k in known)
+
+
+def test_readme_hub_to_plot_runs(stand, tmp_path):
+    """README's first code block, as written, against the stand-in serving a tiny random model as
+    polymathic-ai/walrus and a small Well file in place of shear_flow.hdf5."""
+    import re
+
+    from conftest import write_test_dataset
+    from hub_standin import released_files
+
+    stand["hub"].add_repo("polymathic-ai/walrus", released_files(wj.ModelConfig.tiny(n_states=67)))
+    folder = write_test_dataset(str(tmp_path), "flow", (32, 32), n_traj=1, n_steps=27)
+    data = os.path.join(folder, "data", "train", "flow.hdf5")
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    code = re.search(r"## From the hub to a plotted rollout\n\n```python\n(.*?)```", text, re.S).group(1)
+    assert len(code.strip().splitlines()) <= 6 and code.count("\n\n") == 0
+    code = code.replace('"shear_flow.hdf5"', repr(data)).replace('"rollout.png"', repr(str(tmp_path / "rollout.png")))
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["preds"].shape == (1, 20, 32, 32, 3) and np.isfinite(np.asarray(scope["preds"])).all()
+    assert os.path.getsize(tmp_path / "rollout.png") > 1000

@@ -21,6 +21,7 @@ _EXPORTS = {
     "data": ("walrus_jax.data", None),
     "convert": ("walrus_jax.checkpoints.convert", None),  # wj.convert.load_state_dict / to_state_dict
     "metrics": ("walrus_jax.inference.metrics", None),
+    "plotting": ("walrus_jax.inference.plotting", None),  # wj.plotting.field_panels / animate / metric_vs_step
     **{name: ("walrus_jax.checkpoints.pretrained", name)
        for name in ("load_pretrained", "save_pretrained", "model_config", "model_vocabulary")},
     **{name: ("walrus_jax.checkpoints.hub", name) for name in ("from_pretrained", "list_pretrained")},
@@ -58,7 +59,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from walrus_jax.checkpoints import convert
     from walrus_jax.checkpoints.hub import from_pretrained, list_pretrained
     from walrus_jax.checkpoints.pretrained import load_pretrained, model_config, model_vocabulary, save_pretrained
-    from walrus_jax.inference import metrics
+    from walrus_jax.inference import metrics, plotting
     from walrus_jax.inference.differentiable import rollout_fn
     from walrus_jax.inference.export import export
     from walrus_jax.inference.rollouts import rollout, rollout_ensemble

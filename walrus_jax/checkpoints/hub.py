@@ -74,8 +74,8 @@ class Pretrained:
 
 
 KNOWN = (
-    Pretrained("polymathic-ai/walrus", "the released 1.3B foundation model, pretrained on 19 physical "
-               "datasets of The Well and others (67-field vocabulary)", "2D + 3D"),
+    Pretrained("polymathic-ai/walrus", "the released 1.3B model, pretrained on 19 datasets (18 of The "
+               "Well, one of FlowBench); 67-field vocabulary", "2D + 3D"),
     Pretrained("polymathic-ai/walrus_ft_CE-RM", "fine-tuned on compressible Euler, Richtmyer-Meshkov "
                "instability (PDEgym CE-RM)", "2D"),
     Pretrained("polymathic-ai/walrus_ft_CNS3D_64_Turb", "fine-tuned on PDEBench 3D compressible "
@@ -85,7 +85,7 @@ KNOWN = (
     Pretrained("polymathic-ai/walrus_ft_flowbench_skelenton", "fine-tuned on FlowBench flow around "
                "skeleton-shaped obstacles", "2D"),
     Pretrained("polymathic-ai/walrus_ft_post_neutron_star_merger", "fine-tuned on The Well's "
-               "post_neutron_star_merger", "3D", "last axis resized 66 -> 64 -> 66 (ModelConfig.resize_66_to_64)"),
+               "post_neutron_star_merger", "3D", "last axis resized 66 -> 64 and back (cfg.resize_66_to_64)"),
     Pretrained("polymathic-ai/walrus_ft_convective_envelope_rsg", "fine-tuned on The Well's "
                "convective_envelope_rsg (red supergiant envelope)", "3D"),
     Pretrained("polymathic-ai/walrus_ft_pdearena_ins", "fine-tuned on PDEArena incompressible "
@@ -258,7 +258,8 @@ def _endpoint(hf) -> str:
 
 def _offline(hf) -> bool:
     env = (os.environ.get("HF_HUB_OFFLINE") or "").strip().lower() in ("1", "true", "yes", "on")
-    return env or bool(hf.constants.is_offline_mode())
+    mode = getattr(hf.constants, "is_offline_mode", None)  # a function in recent versions, a constant before
+    return env or bool(mode() if callable(mode) else hf.constants.HF_HUB_OFFLINE)
 
 
 def _is_network_error(e: BaseException) -> bool:
@@ -348,7 +349,7 @@ def _remove_orphaned_downloads(path: str, log_fn) -> None:
 
 def _content_hash(sibling) -> str:
     lfs = getattr(sibling, "lfs", None)
-    sha = getattr(lfs, "sha256", None) if lfs is not None else None
+    sha = (lfs.get("sha256") if isinstance(lfs, Mapping) else getattr(lfs, "sha256", None)) if lfs else None
     return sha or getattr(sibling, "blob_id", None) or f"size:{getattr(sibling, 'size', None)}"
 
 
