@@ -368,3 +368,66 @@ def test_readme_hub_to_plot_runs(stand, tmp_path):
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["preds"].shape == (1, 20, 32, 32, 3) and np.isfinite(np.asarray(scope["preds"])).all()
     assert os.path.getsize(tmp_path / "rollout.png") > 1000
+
+
+# ------------------------------------------------------------------------------ sharing
+def _fake_upload(stand, monkeypatch):
+    """HfApi.create_repo / upload_folder writing into the stand-in hub (it serves downloads only)."""
+    import huggingface_hub
+
+    pushed = []
+
+    def upload_folder(self, *, repo_id, folder_path, **kw):
+        files = {os.path.relpath(os.path.join(r, f), folder_path): os.path.join(r, f)
+                 for r, _, fs in os.walk(folder_path) for f in fs}
+        pushed.append((repo_id, sorted(files)))
+        sha = stand["hub"].add_repo(repo_id, files)
+        return type("Commit", (), {"commit_url": f"{self.endpoint}/{repo_id}/commit/{sha}"})()
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: repo_id)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    return pushed
+
+
+def test_save_pretrained_push_to_hub_round_trip(stand, tmp_path, monkeypatch):
+    """A model saved in walrus_jax's own format and pushed loads back by id, as it is (no conversion)."""
+    pushed = _fake_upload(stand, monkeypatch)
+    model = stand["refs"]["ft"]
+    out = wj.save_pretrained(model, str(tmp_path / "mine"))
+    url = wj.push_to_hub(out, "me/my_finetune")
+    assert url.endswith(stand["hub"].repos["me/my_finetune"]["refs"]["main"]) and pretrained.MARKER in pushed[0][1]
+    back = wj.from_pretrained("me/my_finetune")
+    _assert_same_model(back, model)
+    assert not _entries(stand, "me/my_finetune") or _entries(stand, "me/my_finetune") == ["refs"]  # nothing converted
+    with pytest.raises(FileNotFoundError, match="not a folder written by wj.save_pretrained"):
+        wj.push_to_hub(str(tmp_path), "me/other")
+
+
+def test_lora_workdir_pushes_only_adapters_naming_their_base(stand, tmp_path, monkeypatch):
+    """save_pretrained(LoRA workdir): the adapter delta + the base it names (the hub repository the
+    run's init_from came from); from_pretrained of the pushed repository fetches both."""
+    from walrus_jax.checkpoints import adapters
+    from walrus_jax.checkpoints.load import read_weights
+    from walrus_jax.checkpoints.params import flatten, random_params, unflatten
+    from walrus_jax.checkpoints.train_state import Checkpointer
+
+    pushed = _fake_upload(stand, monkeypatch)
+    base_dir = hublib.resolve("org/small_pt")
+    base = read_weights(base_dir)
+    lora_cfg = base.cfg.replace(lora_rank=2)
+    params = flatten(random_params(lora_cfg, seed=3))
+    params.update(flatten(base.params))  # the frozen base; the adapters random (as if trained)
+    workdir = tmp_path / "lora_run"
+    ck = Checkpointer(str(workdir / "checkpoints"), keep=1, async_save=False)
+    ck.save(5, {"params": unflatten(params)},
+            {"model_config": lora_cfg.to_dict(), "vocab": base.vocab.to_dict(), "config": {"init_from": base_dir},
+             adapters.META_KEY: {"fingerprint": adapters.fingerprint(base.params), "n_states": base.cfg.n_states}})
+    ck.close()
+    out = wj.save_pretrained(str(workdir), str(tmp_path / "delta"))
+    with open(os.path.join(out, hublib.BASE_FILE)) as f:
+        assert json.load(f)["base"] == "org/small_pt@" + stand["hub"].repos["org/small_pt"]["refs"]["main"]
+    wj.push_to_hub(out, "me/lora")
+    assert sorted(pushed[-1][1]) == sorted([adapters.DELTA_FILE, adapters.ARRAYS_FILE, hublib.BASE_FILE])
+    back = wj.from_pretrained("me/lora")
+    _assert_same_model(back, wj.load_pretrained(base_dir, adapters=str(workdir)))
+    assert back.cfg.lora_rank == 2

@@ -23,8 +23,10 @@ _EXPORTS = {
     "metrics": ("walrus_jax.inference.metrics", None),
     "plotting": ("walrus_jax.inference.plotting", None),  # wj.plotting.field_panels / animate / metric_vs_step
     **{name: ("walrus_jax.checkpoints.pretrained", name)
-       for name in ("load_pretrained", "save_pretrained", "model_config", "model_vocabulary")},
-    **{name: ("walrus_jax.checkpoints.hub", name) for name in ("from_pretrained", "list_pretrained")},
+       for name in ("load_pretrained", "model_config", "model_vocabulary")},
+    # save_pretrained takes a model (as pretrained.save_pretrained) or a training workdir (LoRA: the adapters)
+    **{name: ("walrus_jax.checkpoints.hub", name)
+       for name in ("from_pretrained", "list_pretrained", "save_pretrained", "push_to_hub")},
     **{name: ("walrus_jax.inference.rollouts", name) for name in ("rollout", "rollout_ensemble")},
     "rollout_fn": ("walrus_jax.inference.differentiable", "rollout_fn"),
     "export": ("walrus_jax.inference.export", "export"),
@@ -57,8 +59,8 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from walrus_jax import data
     from walrus_jax.checkpoints import convert
-    from walrus_jax.checkpoints.hub import from_pretrained, list_pretrained
-    from walrus_jax.checkpoints.pretrained import load_pretrained, model_config, model_vocabulary, save_pretrained
+    from walrus_jax.checkpoints.hub import from_pretrained, list_pretrained, push_to_hub, save_pretrained
+    from walrus_jax.checkpoints.pretrained import load_pretrained, model_config, model_vocabulary
     from walrus_jax.inference import metrics, plotting
     from walrus_jax.inference.differentiable import rollout_fn
     from walrus_jax.inference.export import export
