@@ -30,16 +30,39 @@ import urllib.parse
 LFS_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin")
 
 
-def _read(src) -> bytes:
-    if isinstance(src, (bytes, bytearray)):
-        return bytes(src)
-    with open(src, "rb") as f:
-        return f.read()
+class _Blob:
+    """A served file: bytes in memory, or a path read as it is sent (a 5 GB checkpoint stays on disk)."""
+
+    def __init__(self, src):
+        if isinstance(src, (bytes, bytearray)):
+            self.data, self.path, self.size = bytes(src), None, len(src)
+        else:
+            self.data, self.path, self.size = None, os.fspath(src), os.path.getsize(src)
+        self._hashes: dict[str, str] = {}
+
+    def chunks(self, start: int = 0, step: int = 1 << 20):
+        if self.data is not None:
+            for i in range(start, self.size, step):
+                yield self.data[i:i + step]
+            return
+        with open(self.path, "rb") as f:
+            f.seek(start)
+            while chunk := f.read(step):
+                yield chunk
+
+    def digest(self, kind: str) -> str:
+        """"sha256" (an LFS file's ETag) or "git" (the git blob id of a small file), computed once."""
+        if kind not in self._hashes:
+            h = hashlib.sha256() if kind == "sha256" else hashlib.sha1(b"blob %d\0" % self.size)
+            for chunk in self.chunks():
+                h.update(chunk)
+            self._hashes[kind] = h.hexdigest()
+        return self._hashes[kind]
 
 
 class StandinHub:
     def __init__(self):
-        self.repos: dict[str, dict] = {}  # repo -> {"refs": {rev: sha}, "commits": {sha: {file: bytes}}, "token"}
+        self.repos: dict[str, dict] = {}  # repo -> {"refs": {rev: sha}, "commits": {sha: {file: _Blob}}, "token"}
         self.log: list[tuple[str, str, dict]] = []  # (method, path, selected request headers)
         self.sent: dict[str, int] = {}  # "ORG/NAME/FILE" -> bytes sent by GETs so far
         self._stalls: dict[str, int] = {}
@@ -49,9 +72,10 @@ class StandinHub:
     # ------------------------------------------------------------------ content
     def add_repo(self, repo_id: str, files: dict, *, revision: str = "main", token: str | None = None) -> str:
         """Adds (or adds a commit to) a repository; returns the new commit's hash."""
-        content = {name: _read(src) for name, src in files.items()}
-        digest = hashlib.sha1(repr(sorted((k, hashlib.sha256(v).hexdigest()) for k, v in content.items()))
-                              .encode() + repo_id.encode() + revision.encode()).hexdigest()
+        content = {name: _Blob(src) for name, src in files.items()}
+        repo = self.repos.get(repo_id, {"commits": {}})
+        digest = hashlib.sha1(repr(sorted((k, v.size, v.path or v.digest("git")) for k, v in content.items()))
+                              .encode() + f"{repo_id}@{revision}#{len(repo['commits'])}".encode()).hexdigest()
         repo = self.repos.setdefault(repo_id, {"refs": {}, "commits": {}, "token": token})
         repo["commits"][digest] = content
         repo["refs"][revision] = digest
@@ -135,12 +159,11 @@ class StandinHub:
         return sha, (repo["commits"].get(sha) if sha else None)
 
     @staticmethod
-    def _etag(name: str, data: bytes) -> tuple[str, dict | None]:
-        if name.endswith(LFS_SUFFIXES):
-            sha = hashlib.sha256(data).hexdigest()
-            return sha, {"sha256": sha, "size": len(data), "pointerSize": 134}
-        blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-        return blob, None
+    def _etag(name: str, blob: _Blob) -> tuple[str, dict | None]:
+        if name.endswith(LFS_SUFFIXES) or blob.size > 10 << 20:
+            sha = blob.digest("sha256")
+            return sha, {"sha256": sha, "size": blob.size, "pointerSize": 134}
+        return blob.digest("git"), None
 
     def _handle(self, h, head: bool) -> None:
         url = urllib.parse.urlsplit(h.path)
@@ -158,7 +181,7 @@ class StandinHub:
             siblings = []
             for name, data in sorted(files.items()):
                 blob, lfs = self._etag(name, data)
-                siblings.append({"rfilename": name, "size": len(data), "blobId": blob, **({"lfs": lfs} if lfs else {})})
+                siblings.append({"rfilename": name, "size": data.size, "blobId": blob, **({"lfs": lfs} if lfs else {})})
             body = json.dumps({"id": m.group(1), "modelId": m.group(1), "sha": sha, "private": repo["token"] is not None,
                                "siblings": siblings}).encode()
             return self._send(h, 200, {"Content-Type": "application/json"}, body, head)
@@ -182,31 +205,29 @@ class StandinHub:
         rng = re.match(r"bytes=(\d+)-$", h.headers.get("Range", ""))
         if rng and not head:
             start = int(rng.group(1))
-            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
-        body = data[start:]
+            headers["Content-Range"] = f"bytes {start}-{data.size - 1}/{data.size}"
         if head:
             h.send_response(200)
             for k, v in headers.items():
                 h.send_header(k, v)
-            h.send_header("Content-Length", str(len(data)))
+            h.send_header("Content-Length", str(data.size))
             h.end_headers()
             return
         h.send_response(206 if start else 200)
         for k, v in headers.items():
             h.send_header(k, v)
-        h.send_header("Content-Length", str(len(body)))
+        h.send_header("Content-Length", str(data.size - start))
         h.end_headers()
         key = f"{m.group(1)}/{name}"
         limit = self._stalls.get(key)
-        step = 64 * 1024
-        for i in range(0, len(body), step):
+        for chunk in data.chunks(start, 64 * 1024):
             if limit is not None and self.sent.get(key, 0) >= limit:
                 h.wfile.flush()
                 self._go.wait(120)
                 h.close_connection = True
                 return
-            h.wfile.write(body[i:i + step])
-            self.sent[key] = self.sent.get(key, 0) + len(body[i:i + step])
+            h.wfile.write(chunk)
+            self.sent[key] = self.sent.get(key, 0) + len(chunk)
 
 
 def released_files(cfg, seed: int = 0, vocab=None, checkpoint_name: str = "walrus.pt") -> dict:
