@@ -17,9 +17,10 @@
 A repository is resolved to a commit (one API call; offline or without network, the last commit
 this cache saw for that revision), its checkpoint file chosen (.pt, then .pth, then .safetensors:
 the released formats first), the file and extended_config.yaml downloaded through huggingface_hub
-(its cache and settings: HF_HOME / HF_HUB_CACHE, HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE), then converted by tools.convert_torch_ckpt (streaming, one block at a
-time; finetuning_mods checked, the vocabulary from data.field_index_map_override, the 66 <-> 64
-resize switched on for checkpoints trained on post_neutron_star_merger) into
+(its cache and settings: HF_HOME / HF_HUB_CACHE, HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE), then
+converted by tools.convert_torch_ckpt (streaming, one block at a time; finetuning_mods checked, the
+vocabulary from data.field_index_map_override, the 66 <-> 64 resize switched on for checkpoints
+trained on post_neutron_star_merger) into
 
     $WALRUS_JAX_PRETRAINED_CACHE (default ~/.cache/walrus_jax/pretrained)/
       ORG--NAME/KEY/             the converted directory (walrus_jax.checkpoints.pretrained); KEY is
@@ -36,6 +37,10 @@ blob is complete (_remove_orphaned_downloads); an interrupted conversion leaves 
 .KEY.partial-* folder, which the next call removes before converting; a converted directory found
 damaged (missing parameter groups, unreadable arrays) is removed and converted again. A lock file per
 KEY keeps two processes from converting the same checkpoint at once.
+
+Sharing: `save_pretrained(model or workdir, DIR)` writes walrus_jax's own format (a converted
+directory; for a LoRA run only its adapters and the base they name) and `push_to_hub(DIR, repo_id)`
+uploads it; `from_pretrained` loads such a repository as it is, without converting.
 """
 from __future__ import annotations
 
@@ -49,7 +54,7 @@ import re
 import shutil
 from typing import Any, Callable, Iterator, Mapping
 
-from walrus_jax.errors import DataError, PathError, UserError
+from walrus_jax.errors import DataError, HubError, PathError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +64,6 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors")  # in order of preference
 DEFAULT_REVISION = "main"
 BASE_FILE = "walrus_jax_base.json"  # an adapter delta's base: {"base": ORG/NAME@COMMIT or a path, ...}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-class HubError(PathError):
-    """A repository, revision or file of the hub that cannot be had (unknown, refused, unreachable)."""
 
 
 @dataclasses.dataclass(frozen=True)
