@@ -96,6 +96,7 @@ def stand(tmp_path_factory):
     h.add_repo("org/kill_download", small_pt)
     h.add_repo("org/kill_convert", small_pt)
     h.add_repo("org/damaged", small_pt)
+    h.add_repo("org/disk_full", small_pt)
     url = h.start()
     env = {"HF_ENDPOINT": url, "HF_HOME": str(d / "hf_home"), "HF_HUB_CACHE": str(d / "hf_home" / "hub"),
            "WALRUS_JAX_PRETRAINED_CACHE": str(d / "converted"), "HF_HUB_DISABLE_TELEMETRY": "1",
@@ -166,8 +167,12 @@ def test_finetuning_mods_that_the_checkpoint_lacks_are_refused(stand, tmp_path):
     folder.mkdir()
     shutil.copy(os.path.join(FIX, "small_ckpt.pt"), folder / "walrus.pt")
     (folder / "extended_config.yaml").write_bytes(_yaml(meta["config"], mods={"ape_shape": [32, 32, 1]}))
-    with pytest.raises(Exception, match=r"finetuning_mods.ape_shape=\[32, 32, 1\] .*missing \(no `ape` key\)"):
+    local = os.path.join(stand["env"]["WALRUS_JAX_PRETRAINED_CACHE"], "local")
+    before = sorted(os.listdir(local)) if os.path.isdir(local) else []
+    with pytest.raises(DataError, match=r"finetuning_mods.ape_shape=\[32, 32, 1\] .*missing \(no `ape` key\)"):
         wj.from_pretrained(str(folder))
+    assert [e for e in sorted(os.listdir(local)) if not e.endswith(".lock")] == \
+        [e for e in before if not e.endswith(".lock")]
 
 
 def test_local_released_folder_converted_once(stand, tmp_path):
@@ -282,6 +287,25 @@ def test_damaged_conversion_is_converted_again(stand):
             with open(os.path.join(root, f), "wb") as fh:
                 fh.write(b"garbage")
     _assert_same_model(wj.from_pretrained("org/damaged"), stand["refs"]["small"])
+
+
+def test_full_disk_while_converting_leaves_nothing(stand, monkeypatch):
+    """A write failing with ENOSPC in the middle of the conversion: the OS error (one line for the
+    command line), no converted directory and no temporary folder left; the next call converts."""
+    import errno
+
+    real = pretrained._fsync_write
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    monkeypatch.setattr(pretrained, "_fsync_write", full)
+    with pytest.raises(OSError) as info:
+        wj.from_pretrained("org/disk_full")
+    assert info.value.errno == errno.ENOSPC and "the disk is full" in describe(info.value)
+    assert not [e for e in _entries(stand, "org/disk_full") if not e.endswith(".lock")]
+    monkeypatch.setattr(pretrained, "_fsync_write", real)
+    _assert_same_model(wj.from_pretrained("org/disk_full"), stand["refs"]["small"])
 
 
 # ------------------------------------------------------------------------------ bad input
