@@ -4,9 +4,11 @@ lr, cooldown 10), a fixed time stride of 1, per-axis learnable RoPE frequencies,
 3D, and new fields added to the vocabulary (walrus_jax/finetune.py).
 
     python -m walrus_jax.main --config configs/finetune.py --workdir runs/ft \
-        --config.init_from=ckpt/ --config.data.root=/path/to/my_datasets
+        --config.init_from=polymathic-ai/walrus --config.data.root=/path/to/my_datasets
 
-`init_from` is a converted release (tools.convert_torch_ckpt) or a walrus_jax workdir. The
+`init_from` is a hub repository (`polymathic-ai/walrus`, `hf://ORG/NAME@REVISION`: downloaded and
+converted once, walrus_jax/checkpoints/hub.py), a folder in the released layout, a converted release
+(tools.convert_torch_ckpt) or a walrus_jax workdir. The
 architecture comes from the checkpoint. A pseudo-epoch is train.steps_per_epoch updates (500, the
 release's; lower it with train.steps for small data: the schedule follows). Variants: `:ape` (absolute
 position embedding; set model.ape_grid to the data's token grid), `:fixed_rope` (the base model's
