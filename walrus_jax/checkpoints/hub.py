@@ -289,9 +289,10 @@ def _hub_error(e: BaseException, repo_id: str, revision: str, endpoint: str) -> 
         return HubError(f"{where}: the hub refused the credentials (HTTP {status}); check HF_TOKEN or "
                         "`hf auth login`")
     if isinstance(e, hfe.EntryNotFoundError) and not isinstance(e, hfe.LocalEntryNotFoundError):
-        return HubError(f"{where}: a file listed by the repository cannot be downloaded ({str(e).splitlines()[0]})")
+        return HubError(f"{where}: a file listed by the repository cannot be downloaded "
+                        f"({(str(e).splitlines() or [''])[0][:200]})")
     if isinstance(e, hfe.HfHubHTTPError):
-        return HubError(f"{where}: the hub answered HTTP {status} ({str(e).splitlines()[0][:200]})")
+        return HubError(f"{where}: the hub answered HTTP {status} ({(str(e).splitlines() or [''])[0][:200]})")
     return None
 
 
@@ -318,7 +319,7 @@ def _from_ref(repo_id: str, revision: str, repo_dir: str, why: str) -> str:
         out = None
     if out is None or not (_complete(out) or _is_adapter_folder(out)):
         raise HubError(f"{repo_id}@{revision}: {why}, and no converted copy is cached in {repo_dir} (load it once "
-                       "with network access, or set HF_HUB_OFFLINE=0)")
+                       "with network access first)")
     log.info("%s@%s: %s; using the cached conversion %s", repo_id, revision, why, out)
     return out
 
@@ -366,7 +367,7 @@ def _resolve_repo(repo_id: str, revision: str, token, log_fn) -> str:
     except Exception as e:  # noqa: BLE001 - sorted below: network, hub answer, or a bug
         if _is_network_error(e):
             return _from_ref(repo_id, revision, repo_dir, f"the hub at {endpoint} cannot be reached "
-                             f"({type(e).__name__}: {str(e)[:120]})")
+                             f"({type(e).__name__}: {' '.join(str(e).split())[:160]})")
         err = _hub_error(e, repo_id, revision, endpoint)
         if err is None:
             raise
@@ -393,7 +394,7 @@ def _resolve_repo(repo_id: str, revision: str, token, log_fn) -> str:
                 err = _hub_error(e, repo_id, revision, endpoint)
                 if err is None and (_is_network_error(e) or isinstance(e, hf.errors.LocalEntryNotFoundError)):
                     err = HubError(f"{where}: downloading {name} failed ({type(e).__name__}); the network went "
-                                   "away? Run again: the download resumes where it stopped")
+                                   "away? Run again: the files already downloaded are kept")
                 if err is None:
                     raise
                 raise err from e
