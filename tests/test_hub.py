@@ -250,7 +250,7 @@ def test_kill_during_download_is_repaired(stand):
     assert not [f for f in os.listdir(blobs) if f.endswith(".incomplete")]
 
 
-def test_kill_during_conversion_is_repaired(stand):
+def test_kill_during_conversion_is_repaired_once(stand):
     p = _subprocess(stand, """
         import os, signal
         from walrus_jax.checkpoints import convert as conv
@@ -271,10 +271,19 @@ def test_kill_during_conversion_is_repaired(stand):
     left = _entries(stand, "org/kill_convert")
     assert [e for e in left if pretrained.PARTIAL_TAG in e]  # the dead conversion's temporary folder
     assert not [e for e in left if not e.startswith(".")]  # and no converted directory
-    model = wj.from_pretrained("org/kill_convert")
-    _assert_same_model(model, stand["refs"]["small"])
+    # Two processes repair it at once: one converts (under the lock), the other waits and loads.
+    repairers = [_subprocess(stand, """
+        import logging, walrus_jax as wj
+        logging.basicConfig(level=logging.INFO, format="LOG %(message)s")
+        wj.from_pretrained("org/kill_convert")
+    """) for _ in range(2)]
+    logs = [r.communicate(timeout=240) for r in repairers]
+    assert [r.returncode for r in repairers] == [0, 0], logs
+    text = "".join(out + err for out, err in logs)
+    assert text.count("left by an interrupted conversion") == 1 and text.count("parameter groups in") == 1, text
     left = _entries(stand, "org/kill_convert")
     assert not [e for e in left if pretrained.PARTIAL_TAG in e]
+    _assert_same_model(wj.from_pretrained("org/kill_convert"), stand["refs"]["small"])
 
 
 def test_damaged_conversion_is_converted_again(stand):
