@@ -28,6 +28,8 @@ setup(
         "matplotlib>=3.8",
         "tensorboardX>=2.6",
         "flatbuffers>=24.3",  # jax.export's serialization (wj.export)
+        "huggingface_hub>=0.34",  # wj.from_pretrained: hub repositories, its download cache
+        "filelock>=3.12",  # one conversion per checkpoint across processes (checkpoints/hub.py)
     ],
     extras_require={
         # the stores' fsspec implementations, only where data lives there

@@ -4,12 +4,14 @@ lr, cooldown 10), a fixed time stride of 1, per-axis learnable RoPE frequencies,
 3D, and new fields added to the vocabulary (walrus_jax/training/finetune.py).
 
     python -m walrus_jax.main --config configs/finetune.py --workdir runs/ft \
-        --config.init_from=ckpt/ --config.data.root=/path/to/my_datasets
+        --config.init_from=polymathic-ai/walrus --config.data.root=/path/to/my_datasets
 
-`init_from` is a converted release (tools.convert_torch_ckpt) or a walrus_jax workdir. The
-architecture comes from the checkpoint. The schedule is the release's 51 pseudo-epochs (warmup 20,
-cooldown 10) whatever `train.steps`: a pseudo-epoch is train.steps / 51 updates (500 at the
-release's 25,500), so `--config.train.steps=N` alone shortens the run in proportion. Variants: `:ape` (absolute
+`init_from` is a hub repository (`polymathic-ai/walrus`, `hf://ORG/NAME@REVISION`: downloaded and
+converted once, walrus_jax/checkpoints/hub.py), a folder in the released layout, a converted release
+(tools.convert_torch_ckpt) or a walrus_jax workdir. The architecture comes from the checkpoint. The
+schedule is the release's 51 pseudo-epochs (warmup 20, cooldown 10) whatever `train.steps`: a
+pseudo-epoch is train.steps / 51 updates (500 at the release's 25,500), so `--config.train.steps=N`
+alone shortens the run in proportion. Variants: `:ape` (absolute
 position embedding; set model.ape_grid to the data's token grid), `:fixed_rope` (the base model's
 fixed RoPE frequencies), `:lora` (low-rank adapters of rank 16 on the time qkv and space fused projections with the
 base frozen: only adapters, new vocabulary rows and the learnable RoPE frequencies train;

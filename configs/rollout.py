@@ -3,8 +3,9 @@
     python -m walrus_jax.main --config configs/rollout.py --config.checkpoint=DIR \
         --config.data=FILE_OR_DIR --workdir OUT
 
-`checkpoint`: a converted release (tools.convert_torch_ckpt output) or a walrus_jax training workdir
-(its newest checkpoint); with `adapters` (a LoRA fine-tuning workdir or its exported delta) the base
+`checkpoint`: a hub repository (`polymathic-ai/walrus_ft_CE-RM`, `hf://ORG/NAME@REVISION`: downloaded
+and converted once), a folder in the released layout, a converted release (tools.convert_torch_ckpt
+output) or a walrus_jax training workdir (its newest checkpoint); with `adapters` (a LoRA fine-tuning workdir or its exported delta) the base
 `checkpoint` plus those adapters. `data`: one Well HDF5 file, a directory of them, or a dataset root with
 `split`. Outputs under the workdir: predictions/<dataset>/traj_<j>.hdf5 (Well layout: the input
 history followed by the predicted frames), metrics.json, plots/ (PNG panels, GIF, VRMSE vs step).
@@ -18,7 +19,7 @@ def get_config(variant: str = ""):
     c = config_dict.ConfigDict()
     c.mode = "rollout"  # read by walrus_jax.main when --mode is not given
     c.name = "rollout"
-    c.checkpoint = ""  # required: converted release directory or training workdir
+    c.checkpoint = ""  # required: hub repository, converted release directory or training workdir
     c.adapters = ""  # LoRA workdir or exported adapter delta trained on `checkpoint` (walrus_jax/checkpoints/adapters.py)
     c.data = ""  # required: Well file, directory of files, or dataset root (with split)
     c.split = ""  # '' = `data` holds the files; else read data/<split>

@@ -1,7 +1,8 @@
 """walrus_jax: Walrus (PolymathicAI, arXiv 2511.15684) in JAX + Flax NNX.
 
     import walrus_jax as wj
-    model = wj.Walrus(wj.ModelConfig.walrus_1p3b(), rngs=nnx.Rngs(0))     # or wj.load_pretrained(dir)
+    model = wj.from_pretrained("polymathic-ai/walrus")                   # hub id, hf:// URL or local dir
+    model = wj.Walrus(wj.ModelConfig.walrus_1p3b(), rngs=nnx.Rngs(0))     # or random weights
     y = model(x, field_indices, bcs, jitter=None)                        # (B, T, *spatial, C)
     preds = wj.rollout(model, input_fields, field_indices=..., bcs=..., n_steps=...)
     f = wj.rollout_fn(model, field_indices=..., bcs=..., n_steps=...)   # pure: jax.grad(loss o f)
@@ -20,8 +21,12 @@ _EXPORTS = {
     "data": ("walrus_jax.data", None),
     "convert": ("walrus_jax.checkpoints.convert", None),  # wj.convert.load_state_dict / to_state_dict
     "metrics": ("walrus_jax.inference.metrics", None),
+    "plotting": ("walrus_jax.inference.plotting", None),  # wj.plotting.field_panels / animate / metric_vs_step
     **{name: ("walrus_jax.checkpoints.pretrained", name)
-       for name in ("load_pretrained", "save_pretrained", "model_config", "model_vocabulary")},
+       for name in ("load_pretrained", "model_config", "model_vocabulary")},
+    # save_pretrained takes a model (as pretrained.save_pretrained) or a training workdir (LoRA: the adapters)
+    **{name: ("walrus_jax.checkpoints.hub", name)
+       for name in ("from_pretrained", "list_pretrained", "save_pretrained", "push_to_hub")},
     **{name: ("walrus_jax.inference.rollouts", name) for name in ("rollout", "rollout_ensemble")},
     "rollout_fn": ("walrus_jax.inference.differentiable", "rollout_fn"),
     "export": ("walrus_jax.inference.export", "export"),
@@ -54,8 +59,9 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what type checkers and IDEs see
     from walrus_jax import data
     from walrus_jax.checkpoints import convert
-    from walrus_jax.checkpoints.pretrained import load_pretrained, model_config, model_vocabulary, save_pretrained
-    from walrus_jax.inference import metrics
+    from walrus_jax.checkpoints.hub import from_pretrained, list_pretrained, push_to_hub, save_pretrained
+    from walrus_jax.checkpoints.pretrained import load_pretrained, model_config, model_vocabulary
+    from walrus_jax.inference import metrics, plotting
     from walrus_jax.inference.differentiable import rollout_fn
     from walrus_jax.inference.export import export
     from walrus_jax.inference.rollouts import rollout, rollout_ensemble

@@ -34,6 +34,11 @@ class PathError(UserError, FileNotFoundError):
     """A path given by the user that does not exist or is of the wrong kind."""
 
 
+class HubError(PathError):
+    """A model repository, revision or file of the hub that cannot be had: unknown, refused
+    credentials, or unreachable with no cached copy (walrus_jax/checkpoints/hub.py)."""
+
+
 # ------------------------------------------------------------------------------ command lines
 VERBOSE_ENV = "WALRUS_JAX_VERBOSE"
 

@@ -4,6 +4,9 @@ Flags:
   --config PATH.py[:VARIANT]   an ml_collections config file (`get_config(variant)`); the config is
                                locked, so unknown keys fail: `--config.train.steps=100`,
                                `--config.mesh.fsdp=4`, `--config.init_from=ckpt/`.
+                               `config.checkpoint` and `config.init_from` also take a hub repository
+                               (`polymathic-ai/walrus`, `hf://ORG/NAME@REVISION`) or a folder in the
+                               released layout: downloaded and converted once (checkpoints/hub.py).
   --workdir DIR                checkpoints, metrics.jsonl, TensorBoard events, summary.json.
   --mode train|eval|rollout    train (default; resumes from DIR), eval (rollout metrics of the
                                newest checkpoint in DIR -> DIR/eval.json), rollout
@@ -159,12 +162,30 @@ def parse_flags(flag_values, argv) -> list[str]:
     return rest
 
 
+def resolve_checkpoints(config) -> None:
+    """Replaces a hub repository (ORG/NAME, hf://...) or a released-layout folder in config.checkpoint
+    / config.init_from by its converted directory (walrus_jax.checkpoints.hub: downloaded and
+    converted on first use, from the cache after). Other values are left to the job's own checks."""
+    from walrus_jax.checkpoints import hub
+
+    for key in ("checkpoint", "init_from"):
+        value = config.get(key)
+        if not value or not isinstance(value, str):
+            continue
+        if hub.is_repo_reference(value) or os.path.exists(value):
+            resolved = hub.resolve(value, what=f"config.{key}")
+            if resolved != value:
+                logging.getLogger(__name__).info("config.%s=%s: %s", key, value, resolved)
+                config[key] = resolved
+
+
 def run(config, workdir: str, mode: str = "train") -> dict | None:
     """Dispatches one job (what main() does after flags and distributed init)."""
     if not workdir:
         raise ConfigError("--workdir is required")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise PathError(f"--workdir {workdir}: is a file, not a directory")
+    resolve_checkpoints(config)
     if mode == "train":
         from walrus_jax.training.loop import train
 

@@ -9,8 +9,11 @@ Input formats: the released `torch.save({"app": {"model": state_dict}})`, a bare
 tensors stay on disk until they are used. The architecture comes from the YAML's `model` section
 (`ModelConfig.from_torch_config`); what the checkpoint decides (vocabulary size n_states, learnable
 RoPE frequencies shared / per axis, absolute position embedding) is inferred from its keys and
-shapes. Every key must map through `walrus_jax.checkpoints.convert.mapping` with the expected shape: all
-problems are checked from the shapes alone, before any tensor data is read, and reported together.
+shapes, and checked against the YAML's `finetuning_mods`; the 66 <-> 64 resize of the original's
+post_neutron_star_merger data is switched on (ModelConfig.resize_66_to_64) when that dataset is among
+the YAML's training datasets (data.module_parameters.well_dataset_info). Every key must map through
+`walrus_jax.checkpoints.convert.mapping` with the expected shape: all problems are checked from the
+shapes alone, before any tensor data is read, and reported together.
 Tensors are then streamed group by group (everything outside the blocks, then one block at a time)
 into Orbax checkpoints, and the memory-mapped pages of each consumed tensor are released, so peak
 memory is a small fraction of the checkpoint size (one block plus the encoders/decoders).
@@ -252,6 +255,46 @@ def read_config(path: str) -> tuple[dict, dict | None, str]:
     return dict(doc["model"]), dict(vocab), f"data.field_index_map_override of {os.path.basename(path)}"
 
 
+# Datasets the original resizes 66 -> 64 on the last axis before the model (and back after).
+RESIZE_66_TO_64_DATASETS = ("post_neutron_star_merger",)
+
+
+def read_training_setup(path: str) -> tuple[dict, list[str]]:
+    """(finetuning_mods {ape_shape, learnable_rope, rope_per_axis} or {}, names of the datasets the
+    checkpoint was trained on: data.module_parameters.well_dataset_info's keys) of a released YAML
+    that read_config has already accepted."""
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        doc = yaml.safe_load(f)
+    mods = doc.get("finetuning_mods") or {}
+    data = doc.get("data") if isinstance(doc.get("data"), Mapping) else {}
+    module = data.get("module_parameters") if isinstance(data.get("module_parameters"), Mapping) else {}
+    info = module.get("well_dataset_info") or data.get("well_dataset_info") or {}
+    return (dict(mods) if isinstance(mods, Mapping) else {}), [str(k) for k in (info if isinstance(info, Mapping) else ())]
+
+
+def apply_training_setup(cfg: ModelConfig, mods: Mapping, datasets: list[str], where: str) -> tuple[ModelConfig, list[str]]:
+    """The config with what the YAML's training setup decides, and the problems found comparing its
+    finetuning_mods with the variants the checkpoint's keys imply. A learnable shared RoPE vector
+    has the same key and shape as the fixed buffer, so only the YAML can say it is trained; the
+    66 <-> 64 resize is on when the checkpoint was trained on a dataset the original resizes."""
+    problems = []
+    ape = mods.get("ape_shape")
+    if ape is not None and (cfg.ape_grid is None or tuple(int(v) for v in ape) != tuple(cfg.ape_grid)):
+        problems.append(f"{where} finetuning_mods.ape_shape={list(ape)} but the checkpoint's absolute position "
+                        f"embedding is {'missing (no `ape` key)' if cfg.ape_grid is None else list(cfg.ape_grid)}: the "
+                        "checkpoint was saved before the fine-tuning expansion (checkpoint."
+                        "load_chkpt_after_finetuning_expansion) or belongs to another config")
+    if mods.get("rope_per_axis") and cfg.learned_rope != "per_axis":
+        problems.append(f"{where} finetuning_mods.rope_per_axis=true but the checkpoint has no per-axis RoPE "
+                        "frequencies (blocks.N.space_mixing.rotary_emb.freqs.0/1/2)")
+    if mods.get("learnable_rope") and cfg.learned_rope == "none":
+        cfg = cfg.replace(learned_rope="shared")
+    resize = any(d in RESIZE_66_TO_64_DATASETS for d in datasets)
+    return cfg.replace(resize_66_to_64=resize), problems
+
+
 # ---------------------------------------------------------------------------- conversion
 def build_config(model_section: Mapping, shapes: Mapping[str, tuple[int, ...]], where: str) -> tuple[ModelConfig, list[str]]:
     """ModelConfig from the YAML's model section plus what the checkpoint's shapes decide, and the
@@ -332,6 +375,9 @@ def convert(checkpoint: str, config: str, output: str, *, dtype: str = "float32"
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         raise conv.ConversionError(f"{checkpoint} with {config}: {msg}") from e
     cfg = cfg.replace(param_dtype=dtype, dtype=dtype)
+    mods, datasets = read_training_setup(config)
+    cfg, mod_problems = apply_training_setup(cfg, mods, datasets, os.path.basename(config))
+    problems += mod_problems
     bad_dtype = [f"key '{k}' has dtype {d}, expected a floating-point tensor" for k, d in ckpt.dtypes.items()
                  if not re.match(r"^(float|bfloat|f\d|bf\d|half|double)", d)]
     expected = conv.expected_shapes(cfg)
@@ -341,7 +387,8 @@ def convert(checkpoint: str, config: str, output: str, *, dtype: str = "float32"
         raise conv.ConversionError(f"{checkpoint}: cannot convert with {config} ({len(problems)} problem(s)):\n  - "
                                    + "\n  - ".join(problems))
     log(f"config: hidden_dim={cfg.hidden_dim} n_blocks={cfg.n_blocks} heads={cfg.num_heads} n_states={cfg.n_states} "
-        f"learned_rope={cfg.learned_rope} ape_grid={cfg.ape_grid} dtype={dtype}")
+        f"learned_rope={cfg.learned_rope} ape_grid={cfg.ape_grid} dtype={dtype}"
+        + (" resize_66_to_64=True (trained on post_neutron_star_merger)" if cfg.resize_66_to_64 else ""))
     log(f"vocabulary: {len(vocab)} fields ({vocab_source})" if vocab is not None else f"vocabulary: {vocab_source}")
     log(f"checked {len(ckpt.shapes)} keys: every key maps, every shape matches")
 

@@ -53,6 +53,10 @@ class ModelConfig:
     # Fine-tuning variants (a fine-tune's `finetuning_mods`; walrus_jax/training/finetune.py):
     learned_rope: str = "none"  # "none" (buffer), "shared" (one learnable vector), "per_axis"
     ape_grid: tuple[int, int, int] | None = None  # absolute position embedding token grid
+    # The original resizes the post_neutron_star_merger dataset's last axis 66 -> 64 before the model
+    # and back after; a checkpoint trained on it carries this flag (set by the converter from its
+    # YAML's training datasets), and the model then resizes every input whose last axis is 66.
+    resize_66_to_64: bool = False
     # Numerics and memory:
     dtype: str = "float32"  # compute dtype of matmuls / convolutions
     param_dtype: str = "float32"  # storage dtype of parameters

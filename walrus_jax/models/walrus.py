@@ -106,13 +106,14 @@ class Walrus(nnx.Module):
 
     # ------------------------------------------------------------------ forward
     def __call__(self, x: jax.Array, field_indices, bcs, jitter: Jitter | None = None, *, train: bool = False,
-                 key: jax.Array | None = None, resize_66_to_64: bool = False, return_intermediates: bool = False,
+                 key: jax.Array | None = None, resize_66_to_64: bool | None = None, return_intermediates: bool = False,
                  last_frame_only: bool = False):
         """See the class docstring. `last_frame_only` decodes only the last frame (T_out = 1): the
         decoder treats every frame on its own, so this is y[:, -1:] of the full call, without the
         decoder's work on the other T - 1 frames (an autoregressive rollout uses only the last one).
         `resize_66_to_64` reproduces the original's special case for the post_neutron_star_merger
-        dataset (its last axis is resized 66 -> 64 before the model and back after). `return_intermediates` also returns a dict of activations (encoder input, tokens after
+        dataset (its last axis is resized 66 -> 64 before the model and back after); None: as the
+        checkpoint says (`cfg.resize_66_to_64`, for inputs whose last axis is 66). `return_intermediates` also returns a dict of activations (encoder input, tokens after
         the encoder, after block 0 when not scanned, before the decoder)."""
         cfg = self.cfg
         bcs_t = self._check_inputs(x, field_indices, bcs, jitter)
@@ -124,6 +125,8 @@ class Walrus(nnx.Module):
         B, T, C = x.shape[0], x.shape[1], x.shape[-1]
         out_spatial = x.shape[2:-1]
         x = x.reshape((B, T) + out_spatial + (1,) * (3 - n_dims) + (C,)).astype(jnp.float32)
+        if resize_66_to_64 is None:
+            resize_66_to_64 = cfg.resize_66_to_64 and x.shape[4] == 66
         if resize_66_to_64:
             if x.shape[4] != 66:
                 raise ValueError(f"resize_66_to_64 needs a last spatial axis of 66, got {out_spatial}")
