@@ -4,6 +4,11 @@ from __future__ import annotations
 import functools
 import json
 import os
+
+# The tests compute on the CPU. Without this, JAX would try the TPU plugin at start-up (libtpu is
+# installed for the TPU-compile tests) and hold its one-process lock; `topologies.get_topology_desc`
+# loads the plugin on demand for the tests that compile TPU programs.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import pathlib
 import subprocess
 import sys
@@ -17,8 +22,8 @@ TINY = os.path.join(REPO, "configs", "tiny.py")
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: compiles TPU programs on this CPU (~13 minutes in all); "
-                                       "-m 'not slow' leaves them out")
+    config.addinivalue_line("markers", "slow: the full tier only (TPU compiles, end-to-end runs, notebooks, "
+                                       "large parametrizations); -m 'not slow' is the quick tier")
 
 
 @functools.lru_cache(maxsize=None)

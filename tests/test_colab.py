@@ -7,6 +7,10 @@ import os
 from conftest import execute_notebook
 from hub_standin import StandinHub, released_files
 
+import pytest
+
+pytestmark = pytest.mark.slow  # runs a notebook top to bottom: the full tier
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "colabs", "walrus_inference.ipynb")
 

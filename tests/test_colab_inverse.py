@@ -5,6 +5,10 @@ import re
 
 from conftest import execute_notebook
 
+import pytest
+
+pytestmark = pytest.mark.slow  # runs a notebook top to bottom: the full tier
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "colabs", "inverse_problem.ipynb")
 

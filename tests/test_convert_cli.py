@@ -88,6 +88,7 @@ def small_dir(work):
 
 
 # ------------------------------------------------------------------------------ oracle parity
+@pytest.mark.slow
 def test_small_ckpt_cli_subprocess_matches_oracle(work, small_dir):
     model = pretrained.load_pretrained(small_dir)
     assert model.cfg.n_states == 8 and model.cfg.hidden_dim == 96 and model.cfg.n_blocks == 2
@@ -109,6 +110,7 @@ def test_small_ckpt_cli_subprocess_matches_oracle(work, small_dir):
         np.testing.assert_array_equal(back[k], v.numpy().reshape(back[k].shape), err_msg=k)
 
 
+@pytest.mark.slow
 def test_finetune_ckpt_in_process_matches_oracle(work, capsys):
     out = str(work["dir"] / "ft_out")
     assert cli.main(["--checkpoint", os.path.join(FIX, "finetune_ckpt.pt"), "--config", work["ft_yaml"],
@@ -130,6 +132,7 @@ def test_finetune_ckpt_in_process_matches_oracle(work, capsys):
     assert model.vocab.to_dict() == FT_VOCAB and pretrained.model_vocabulary(out).to_dict() == FT_VOCAB
 
 
+@pytest.mark.slow
 def test_bfloat16_conversion(work):
     out = str(work["dir"] / "small_bf16")
     cli.convert(os.path.join(FIX, "small_ckpt.pt"), work["small_yaml"], out, dtype="bfloat16", log=lambda s: None)

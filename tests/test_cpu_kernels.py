@@ -22,6 +22,7 @@ def materialised_attention(q, k, v):
     ((3, 50, 2, 16), 8 * 50 * 4),         # 7 blocks of 8 rows: 6 padded query rows
     ((1, 37, 4, 12), 10 * 37 * 4),        # 4 blocks of 10 rows, 3 padded rows
 ])
+@pytest.mark.slow
 def test_blocked_attention_equals_materialised(shape, block_bytes):
     keys = jax.random.split(jax.random.key(0), 3)
     q, k, v = (3.0 * jax.random.normal(kk, shape) for kk in keys)  # large logits: max-subtraction matters
@@ -69,6 +70,7 @@ def grads(fn, x, w):
     ((9, 10, 11), (4, 4, 4), (2, 1, 3), 7),    # 3-D, mixed strides
     ((12, 12, 1), (4, 4, 1), (2, 2, 1), 40),   # many channels
 ])
+@pytest.mark.slow
 def test_conv3d_equals_strided_convolution(spatial, kernel, strides, channels, monkeypatch):
     from walrus_jax.models import convolution
 
@@ -85,6 +87,7 @@ def test_conv3d_equals_strided_convolution(spatial, kernel, strides, channels, m
         assert rel_err(a, b) <= 2e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_out", [5, 3])  # patches form (I <= O), taps form (O < I, its own gradient)
 @pytest.mark.parametrize("padding", [((0, 0),) * 3, ((1, 1), (1, 1), (0, 0)), ((3, 3), (0, 0), (2, 2))])
 def test_conv_stride1_gradient(padding, n_out, monkeypatch):
@@ -102,6 +105,7 @@ def test_conv_stride1_gradient(padding, n_out, monkeypatch):
 
 @pytest.mark.parametrize("group_bytes,frame_bytes,n_out,group", [
     (40 * 2**10, 2**20, 5, 1), (80 * 2**10, 2**20, 2, 2), (2**20, 64, 5, 0)])
+@pytest.mark.slow
 def test_conv_stride1_frame_groups_and_fallback(monkeypatch, group_bytes, frame_bytes, n_out, group):
     """Small budgets split the frames into groups (one map step each), or, when one frame's
     intermediate is over GEMM_CONV_MAX_FRAME_BYTES, fall back to XLA's convolution; both forms
@@ -194,6 +198,7 @@ def test_load_state_dict_round_trip_and_strictness():
     (False, 130, 6, 48),  # the small configuration's head_dim (whole vectors); more tokens than work items
     (False, 7, 1, 20),    # a rollout's last frame only: one query per token; head_dim with a tail
 ])
+@pytest.mark.slow
 def test_frame_attention_equals_materialised(impl, causal, N, Tq, D):
     """The CPU forms of time attention (the C++ kernel, and the XLA form of broadcast products over T
     frames) equal softmax attention written with einsums, bias and causal mask included; values and

@@ -117,6 +117,7 @@ def test_determinism_and_exact_resume(roots, cfg):
                for x, y in zip(first, other))
 
 
+@pytest.mark.slow
 def test_multiworker_equals_single_worker_and_host_split(roots):
     kw = dict(batch_size=2, n_steps_input=4, max_dt_stride=2, seed=11, cfg=None)
     single = _take(make_train_pipeline(roots, **kw, process_index=0, process_count=1), 6)

@@ -151,6 +151,7 @@ def test_window_read_ahead_fetches_exactly_its_frames_at_once(served):
     assert srv.reset_counts() == {"requests": 10, "bytes": 5 * frame * 3}
 
 
+@pytest.mark.slow
 def test_grain_workers_read_over_http(served):
     """Worker processes open their own remote files (the per-process cache starts empty in them)."""
     local, srv = served

@@ -216,6 +216,7 @@ def _cli(module, *args, cwd):
                           env=env, timeout=120)
 
 
+@pytest.mark.slow
 def test_clis_end_to_end_and_one_line_errors(tmp_path, capsys):
     fields, consts = _arrays(b=4)
     np.savez(tmp_path / "run.npz", c=fields["my_tracer"], u=fields["velocity"][0])

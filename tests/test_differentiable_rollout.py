@@ -53,6 +53,7 @@ def test_values_equal_the_rollout(checkpoint):
     assert rel_err(got, want) <= 1e-6
 
 
+@pytest.mark.slow
 def test_checkpointing_schemes_give_the_same_gradients():
     x, c = data()
     grads = {name: jax.jit(jax.grad(lambda x, c, f=build(checkpoint=name): loss_of(f(x, c)), argnums=(0, 1)))(x, c)
@@ -67,6 +68,7 @@ def _directional_fd(fun, h):
     return (fun(h) - fun(-h)) / (2 * h)
 
 
+@pytest.mark.slow
 def test_gradient_wrt_initial_condition_and_constants_matches_finite_differences():
     x, c = data()
     f = build()
@@ -79,6 +81,7 @@ def test_gradient_wrt_initial_condition_and_constants_matches_finite_differences
         assert abs(fd - analytic) <= 1e-3 * abs(analytic), (float(fd), float(analytic))
 
 
+@pytest.mark.slow
 def test_gradient_wrt_weights_through_nnx_matches_finite_differences():
     x, c = data()
     model = tiny()
@@ -115,6 +118,7 @@ def _temp_bytes(checkpoint, n_steps):
     return compiled.memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_sqrt_checkpointing_memory_grows_sublinearly():
     """From 16 to 64 steps, "step" keeps 4x the windows; "sqrt" about 2x (2 sqrt(n) windows), both far
     below keeping every step's activations ("none")."""

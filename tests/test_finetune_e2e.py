@@ -11,6 +11,10 @@ import walrus_jax as wj
 from walrus_jax import main
 from walrus_jax.data import FieldVocabulary, write_dataset
 
+import pytest
+
+pytestmark = pytest.mark.slow  # end-to-end: convert, fine-tune, roll out (the full tier)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

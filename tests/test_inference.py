@@ -117,6 +117,7 @@ def test_predictions_are_the_rollout_and_metrics_match(job):
     np.testing.assert_allclose(job["report"]["persistence"]["vrmse"]["per_step_mean"], pers.mean((0, 2)), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_ensemble_job_writes_the_mean_and_its_calibration(job):
     """--config.ensemble.members=4: predictions are the members' mean; metrics.json holds CRPS,
     spread-skill and rank histograms computed from the members (recomputed here from a direct

@@ -61,6 +61,7 @@ def _qkv(shape, dtype, seed=0):
     return q, k, v, do
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("length", [32 * 32, 33 * 33, 16 ** 3, 17 ** 3])
 def test_flash_attention_matches_the_portable_path(length):
     """Pallas TPU flash attention (interpret mode on this CPU) against the materialised einsums, float32:
@@ -94,6 +95,7 @@ def test_block_length():
     assert block_length(1024) == 512 and block_length(100) == 128
 
 
+@pytest.mark.slow
 def test_model_tpu_forms_equal_the_portable_path():
     """The whole model with its TPU forms (Pallas flash space attention in interpret mode) against
     kernels="xla": the forward pass and the gradient of a loss."""
@@ -170,6 +172,7 @@ def _full_resolution_ends(shape, bcs, jitter, dtype, n_frames=2, n_fields=3, wid
     return encode, decode, (w_enc, jnp.asarray(1.3, dtype)), (z, w_dec, bias)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape,bcs,jitter", FULL_RES_CASES)
 def test_full_resolution_tpu_forms_equal_the_portable_path(shape, bcs, jitter):
     """The TPU forms of the encoder's input end and the decoder's output end (space-to-depth,
@@ -196,6 +199,7 @@ def _tpu_mesh(n: int):
     return jax.sharding.Mesh(np.asarray(devices), ("data",))
 
 
+@pytest.mark.xdist_group("libtpu")  # one process at a time holds libtpu (tests/test_aot.py)
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_flash_attention_compiles_for_tpu(dtype):
@@ -222,6 +226,7 @@ def test_flash_attention_compiles_for_tpu(dtype):
     assert per_chip < 64 * 2**20, per_chip  # a (2, L, L) float32 block alone would be 193 MB
 
 
+@pytest.mark.xdist_group("libtpu")  # one process at a time holds libtpu (tests/test_aot.py)
 @pytest.mark.slow
 def test_full_resolution_ends_compile_for_tpu_in_little_memory():
     """The 3-D input and output ends with their gradients, compiled for one TPU chip: the TPU forms

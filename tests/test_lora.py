@@ -167,6 +167,7 @@ def run(tmp_path_factory):
             "vocab": vocab}
 
 
+@pytest.mark.slow
 def test_lora_finetune_trains_only_adapters_and_new_rows(run):
     s = run["summary"]
     assert s["steps_done"] == 4 and np.isfinite(s["losses"]).all()
@@ -204,6 +205,7 @@ def test_resume_repeats_the_uninterrupted_run(run):
         assert np.array_equal(np.asarray(a[k]), np.asarray(b[k])), k
 
 
+@pytest.mark.slow
 def test_delta_reloads_merges_and_refuses_another_base(run, tmp_path):
     from tools import merge_adapters
 
@@ -231,6 +233,7 @@ def test_delta_reloads_merges_and_refuses_another_base(run, tmp_path):
                                 str(tmp_path / "m2")]) == 2
 
 
+@pytest.mark.slow
 def test_eval_mode_and_rollout_job_on_the_lora_workdir(run):
     ev = main.run(_ft_config(run["ckpt"], run["tmp"] / "data"), str(run["work"]), "eval")
     assert np.isfinite(ev["datasets"]["blob"]["vrmse_1_2"]["mean"])

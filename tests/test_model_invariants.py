@@ -46,6 +46,7 @@ def test_scan_equals_unrolled_loop(monkeypatch):
     assert rel_err(y_loop, y_scan) <= 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["full", "offload", "dots_and_attention"])
 def test_remat_policy_does_not_change_values_or_gradients(policy):
     model = tiny()
@@ -102,6 +103,7 @@ def test_periodic_token_roll_changes_output_but_zero_jitter_on_wall_axes_does_no
     assert np.abs(np.asarray(y0 - y1)).max() > 1e-4
 
 
+@pytest.mark.slow
 def test_singleton_axis_in_any_position():
     """(H, 1, W) data (rotated 2-D) runs through the 2-D encoder; same as (H, W, 1) up to the
     token positions, so just check shapes and finiteness, and that (H,W) == (H,W,1)."""
@@ -145,6 +147,7 @@ def test_dots_and_attention_keeps_the_fused_attention_output():
     assert forward_kernel_calls("dots_and_attention") == n_blocks
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal,scan_layers,remat", [(True, True, "none"), (False, False, "full")])
 def test_processor_last_frame_only_matches_full_processor(causal, scan_layers, remat):
     """The processor's last block computing one frame gives the full processor's last frame: with a
@@ -197,6 +200,7 @@ def test_train_mode_drop_path_is_random_and_eval_is_not():
         model(x, FI, BCS, train=True)
 
 
+@pytest.mark.slow
 def test_ape_and_learned_rope_variants_build_and_run():
     model = tiny(learned_rope="per_axis", ape_grid=(32, 32, 1))
     y = fwd(model, inputs(T=2))
@@ -280,6 +284,7 @@ def test_released_parameter_count_from_abstract_model():
     assert n_params == 1_286_199_487 - 40 * 11
 
 
+@pytest.mark.slow
 def test_drop_path_draws_like_the_original():
     """Time branch: one draw per frame shared by the batch; space branch: one per (sample, frame)."""
     from walrus_jax.models.attention import SpaceAttention, TimeAttention

@@ -16,7 +16,7 @@ from walrus_jax.models.layers import RMSGroupNorm
 from walrus_jax.models import positional
 from conftest import from_well, oracle, oracle_meta, rel_err, small_weights, to_well
 
-CASES = ["case_2d_periodic", "case_2d_open_wall", "case_3d_mixed"]
+CASES = ["case_2d_periodic", "case_2d_open_wall", pytest.param("case_3d_mixed", marks=pytest.mark.slow)]
 # "auto": this host's forms (CPU kernels); "xla": the portable path GPUs and TPUs share (models/kernels.py)
 KERNELS = ["auto", "xla"]
 TOL = 1e-5
@@ -81,6 +81,7 @@ def test_intermediates(name, kernels):
         assert rel_err(np.moveaxis(inter[ours][0, ti], -1, 1), c[theirs]) <= TOL, ours
 
 
+@pytest.mark.slow
 def test_block0_output():
     """inter_after_block0_b0: the encoder tokens through block 0 alone."""
     c = oracle("case_2d_periodic")

@@ -43,6 +43,7 @@ def test_kernel_builds_here():
     ((40, 6, 4, 3, 48), None, True),  # time attention's layout: per head q, k, v; no rotation
     ((5, 6, 2, 3, 88), None, True),
 ])
+@pytest.mark.slow
 def test_equals_xla_form(shape, n_rot, heads_major):
     keys = jax.random.split(jax.random.key(0), 5)
     L, D = shape[-4], shape[-1]

@@ -424,6 +424,7 @@ def _metric_rows(workdir) -> list[dict]:
     return [json.loads(ln) for ln in open(os.path.join(workdir, "metrics.jsonl"))]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_step_releases_the_lock_and_resumes_bitwise(tmp_path):
     import signal
     import time
@@ -491,6 +492,7 @@ def test_resume_cuts_the_metrics_log_back_to_the_restored_step(tmp_path):
 
 
 # ------------------------------------------------------------------------------ remote data: clean exit
+@pytest.mark.slow
 def test_training_and_rollout_from_http_exit_0(tmp_path):
     """HDF5 files read through HTTP are closed before the interpreter shuts down (HDF5 closing them
     from its own exit handler afterwards crashed the process: exit 139 after a complete run)."""

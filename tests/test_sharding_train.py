@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from conftest import main_command, subprocess_env
 
+pytestmark = pytest.mark.slow  # training runs in subprocesses: the full tier
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -311,6 +311,7 @@ def tiny_walrus_no_drop():
     return g, nnx.to_pure_dict(p), nnx.to_pure_dict(r)
 
 
+@pytest.mark.slow
 def test_rollout_loss_is_the_mean_of_one_step_losses_along_the_models_own_rollout(tiny_walrus_no_drop):
     """rollout_steps = 3: the loss is the mean of the usual one-step loss and, for j = 1, 2, the loss of
     the last prediction made from the window that holds the model's own predictions (taken here from
@@ -345,6 +346,7 @@ def test_rollout_loss_is_the_mean_of_one_step_losses_along_the_models_own_rollou
         loss({"input_fields": inp, "output_fields": out}, rollout_steps=4)
 
 
+@pytest.mark.slow
 def test_rollout_loss_gradient_flows_through_the_predicted_frames_unless_stopped(tiny_walrus_no_drop):
     g, params, rest = tiny_walrus_no_drop
     rng = np.random.default_rng(10)
@@ -405,6 +407,7 @@ def test_device_batch_errors():
 
 
 # ------------------------------------------------------------------------------ the original's trainer
+@pytest.mark.slow
 @pytest.mark.parametrize("kernels", ["auto", "xla"])
 @pytest.mark.parametrize("path", [ORACLE_2D, ORACLE_MASK], ids=["2d_padded_velocity_z", "2d_object_mask"])
 def test_train_step_matches_the_original_trainer(path, kernels):
@@ -418,6 +421,7 @@ def test_train_step_matches_the_original_trainer(path, kernels):
     assert {"micro_loss", "grad_norm_preclip", "clip_coef", "lr_used", "grad", "update"} <= kinds
 
 
+@pytest.mark.slow
 def test_oracle_check_fails_on_a_perturbed_weight_or_lr(tmp_path):
     f = dict(np.load(ORACLE_MASK))
     name = "w0/blocks.0.space_mixing.fused_ff_qkv.weight"
@@ -430,6 +434,7 @@ def test_oracle_check_fails_on_a_perturbed_weight_or_lr(tmp_path):
     assert not ok and {"grad", "update", "lr_used"} <= failed, failed
 
 
+@pytest.mark.slow
 def test_oracle_check_fails_when_the_files_no_gradient_parameter_moved(tmp_path):
     f = dict(np.load(ORACLE_MASK))
     name = json.loads(str(f["params_without_grad_json"]))[0]
