@@ -296,7 +296,7 @@ def test_cli_single_file_with_time_coords_and_dim_names(tmp_path, capsys):
     np.save(tmp_path / "wind.npy", consts["wind"][0])
     np.save(tmp_path / "t.npy", np.array([0, 1, 2, 4, 8, 16.0]))
     np.savez(tmp_path / "grid.npz", r=np.linspace(1, 2, 8), z=np.linspace(0, 1, 6))
-    code, err = _in_process("walrus_jax.data.from_arrays", [
+    code, err = _in_process("walrus_jax.data.from_arrays_cli", [
         "--file", tmp_path / "one.hdf5", "--name", "cyl", "--vector", f"velocity={tmp_path}/u.npy",
         "--constant-vector", f"wind={tmp_path}/wind.npy", "--time", f"{tmp_path}/t.npy", "--coords",
         tmp_path / "grid.npz", "--dims", "r,z", "--bc", "r=wall,open", "--bc", "1=periodic", "--param", "nu=0.5"], capsys)

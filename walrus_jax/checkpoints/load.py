@@ -26,7 +26,6 @@ import os
 from typing import Any, Mapping, Sequence
 
 import jax
-import numpy as np
 from flax import nnx
 
 from walrus_jax import host_memory, sharding
