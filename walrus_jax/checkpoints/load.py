@@ -193,9 +193,8 @@ def _with_adapters(path: str, adapters: str, dtype, mesh, rules, what, overrides
     delta = delta_format.read_delta(adapters)
     base = read_weights(path, what or "base checkpoint")
     delta_format.check_base(delta, delta_format.fingerprint(base.params), path)
-    source = f"{path} + adapters {delta.source}"
     model = _build(_config(delta.cfg, dtype, overrides), delta_format.apply_delta(base.params, delta), mesh, rules,
-                   source)
+                   f"{path} + adapters {delta.source}")
     return _described(model, delta.vocab or None, f"{path} + adapters {adapters}")
 
 
