@@ -574,7 +574,8 @@ def from_pretrained(name_or_path: str, *, revision: str | None = None, dtype: st
     """A walrus_jax.Walrus from a hub repository id, an hf:// URL, a converted directory, a training
     workdir or a local folder in the released layout (module docstring). dtype / mesh / adapters /
     overrides: as `walrus_jax.checkpoints.load.load_model` (dtype None: as stored). The model's `vocab`
-    is the checkpoint's field vocabulary; `model.cfg.resize_66_to_64` says whether inputs with a last axis of 66 are resized.
+    is the checkpoint's field vocabulary; `model.cfg.resize_66_to_64` says whether inputs with a last
+    axis of 66 are resized.
     Raises HubError / DataError / PathError as one line naming the repository or path."""
     from walrus_jax.checkpoints import pretrained
     from walrus_jax.checkpoints.load import load_model

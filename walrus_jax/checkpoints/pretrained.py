@@ -379,7 +379,8 @@ def read_params(directory: str) -> tuple[ModelConfig, dict, Any]:
     directory = os.path.abspath(str(directory))
     cfg = model_config(directory)
     host = read_arrays(directory, cfg)
-    kinds = {parameters.SEP.join(path): var for path, var in parameters.variables(parameters.abstract_model(cfg)).items()}
+    kinds = {parameters.SEP.join(path): var
+             for path, var in parameters.variables(parameters.abstract_model(cfg)).items()}
     # nnx.Param only, as a training checkpoint holds them: fixed buffers come from the model config
     params = {name: v for name, v in host.items() if isinstance(kinds[name], nnx.Param)}
     return cfg, parameters.unflatten(params), model_vocabulary(directory)
