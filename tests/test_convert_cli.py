@@ -20,6 +20,7 @@ from tools.convert_torch_ckpt import cli
 from walrus_jax.checkpoints import convert as conv
 from walrus_jax.checkpoints import params as parameters
 from walrus_jax.checkpoints import pretrained
+from walrus_jax.checkpoints.load import load_pretrained
 from walrus_jax.models.config import ModelConfig
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -90,7 +91,7 @@ def small_dir(work):
 # ------------------------------------------------------------------------------ oracle parity
 @pytest.mark.slow
 def test_small_ckpt_cli_subprocess_matches_oracle(work, small_dir):
-    model = pretrained.load_pretrained(small_dir)
+    model = load_pretrained(small_dir)
     assert model.cfg.n_states == 8 and model.cfg.hidden_dim == 96 and model.cfg.n_blocks == 2
     assert model.cfg.learned_rope == "none" and model.cfg.ape_grid is None
     assert _rel_err(model, work["small"]) <= 1e-5
@@ -118,7 +119,7 @@ def test_finetune_ckpt_in_process_matches_oracle(work, capsys):
     printed = capsys.readouterr().out
     assert "n_states=14" in printed and "learned_rope=per_axis" in printed and "ape_grid=(32, 32, 1)" in printed
     assert "vocabulary: 14 fields (data.field_index_map_override of ft.yaml)" in printed
-    model = pretrained.load_pretrained(out)
+    model = load_pretrained(out)
     assert model.cfg.n_states == 14 and model.cfg.learned_rope == "per_axis" and model.cfg.ape_grid == (32, 32, 1)
     sd = _state_dict("finetune_ckpt")
     # per-axis learnable frequencies land on the (layer, axis) slots, the APE on (h, w, d, hid)
@@ -142,7 +143,7 @@ def test_bfloat16_conversion(work):
     # the 128*pi frequency by up to 1 rad at the grid edge)
     assert dtypes.pop("processor/blocks/space/rope_freqs") == "float32"
     assert set(dtypes.values()) == {"bfloat16"}
-    model = pretrained.load_pretrained(out)
+    model = load_pretrained(out)
     assert model.cfg.param_dtype == "bfloat16" and model.cfg.dtype == "bfloat16"
     sd = _state_dict("small_ckpt")
     w = np.asarray(model.processor.blocks.space.fused.kernel[...])
@@ -171,7 +172,7 @@ def test_bare_state_dict_and_safetensors(work):
     ref = conv.assemble_params(((k, v.numpy()) for k, v in sd.items()), ModelConfig.from_dict(
         json.load(open(os.path.join(outs[0], "config.json")))))
     for out in outs:
-        model = pretrained.load_pretrained(out)
+        model = load_pretrained(out)
         got = {"/".join(map(str, p)): np.asarray(v[...]) for p, v in
                __import__("flax").nnx.to_flat_state(__import__("flax").nnx.state(model))}
         for path, arr in parameters.flatten(ref, sep=None).items():

@@ -241,19 +241,21 @@ def test_clis_end_to_end_and_one_line_errors(tmp_path, capsys):
         ("walrus_jax.data.stats", [tmp_path], "no data/train folder"),
         ("walrus_jax.data.stats", [d], "stats.yaml: already exists"),
         ("walrus_jax.data.stats", [], "the following arguments are required: dataset_dir"),
-        ("walrus_jax.data.from_arrays", ["--file", tmp_path / "x.hdf5", "--name", "m", "--field", f"a={tmp_path}/run.npz",
-                                         "--dt", "1", "--spacing", "1"], "holds arrays ['c', 'u']: name one"),
-        ("walrus_jax.data.from_arrays", ["--file", tmp_path / "x.hdf5", "--name", "m", "--field",
-                                         f"a={tmp_path}/run.npz:c", "--dt", "0", "--spacing", "1", "--bc", "x=open",
-                                         "--bc", "y=open"], "dt: 0.0; expected a positive number"),
-        ("walrus_jax.data.from_arrays", ["--file", tmp_path / "x.hdf5", "--name", "m", "--field",
-                                         f"a={tmp_path}/run.npz:c", "--dt", "1", "--spacing", "1", "--bc", "x=open",
-                                         "--bc", "y=slippery"], "unknown boundary condition 'slippery'"),
-        ("walrus_jax.data.from_arrays", ["--file", tmp_path / "x.hdf5", "--name", "m", "--vector",
-                                         f"a={tmp_path}/run.npz:c", "--dt", "1", "--spacing", "1"],
+        ("walrus_jax.data.from_arrays_cli", ["--file", tmp_path / "x.hdf5", "--name", "m", "--field",
+                                             f"a={tmp_path}/run.npz", "--dt", "1", "--spacing", "1"],
+         "holds arrays ['c', 'u']: name one"),
+        ("walrus_jax.data.from_arrays_cli", ["--file", tmp_path / "x.hdf5", "--name", "m", "--field",
+                                             f"a={tmp_path}/run.npz:c", "--dt", "0", "--spacing", "1", "--bc", "x=open",
+                                             "--bc", "y=open"], "dt: 0.0; expected a positive number"),
+        ("walrus_jax.data.from_arrays_cli", ["--file", tmp_path / "x.hdf5", "--name", "m", "--field",
+                                             f"a={tmp_path}/run.npz:c", "--dt", "1", "--spacing", "1", "--bc", "x=open",
+                                             "--bc", "y=slippery"], "unknown boundary condition 'slippery'"),
+        ("walrus_jax.data.from_arrays_cli", ["--file", tmp_path / "x.hdf5", "--name", "m", "--vector",
+                                             f"a={tmp_path}/run.npz:c", "--dt", "1", "--spacing", "1"],
          "if it is a scalar field, give tensor rank 0"),
-        ("walrus_jax.data.from_arrays", ["--file", tmp_path / "x.hdf5", "--name", "m", "--field",
-                                         f"a={tmp_path}/missing.npy", "--dt", "1", "--spacing", "1"], "missing.npy: no such file"),
+        ("walrus_jax.data.from_arrays_cli", ["--file", tmp_path / "x.hdf5", "--name", "m", "--field",
+                                             f"a={tmp_path}/missing.npy", "--dt", "1", "--spacing", "1"],
+         "missing.npy: no such file"),
     ]:
         code, err = _in_process(module, args, capsys)
         assert code == 2, (args, err)
@@ -297,7 +299,7 @@ def test_cli_single_file_with_time_coords_and_dim_names(tmp_path, capsys):
     np.save(tmp_path / "wind.npy", consts["wind"][0])
     np.save(tmp_path / "t.npy", np.array([0, 1, 2, 4, 8, 16.0]))
     np.savez(tmp_path / "grid.npz", r=np.linspace(1, 2, 8), z=np.linspace(0, 1, 6))
-    code, err = _in_process("walrus_jax.data.from_arrays", [
+    code, err = _in_process("walrus_jax.data.from_arrays_cli", [
         "--file", tmp_path / "one.hdf5", "--name", "cyl", "--vector", f"velocity={tmp_path}/u.npy",
         "--constant-vector", f"wind={tmp_path}/wind.npy", "--time", f"{tmp_path}/t.npy", "--coords",
         tmp_path / "grid.npz", "--dims", "r,z", "--bc", "r=wall,open", "--bc", "1=periodic", "--param", "nu=0.5"], capsys)

@@ -25,6 +25,7 @@ from hub_standin import StandinHub
 from tools.convert_torch_ckpt import cli
 from walrus_jax.checkpoints import hub as hublib
 from walrus_jax.checkpoints import pretrained
+from walrus_jax.checkpoints.load import load_pretrained
 from walrus_jax.errors import DataError, describe
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -118,7 +119,7 @@ def stand(tmp_path_factory):
                              "ft": (os.path.join(FIX, "finetune_ckpt.pt"), "ft.yaml"),
                              "st": (str(d / "model.safetensors"), "small.yaml")}.items():
         out = cli.convert(ckpt, str(d / cfg), str(d / f"ref_{key}"), log=lambda s: None)
-        refs[key] = pretrained.load_pretrained(out)
+        refs[key] = load_pretrained(out)
     yield dict(hub=h, dir=d, env=env, refs=refs, small=small, ft=ft, small_yaml=small_yaml, ft_yaml=ft_yaml)
     mp.undo()
     h.stop()

@@ -1,5 +1,6 @@
-"""walrus_jax.checkpoints.pretrained: load_pretrained / save_pretrained / model_vocabulary — round trips,
-dtype and mesh options, and clear errors for missing, incomplete, foreign or damaged directories."""
+"""The converted format (walrus_jax.checkpoints.pretrained) through load_pretrained (= load.load_model),
+save_pretrained and model_vocabulary: round trips, dtype and mesh options, and clear errors for missing,
+incomplete, foreign or damaged directories."""
 from __future__ import annotations
 
 import json
@@ -16,6 +17,7 @@ from flax import nnx
 
 import walrus_jax as wj
 from walrus_jax.checkpoints import pretrained
+from walrus_jax.checkpoints.load import load_pretrained
 from walrus_jax.data.fields import FieldVocabulary
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -42,7 +44,7 @@ def saved(tmp_path_factory):
 
 
 def test_save_load_round_trip_and_oracle(saved):
-    model = pretrained.load_pretrained(saved["path"])
+    model = load_pretrained(saved["path"])
     assert model.cfg == saved["model"].cfg
     a, b = _flat_values(saved["model"]), _flat_values(model)
     assert a.keys() == b.keys()
@@ -62,14 +64,14 @@ def test_loading_hands_freed_host_memory_back(saved, monkeypatch):
 
     calls = []
     monkeypatch.setattr(host_memory, "release_free_memory", lambda: calls.append(1) or True)
-    model = pretrained.load_pretrained(saved["path"])
+    model = load_pretrained(saved["path"])
     assert len(calls) == 1
     wj.convert.load_state_dict(model, wj.convert.to_state_dict(saved["model"]))
     assert len(calls) == 2
 
 
 def test_vocabulary_on_model_and_by_directory(saved, monkeypatch):
-    model = pretrained.load_pretrained(saved["path"])
+    model = load_pretrained(saved["path"])
     v = pretrained.model_vocabulary(saved["path"])
     assert isinstance(v, FieldVocabulary) and v.to_dict() == VOCAB and v.n_states == 6
     assert model.vocab == v and hash(model.vocab) == hash(v)
@@ -88,12 +90,11 @@ def test_vocabulary_on_model_and_by_directory(saved, monkeypatch):
     # read_weights (fine-tuning's init_from, the eval and rollout jobs) reads the stored vocabulary
     from walrus_jax.checkpoints.load import read_weights
 
-    monkeypatch.setattr(wj, "load_pretrained", pretrained.load_pretrained, raising=False)  # until re-exported
     assert read_weights(saved["path"]).vocab.to_dict() == VOCAB
 
 
 def test_dtype_and_overrides(saved):
-    m = pretrained.load_pretrained(saved["path"], dtype="bfloat16", remat="full")
+    m = load_pretrained(saved["path"], dtype="bfloat16", remat="full")
     assert m.cfg.param_dtype == m.cfg.dtype == "bfloat16" and m.cfg.remat == "full"
     flat = _flat_values(m)
     assert flat.pop("processor/blocks/space/rope_freqs").dtype == np.float32  # fixed buffer stays exact
@@ -101,11 +102,11 @@ def test_dtype_and_overrides(saved):
     ref = _flat_values(saved["model"])["processor/blocks/space/fused/kernel"]
     np.testing.assert_array_equal(flat["processor/blocks/space/fused/kernel"], ref.astype(jnp.bfloat16))
     with pytest.raises(ValueError, match=r"dtype='float16'; expected None or one of \('float32', 'bfloat16'\)"):
-        pretrained.load_pretrained(saved["path"], dtype="float16")
+        load_pretrained(saved["path"], dtype="float16")
     with pytest.raises(ValueError, match=r"\['hidden_dim'\] change parameter shapes"):
-        pretrained.load_pretrained(saved["path"], hidden_dim=32)
+        load_pretrained(saved["path"], hidden_dim=32)
     with pytest.raises(ValueError, match="rules= needs mesh="):
-        pretrained.load_pretrained(saved["path"], rules={"embed": None})
+        load_pretrained(saved["path"], rules={"embed": None})
 
 
 def test_sharded_restore_on_two_cpu_devices(saved):
@@ -115,11 +116,11 @@ def test_sharded_restore_on_two_cpu_devices(saved):
         os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
         import jax, numpy as np
         from flax import nnx
-        from walrus_jax.checkpoints import pretrained
+        from walrus_jax.checkpoints.load import load_pretrained
         mesh = jax.make_mesh((1, 2), ("data", "fsdp"))
         path = {saved['path']!r}
-        m = pretrained.load_pretrained(path, mesh=mesh)
-        ref = pretrained.load_pretrained(path)
+        m = load_pretrained(path, mesh=mesh)
+        ref = load_pretrained(path)
         got = {{"/".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(nnx.state(m))}}
         want = {{"/".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(ref))}}
         for k, a in got.items():
@@ -131,10 +132,10 @@ def test_sharded_restore_on_two_cpu_devices(saved):
         # an explicit rules table: everything replicated
         names = ["embed", "layers", "qkv", "fused", "attn", "mlp", "heads", "head_dim", "buckets", "inter",
                  "vocab", "kh", "kw", "kd", "rope", "rope_axes", "tok_h", "tok_w", "tok_d"]
-        r = pretrained.load_pretrained(path, mesh=mesh, rules={{n: None for n in names}})
+        r = load_pretrained(path, mesh=mesh, rules={{n: None for n in names}})
         assert r.processor.blocks.space.fused.kernel[...].sharding.spec == jax.sharding.PartitionSpec(None, None, None)
         try:
-            pretrained.load_pretrained(path, mesh=mesh, rules={{"embed": "model"}})
+            load_pretrained(path, mesh=mesh, rules={{"embed": "model"}})
         except ValueError as e:
             assert "names a mesh axis the mesh lacks" in str(e), e
         else:
@@ -148,25 +149,25 @@ def test_sharded_restore_on_two_cpu_devices(saved):
 # ------------------------------------------------------------------------------ bad directories
 def test_missing_file_and_foreign_directories(saved, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nowhere does not exist .*tools.convert_torch_ckpt"):
-        pretrained.load_pretrained(str(tmp_path / "nowhere"))
+        load_pretrained(str(tmp_path / "nowhere"))
     with pytest.raises(pretrained.PretrainedFormatError, match=r"walrus.pt is a file, not a converted checkpoint"):
         (tmp_path / "walrus.pt").write_bytes(b"PK")
-        pretrained.load_pretrained(str(tmp_path / "walrus.pt"))
+        load_pretrained(str(tmp_path / "walrus.pt"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(pretrained.PretrainedFormatError, match=r"marker walrus_jax_pretrained.json is missing \(it is empty\)"):
-        pretrained.load_pretrained(str(tmp_path / "empty"))
+        load_pretrained(str(tmp_path / "empty"))
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "model.safetensors").write_bytes(b"x")
     with pytest.raises(pretrained.PretrainedFormatError, match=r"holds \['model.safetensors'\], not a converter output"):
-        pretrained.load_pretrained(str(tmp_path / "foreign"))
+        load_pretrained(str(tmp_path / "foreign"))
     (tmp_path / "workdir" / "checkpoints").mkdir(parents=True)
     with pytest.raises(pretrained.PretrainedFormatError, match="looks like a walrus_jax training workdir"):
-        pretrained.load_pretrained(str(tmp_path / "workdir"))
+        load_pretrained(str(tmp_path / "workdir"))
     bad = tmp_path / "other_marker"
     shutil.copytree(saved["path"], bad)
     (bad / pretrained.MARKER).write_text(json.dumps({"format": "something.else"}))
     with pytest.raises(pretrained.PretrainedFormatError, match="not a walrus_jax converted-checkpoint marker"):
-        pretrained.load_pretrained(str(bad))
+        load_pretrained(str(bad))
 
 
 def test_incomplete_directories_are_rejected(saved, tmp_path):
@@ -175,14 +176,14 @@ def test_incomplete_directories_are_rejected(saved, tmp_path):
     shutil.copytree(saved["path"], partial)
     (partial / pretrained.MARKER).unlink()
     with pytest.raises(pretrained.PretrainedFormatError, match="temporary directory of an interrupted conversion"):
-        pretrained.load_pretrained(str(partial))
+        load_pretrained(str(partial))
     # a marker but a missing part
     for part in (pretrained.PARAMS_DIR, pretrained.CONFIG_FILE):
         d = tmp_path / f"no_{part}"
         shutil.copytree(saved["path"], d)
         (shutil.rmtree if part == pretrained.PARAMS_DIR else os.unlink)(d / part)
         with pytest.raises(pretrained.PretrainedFormatError, match=f"incomplete converted checkpoint, {part} is missing"):
-            pretrained.load_pretrained(str(d))
+            load_pretrained(str(d))
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax's event loop after a failed read
@@ -194,7 +195,7 @@ def test_damaged_or_mismatched_contents(saved, tmp_path):
     cfg["n_states"] = 12
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(pretrained.PretrainedFormatError) as e:
-        pretrained.load_pretrained(str(d))
+        load_pretrained(str(d))
     assert "embed/d2/proj1: checkpoint shape (8, 8, 8, 10, 32), model expects (8, 8, 8, 12, 32)" in str(e.value)
     assert "debed/d3/proj2_bias: checkpoint shape (10,), model expects (12,)" in str(e.value)
     # truncated Orbax data files
@@ -207,7 +208,7 @@ def test_damaged_or_mismatched_contents(saved, tmp_path):
                 with open(p, "r+b") as fh:
                     fh.truncate(100)
     with pytest.raises(pretrained.PretrainedFormatError, match="Orbax parameter checkpoint cannot be read"):
-        pretrained.load_pretrained(str(d))
+        load_pretrained(str(d))
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax's event loop after a failed read
@@ -217,7 +218,7 @@ def test_save_refuses_to_overwrite_and_bad_vocabulary(saved):
     with pytest.raises(ValueError, match=r"rows \[\('density', 10\)\] are outside \[0, n_states=10\)"):
         pretrained.save_pretrained(saved["model"], str(saved["dir"] / "v"), vocabulary={"density": 10})
     assert not os.path.exists(saved["dir"] / "v")
-    loaded = pretrained.load_pretrained(saved["path"])
+    loaded = load_pretrained(saved["path"])
     again = pretrained.save_pretrained(loaded, saved["path"], overwrite=True)  # vocabulary: the model's
     assert pretrained.model_vocabulary(again).to_dict() == VOCAB
     assert [e for e in os.listdir(saved["dir"]) if pretrained.PARTIAL_TAG in e] == []

@@ -767,12 +767,12 @@ def test_remote_and_file_data_roots_are_one_line(tmp_path, capsys):
 def test_text_files_given_as_numpy_files_are_named(tmp_path, capsys):
     from tools import check_train_oracle
 
-    from walrus_jax.data import from_arrays
+    from walrus_jax.data import from_arrays_cli
 
     txt = tmp_path / "u.npz"
     txt.write_text("this is not numpy\n")
-    rc = from_arrays.main(["--file", str(tmp_path / "o.hdf5"), "--name", "t", "--field", f"u={txt}", "--dt", "0.1",
-                           "--spacing", "0.1", "--bc", "x=periodic"])
+    rc = from_arrays_cli.main(["--file", str(tmp_path / "o.hdf5"), "--name", "t", "--field", f"u={txt}", "--dt", "0.1",
+                               "--spacing", "0.1", "--bc", "x=periodic"])
     assert rc == 2
     _one_error_line(capsys.readouterr().err, str(txt), "not a NumPy .npy/.npz file", "(a text file)")
     yml = tmp_path / "oracle.yaml"

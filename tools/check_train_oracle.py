@@ -115,7 +115,7 @@ def run(path: str, kernels: str = "auto") -> tuple[bool, list[tuple[str, float, 
     from walrus_jax.checkpoints import params as parameters
     from walrus_jax.training import optim, steps
 
-    from walrus_jax.data.from_arrays import numpy_file_problem
+    from walrus_jax.data.from_arrays_cli import numpy_file_problem
 
     problem = numpy_file_problem(path, ".npz")
     if problem:

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
 
     def go():
         from walrus_jax.checkpoints import adapters
-        from walrus_jax.checkpoints.load import read_weights
+        from walrus_jax.checkpoints.load import load_model, read_weights
         from walrus_jax.checkpoints.pretrained import save_pretrained
 
         inputs = {"--base": args.base, "--adapters": args.adapters}
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
             print(f"wrote the adapter delta ({len(delta.arrays)} arrays) to {path}")
             return 0
         check_output("--output", args.output, inputs)
-        model = adapters.merge_model(adapters.load(args.base, args.adapters))
+        model = adapters.merge_model(load_model(args.base, adapters=args.adapters))
         path = save_pretrained(model, args.output, overwrite=args.overwrite,
                                info={"merged_from": {"base": args.base, "adapters": args.adapters}})
         print(f"wrote the merged checkpoint to {path}")

@@ -22,8 +22,8 @@ _EXPORTS = {
     "convert": ("walrus_jax.checkpoints.convert", None),  # wj.convert.load_state_dict / to_state_dict
     "metrics": ("walrus_jax.inference.metrics", None),
     "plotting": ("walrus_jax.inference.plotting", None),  # wj.plotting.field_panels / animate / metric_vs_step
-    **{name: ("walrus_jax.checkpoints.pretrained", name)
-       for name in ("load_pretrained", "model_config", "model_vocabulary")},
+    "load_pretrained": ("walrus_jax.checkpoints.load", "load_pretrained"),  # = load_model, the one loader
+    **{name: ("walrus_jax.checkpoints.pretrained", name) for name in ("model_config", "model_vocabulary")},
     # save_pretrained takes a model (as pretrained.save_pretrained) or a training workdir (LoRA: the adapters)
     **{name: ("walrus_jax.checkpoints.hub", name)
        for name in ("from_pretrained", "list_pretrained", "save_pretrained", "push_to_hub")},
@@ -60,7 +60,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from walrus_jax import data
     from walrus_jax.checkpoints import convert
     from walrus_jax.checkpoints.hub import from_pretrained, list_pretrained, push_to_hub, save_pretrained
-    from walrus_jax.checkpoints.pretrained import load_pretrained, model_config, model_vocabulary
+    from walrus_jax.checkpoints.load import load_pretrained
+    from walrus_jax.checkpoints.pretrained import model_config, model_vocabulary
     from walrus_jax.inference import metrics, plotting
     from walrus_jax.inference.differentiable import rollout_fn
     from walrus_jax.inference.export import export

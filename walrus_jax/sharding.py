@@ -68,21 +68,33 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 
 # ------------------------------------------------------------------------------ rules
-def rules_dict(rules: Iterable[Sequence[Any]] = ()) -> dict[str, Any]:
-    """`DEFAULT_RULES` with the overrides `rules` [(logical name, mesh axis or None), ...] applied
-    (a config's `sharding.rules`), validated."""
+def rules_dict(rules: Iterable[Sequence[Any]] | Mapping[str, Any] = (), mesh: Mesh | None = None,
+               where: str = "sharding.rules") -> dict[str, Any]:
+    """`DEFAULT_RULES` with the overrides `rules` applied, validated; the one place rules are merged.
+
+    rules: [(logical name, mesh axis or None), ...] or {logical name: mesh axis or None}.
+    mesh None: a training config's `sharding.rules` for the HSDP mesh: axes `MESH_AXES`, parameters
+      never over 'data'. mesh given: rules for placing weights on that mesh (walrus_jax.checkpoints.load):
+      any of its axis names. Errors name the rule as `where`[i].
+    """
     out = dict(DEFAULT_RULES)
-    for i, rule in enumerate(rules):
+    pairs = rules.items() if isinstance(rules, Mapping) else rules
+    axes = MESH_AXES if mesh is None else tuple(mesh.axis_names)
+    for i, rule in enumerate(pairs):
         if len(rule) != 2:
-            raise ConfigError(f"sharding.rules[{i}] = {rule!r}: expected a (logical_name, mesh_axis) pair")
+            raise ConfigError(f"{where}[{i}] = {rule!r}: expected a (logical_name, mesh_axis) pair")
         name, axis = rule
         if name not in out:
-            raise ConfigError(f"sharding.rules[{i}]: {name!r} is not a logical axis name of the model "
+            raise ConfigError(f"{where}[{i}]: {name!r} is not a logical axis name of the model "
                               f"(known: {sorted(out)})")
-        if axis is not None and axis not in MESH_AXES:
-            raise ConfigError(f"sharding.rules[{i}]: mesh axis {axis!r} for {name!r} is not one of {MESH_AXES} or None")
-        if axis == "data":
-            raise ConfigError(f"sharding.rules[{i}]: parameters are replicated over 'data' (HSDP); map {name!r} "
+        if mesh is None and axis is not None and axis not in MESH_AXES:
+            raise ConfigError(f"{where}[{i}]: mesh axis {axis!r} for {name!r} is not one of {MESH_AXES} or None")
+        if mesh is not None and any(a is not None and a not in axes
+                                    for a in (axis if isinstance(axis, (tuple, list)) else (axis,))):
+            raise ConfigError(f"{where}: rule {name!r} -> {axis!r} names a mesh axis the mesh lacks "
+                              f"(mesh axes: {axes})")
+        if axis == "data" and mesh is None:
+            raise ConfigError(f"{where}[{i}]: parameters are replicated over 'data' (HSDP); map {name!r} "
                              "to 'fsdp' or None")
         out[str(name)] = axis
     return out

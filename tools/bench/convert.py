@@ -112,7 +112,7 @@ def mib(key):
         return int(next(l for l in f if l.startswith(key + ':')).split()[1]) / 1024
 import jax, walrus_jax as wj
 from flax import nnx
-from walrus_jax.checkpoints.pretrained import load_pretrained
+from walrus_jax.checkpoints.load import load_pretrained
 t = time.perf_counter()
 model = load_pretrained(sys.argv[1], dtype=sys.argv[2])
 [v.get_value().block_until_ready() for _, v in nnx.to_flat_state(nnx.state(model))]
@@ -189,7 +189,7 @@ def main(argv=None) -> int:
             if args.load:
                 # Block on each parameter's own array (get_value): `v[...]` or tree-mapping over the
                 # Variables would make copies and double the measured memory.
-                code = ("import time; t=time.time(); from flax import nnx; from walrus_jax.checkpoints.pretrained import load_pretrained; "
+                code = ("import time; t=time.time(); from flax import nnx; from walrus_jax.checkpoints.load import load_pretrained; "
                         f"m=load_pretrained({out!r}); "
                         "[v.get_value().block_until_ready() for _, v in nnx.to_flat_state(nnx.state(m))]; "
                         "print('load_s', time.time()-t)")

@@ -1,5 +1,6 @@
-"""Weights on disk and in memory: params.py (the parameter toolkit: abstract model, paths,
-parameters -> model), train_state.py (Orbax checkpoints of a training run), pretrained.py
-(converted release directories), convert.py (PyTorch state_dict <-> walrus_jax), load.py
-(weights from either kind of checkpoint), adapters.py (LoRA fine-tuning: what trains, adapter
-deltas beside a frozen base, merging)."""
+"""Weights on disk and in memory. load.py holds `load_model`, the one way from a path to a model
+(also `walrus_jax.load_pretrained`), above the format modules that only read and write their files:
+train_state.py (Orbax checkpoints of a training run), pretrained.py (converted release directories),
+adapters.py (LoRA fine-tuning: what trains, adapter deltas beside a frozen base, merging). Beside
+them: params.py (the parameter toolkit: abstract model, paths, parameters -> model), convert.py
+(PyTorch state_dict <-> walrus_jax), hub.py (wj.from_pretrained: hub repositories, the converted cache)."""

@@ -24,9 +24,10 @@ fingerprint, the array listing), `digest.arrays` one of the arrays' paths, dtype
 An edited, truncated or mixed-up delta is refused with one line naming the file (deltas of version
 1, written before digests, are read with a warning).
 
-`load(base_dir, adapters=DIR)` (also `walrus_jax.load_pretrained(base_dir, adapters=DIR)`) rebuilds
-the fine-tuned model from a base and a delta or a LoRA fine-tuning workdir, and refuses a delta made
-for another base. `merged_params` folds the adapters into the kernels (W + A B · alpha / rank);
+`walrus_jax.checkpoints.load.load_model(base, adapters=DIR)` (also `walrus_jax.load_pretrained`)
+rebuilds the fine-tuned model from a base and a delta or a LoRA fine-tuning workdir with
+`read_delta`, `check_base` and `apply_delta` here, and refuses a delta made for another base.
+`merged_params` folds the adapters into the kernels (W + A B · alpha / rank);
 `python -m tools.merge_adapters` writes the result as a converted checkpoint.
 """
 from __future__ import annotations
@@ -256,22 +257,22 @@ def _read_delta_folder(path: str) -> Delta:
 
 
 def _delta_from_workdir(path: str) -> Delta:
-    from walrus_jax.checkpoints.load import checkpoint_dir, read_weights
-    from walrus_jax.checkpoints.train_state import Checkpointer
+    """The trained part of the newest checkpoint of a LoRA fine-tuning workdir."""
+    from walrus_jax.checkpoints import train_state
+    from walrus_jax.data.fields import FieldVocabulary
 
-    ck = checkpoint_dir(path)
+    ck = train_state.checkpoint_dir(path)
     if ck is None:
         raise PathError(f"adapters={path!r} is neither an exported adapter delta ({DELTA_FILE} missing) nor a "
                         "fine-tuning workdir (no checkpoints/<step>/state)")
-    trained = read_weights(path, what="adapters")
-    step = int(trained.source.rsplit("/", 1)[-1])
-    meta = Checkpointer(ck, keep=1_000_000, async_save=False).read_meta(step)
-    if META_KEY not in meta or trained.cfg.lora_rank <= 0:
-        raise DataError(f"adapters={path!r}: checkpoint {trained.source} was not trained with adapters (lora.rank "
+    step, params, meta = train_state.read_params(ck, what=f"adapters={path!r}")
+    cfg, source = ModelConfig.from_dict(meta["model_config"]), f"{ck}/{step}"
+    if META_KEY not in meta or cfg.lora_rank <= 0:
+        raise DataError(f"adapters={path!r}: checkpoint {source} was not trained with adapters (lora.rank "
                         "> 0 and init_from): it holds a whole model; use it as init_from / checkpoint instead")
+    vocab = FieldVocabulary.from_dict(meta["vocab"]) if meta.get("vocab") else FieldVocabulary.released()
     info = meta[META_KEY]
-    return delta_from_params(trained.params, trained.cfg, int(info["n_states"]), trained.vocab,
-                             info["fingerprint"], trained.source)
+    return delta_from_params(params, cfg, int(info["n_states"]), vocab, info["fingerprint"], source)
 
 
 def check_base(delta: Delta, base_fp: Mapping, base_source: str) -> None:
@@ -312,26 +313,7 @@ def apply_delta(base_params: Mapping, delta: Delta) -> dict:
     return parameters.unflatten(out)
 
 
-# ------------------------------------------------------------------------------ loading, merging
-def load(base_dir: str, adapters: str, *, dtype: str | None = None, **overrides):
-    """A Walrus model: the base checkpoint (converted release or workdir) with the adapters of
-    `adapters` (an exported delta or a LoRA fine-tuning workdir). The model's `vocab` attribute is the
-    fine-tuned vocabulary. dtype / overrides as in `walrus_jax.load_pretrained`."""
-    from walrus_jax.checkpoints.load import read_weights
-    from walrus_jax.checkpoints.pretrained import make_vocabulary
-
-    delta = read_delta(adapters)
-    base = read_weights(str(base_dir), what="base checkpoint")
-    check_base(delta, fingerprint(base.params), str(base_dir))
-    params = apply_delta(base.params, delta)
-    cfg = delta.cfg.replace(**overrides)
-    if dtype is not None:
-        cfg = cfg.replace(dtype=str(dtype), param_dtype=str(dtype))
-    model = parameters.model_from_params(cfg, params, f"{base_dir} + adapters {delta.source}")
-    model.vocab = make_vocabulary(delta.vocab or None)  # hashable: a static attribute of the model
-    return model
-
-
+# ------------------------------------------------------------------------------ merging
 def merged_params(params: Mapping, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
     """(parameters with every adapter folded into its kernel, the config without adapters):
     kernel + A B · alpha / rank (float64 on the host, cast back), the A / B entries removed."""

@@ -490,9 +490,9 @@ def save_pretrained(model_or_workdir, directory: str, *, base: str | None = None
     except DataError:
         delta = None  # a full fine-tuning run: the whole model
     if delta is None:
-        model, vocab, source = load_model(workdir)
-        return pretrained.save_pretrained(model, directory, vocabulary=vocab, overwrite=overwrite,
-                                          info={"source": source})
+        model = load_model(workdir, dtype="float32")
+        return pretrained.save_pretrained(model, directory, vocabulary=model.vocab, overwrite=overwrite,
+                                          info={"source": model.source})
     if base is None:
         from walrus_jax.checkpoints.train_state import Checkpointer
 
@@ -550,7 +550,7 @@ def push_to_hub(directory: str, repo_id: str, *, token: str | bool | None = None
 # ------------------------------------------------------------------------------ entry points
 def resolve(name_or_path: str, *, revision: str | None = None, token: str | bool | None = None,
             what: str = "name_or_path", log_fn: Callable[[str], None] | None = None) -> str:
-    """The local directory `load_pretrained` / `walrus_jax.checkpoints.load` reads for `name_or_path`
+    """The local directory `walrus_jax.checkpoints.load.load_model` reads for `name_or_path`
     (module docstring), downloading and converting on first use."""
     log_fn = log_fn or log.info
     text = os.path.expanduser(str(name_or_path))
@@ -573,11 +573,12 @@ def from_pretrained(name_or_path: str, *, revision: str | None = None, dtype: st
                     mesh=None, adapters: str | None = None, token: str | bool | None = None, **overrides):
     """A walrus_jax.Walrus from a hub repository id, an hf:// URL, a converted directory, a training
     workdir or a local folder in the released layout (module docstring). dtype / mesh / adapters /
-    overrides: as `load_pretrained`. The model's `vocab` is the checkpoint's field vocabulary;
-    `model.cfg.resize_66_to_64` says whether inputs with a last axis of 66 are resized.
+    overrides: as `walrus_jax.checkpoints.load.load_model` (dtype None: as stored). The model's `vocab`
+    is the checkpoint's field vocabulary; `model.cfg.resize_66_to_64` says whether inputs with a last
+    axis of 66 are resized.
     Raises HubError / DataError / PathError as one line naming the repository or path."""
     from walrus_jax.checkpoints import pretrained
-    from walrus_jax.checkpoints.load import checkpoint_dir, load_model
+    from walrus_jax.checkpoints.load import load_model
 
     path = resolve(name_or_path, revision=revision, token=token)
     if _is_adapter_folder(path):  # adapters only (save_pretrained of a LoRA run): they name their base
@@ -586,15 +587,8 @@ def from_pretrained(name_or_path: str, *, revision: str | None = None, dtype: st
         with open(os.path.join(path, BASE_FILE)) as f:
             base = json.load(f)["base"]
         return from_pretrained(base, dtype=dtype, mesh=mesh, adapters=path, token=token, **overrides)
-    if checkpoint_dir(path) is not None:  # a training workdir
-        if mesh is not None or adapters is not None or overrides:
-            raise PathError(f"{name_or_path!r} is a training workdir: mesh=, adapters= and overrides apply to "
-                            "converted checkpoints (export it with wj.save_pretrained first)")
-        model, vocab, _ = load_model(path, dtype or "float32", what="name_or_path")
-        model.vocab = pretrained.make_vocabulary(vocab.to_dict()) if vocab is not None else None
-        return model
     try:
-        return pretrained.load_pretrained(path, dtype=dtype, mesh=mesh, adapters=adapters, **overrides)
+        return load_model(path, dtype=dtype, mesh=mesh, adapters=adapters, **overrides)
     except pretrained.PretrainedFormatError:
         if not in_cache(path):
             raise
@@ -602,4 +596,4 @@ def from_pretrained(name_or_path: str, *, revision: str | None = None, dtype: st
         log.warning("the cached conversion %s is damaged; converting again", path)
         shutil.rmtree(path, ignore_errors=True)
         path = resolve(name_or_path, revision=revision, token=token)
-        return pretrained.load_pretrained(path, dtype=dtype, mesh=mesh, adapters=adapters, **overrides)
+        return load_model(path, dtype=dtype, mesh=mesh, adapters=adapters, **overrides)

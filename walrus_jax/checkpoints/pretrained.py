@@ -1,4 +1,6 @@
-"""Converted (pretrained) Walrus checkpoints: one self-describing directory, written atomically.
+"""The converted-release format: one self-describing directory, written atomically, read back as
+host arrays. This module only writes and reads the format; `walrus_jax.checkpoints.load.load_model`
+(also `walrus_jax.load_pretrained`) turns a directory into a model.
 
 Layout of a converted directory (written by `tools.convert_torch_ckpt` or `save_pretrained`):
 
@@ -9,21 +11,21 @@ Layout of a converted directory (written by `tools.convert_torch_ckpt` or `save_
       params/layer_000/ ...         one Orbax checkpoint per block: that block's slice of every stacked
                                     processor.blocks variable (the layer axis removed). Written one at
                                     a time so that converting the 5 GB release never holds more than
-                                    one block; `load_pretrained` stacks them back along the layer axis.
+                                    one block; `read_arrays` stacks them back along the layer axis.
       config.json                   ModelConfig.to_dict()
       vocabulary.json               {"field_index_map": {name: row} | null, "source": "..."}
       walrus_jax_pretrained.json    completion marker, written last: format, version, every array's
                                     path / shape / dtype, provenance
 
 Everything is written into a hidden temporary directory beside DIR that is renamed to DIR only
-after the marker is written, so an interrupted conversion never leaves a DIR that `load_pretrained`
+after the marker is written, so an interrupted conversion never leaves a DIR that `read_marker`
 accepts (a leftover `.DIR.partial-*` folder has no marker, or is never looked at).
 
-    model = load_pretrained(DIR)                                  # float32, single device
-    model = load_pretrained(DIR, dtype="bfloat16")                # bf16 parameters and compute
-    model = load_pretrained(DIR, mesh=mesh)                       # each device gets only its shards
-    vocab = model_vocabulary(DIR)                                 # FieldVocabulary or None
-    model.vocab                                                   # the same, attached to the model
+    save_pretrained(model, DIR)                                   # a Walrus -> DIR
+    write_pretrained(DIR, groups, cfg, vocabulary=..., ...)       # streamed groups -> DIR (the converter)
+    read_arrays(DIR, cfg)                                         # {"a/b/c": host array}, cast to cfg's dtypes
+    read_params(DIR)                                              # (config, nnx.Param host arrays, vocabulary)
+    model_config(DIR), model_vocabulary(DIR)                      # ModelConfig, FieldVocabulary or None
 """
 from __future__ import annotations
 
@@ -32,13 +34,11 @@ import os
 import shutil
 import time
 import uuid
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping
 
-import jax
 import numpy as np
 from flax import nnx
 
-from walrus_jax import host_memory
 from walrus_jax.checkpoints import params as parameters
 from walrus_jax.errors import DataError
 from walrus_jax.models.config import ModelConfig
@@ -221,7 +221,7 @@ def write_pretrained(directory: str, groups: Iterable[tuple[str, Mapping]], cfg:
 def save_pretrained(model, directory: str, *, vocabulary=None, overwrite: bool = False,
                     info: Mapping[str, Any] | None = None) -> str:
     """Writes `model` (a walrus_jax.Walrus) as a converted-checkpoint directory that
-    `load_pretrained` reads. vocabulary: FieldVocabulary / {name: row} / None (default: the
+    `walrus_jax.checkpoints.load.load_model` reads. vocabulary: FieldVocabulary / {name: row} / None (default: the
     model's `vocab` attribute if it has one)."""
     if vocabulary is None:
         vocabulary = getattr(model, "vocab", None)
@@ -302,35 +302,6 @@ def model_vocabulary(directory: str):
     return make_vocabulary(mapping)
 
 
-def _rules_for(model_state, mesh, rules) -> dict[str, Any]:
-    """Logical-axis -> mesh-axis rules: walrus_jax.sharding.DEFAULT_RULES ('embed' over 'fsdp', the
-    rest replicated) with `rules` applied on top, checked against the mesh's axis names."""
-    from walrus_jax import sharding
-
-    if rules is None and "fsdp" not in mesh.axis_names:
-        raise ValueError(f"load_pretrained: the mesh has axes {mesh.axis_names} and no 'fsdp' axis; pass "
-                         "rules={logical axis name: mesh axis or None} (names: "
-                         f"{sorted(_logical_names(model_state))})")
-    rules = {} if rules is None else rules
-    rules = dict(sharding.DEFAULT_RULES) | dict(rules.items() if isinstance(rules, Mapping) else (tuple(r) for r in rules))
-    for name, axis in rules.items():
-        axes = axis if isinstance(axis, (tuple, list)) else (axis,)
-        for a in axes:
-            if a is not None and a not in mesh.axis_names:
-                raise ValueError(f"load_pretrained: rule {name!r} -> {axis!r} names a mesh axis the mesh lacks "
-                                 f"(mesh axes: {mesh.axis_names})")
-    return rules
-
-
-def _logical_names(model_state) -> set[str]:
-    from walrus_jax.sharding import logical_names
-
-    out = set()
-    for _, var in nnx.to_flat_state(model_state):
-        out.update(n for n in (logical_names(var) or ()) if n is not None)
-    return out
-
-
 def _restore_host(directory: str, cfg: ModelConfig, meta: Mapping, dtypes: Mapping[str, np.dtype]) -> dict[str, np.ndarray]:
     """{'a/b/c': host array (stacked blocks re-assembled)} cast to `dtypes`, read group by group."""
     import orbax.checkpoint as ocp
@@ -370,90 +341,6 @@ def _restore_host(directory: str, cfg: ModelConfig, meta: Mapping, dtypes: Mappi
     return out
 
 
-def load_pretrained(directory: str, *, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None,
-                    rules: Mapping[str, Any] | Sequence[tuple[str, Any]] | None = None, adapters: str | None = None,
-                    **overrides):
-    """A walrus_jax.Walrus with the parameters of a converted checkpoint directory.
-
-    dtype: None (as converted: config.json's param_dtype / dtype), "float32" or "bfloat16" (both the
-      storage and the compute dtype; the fixed RoPE frequency buffer stays float32 as the model
-      creates it). Stored arrays are cast while they are read.
-    mesh: restore every array directly with its NamedSharding over this mesh (no full host copy per
-      device). Shardings come from the weights' logical axis names (nnx `out_sharding` metadata)
-      through walrus_jax.sharding.DEFAULT_RULES ('embed' over 'fsdp', everything else replicated)
-      with `rules` ({logical name: mesh axis or None}, or a sequence of pairs) applied on top. None: everything on the default device.
-    overrides: further ModelConfig fields that do not change parameter shapes (remat, scan_layers,
-      drop_path, input_field_drop, jitter_patches).
-    adapters: a LoRA fine-tuning workdir or an exported adapter delta made for this checkpoint
-      (walrus_jax/checkpoints/adapters.py): the fine-tuned model (adapters, new fields) is returned; a delta
-      made for another base is refused.
-    The model's `vocab` attribute is the checkpoint's field vocabulary (or None), as
-    `model_vocabulary(directory)` returns it.
-    Raises FileNotFoundError / PretrainedFormatError naming the directory and what is wrong.
-    """
-    if adapters is not None:
-        from walrus_jax.checkpoints import adapters as adapters_lib
-
-        model = adapters_lib.load(directory, adapters, dtype=dtype, **overrides)
-        if mesh is not None:
-            from walrus_jax.sharding import param_specs
-
-            state = nnx.state(model)
-            specs = param_specs(state, _rules_for(state, mesh, rules), mesh)
-            nnx.replace_by_pure_dict(state, jax.tree.map(
-                lambda a, sp: jax.device_put(a, jax.sharding.NamedSharding(mesh, sp)), nnx.to_pure_dict(state), specs,
-                is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
-            nnx.update(model, state)
-        return model
-
-    directory = os.path.abspath(str(directory))
-    meta = read_marker(directory)
-    cfg = model_config(directory)
-    vocab = model_vocabulary(directory)
-    if dtype is not None:
-        if str(dtype) not in DTYPES:
-            raise ValueError(f"load_pretrained: dtype={dtype!r}; expected None or one of {DTYPES}")
-        cfg = cfg.replace(param_dtype=str(dtype), dtype=str(dtype))
-    shape_fields = {"hidden_dim", "intermediate_dim", "n_blocks", "num_heads", "n_states", "include_d",
-                    "kernel_sizes", "learned_rope", "ape_grid", "rel_pos_buckets"}
-    bad = sorted(set(overrides) & shape_fields)
-    if bad:
-        raise ValueError(f"load_pretrained: {bad} change parameter shapes and come from the checkpoint "
-                         f"({directory}/{CONFIG_FILE}); they cannot be overridden")
-    if overrides:
-        cfg = cfg.replace(**overrides)
-
-    state = nnx.state(parameters.abstract_model(cfg))
-    _check_stored(directory, meta, state)
-    if mesh is not None:
-        from walrus_jax.sharding import param_specs
-
-        specs = param_specs(state, _rules_for(state, mesh, rules), mesh)
-        shardings = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs,
-                                 is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-    else:
-        if rules is not None:
-            raise ValueError("load_pretrained: rules= needs mesh=")
-        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: one, nnx.to_pure_dict(state))
-    dtypes = {parameters.SEP.join(path): np.dtype(var.get_value().dtype) for path, var in parameters.variables(state).items()}
-    host = _restore_host(directory, cfg, meta, dtypes)
-    flat_shardings = parameters.flatten(shardings)
-    placed = {}
-    for name in list(host):
-        # One array at a time: each device receives only its shard, and the host copy is dropped as
-        # soon as the transfer is done (device_put copies asynchronously and keeps the host buffer
-        # alive until then; without the wait the whole model would briefly exist twice).
-        placed[name] = jax.device_put(host.pop(name), flat_shardings[name])
-        placed[name].block_until_ready()
-    model = parameters.model_from_params(cfg, parameters.unflatten(placed), directory)
-    model.vocab = vocab
-    # Orbax's per-group reads leave their freed buffers in glibc's arenas: at the released size
-    # ~340 MiB that nobody uses would stay resident beside the weights.
-    host_memory.release_free_memory()
-    return model
-
-
 def _check_stored(directory: str, meta: Mapping, state) -> None:
     """PretrainedFormatError listing every difference between the marker's arrays and the model's variables."""
     flat = {parameters.SEP.join(path): var for path, var in parameters.variables(state).items()}
@@ -472,16 +359,28 @@ def _check_stored(directory: str, meta: Mapping, state) -> None:
                                     f"{CONFIG_FILE} ({len(problems)} problem(s)):\n  - " + "\n  - ".join(problems))
 
 
+def read_arrays(directory: str, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """{'a/b/c': host array} of every stored variable of a converted directory, read group by group
+    (stacked blocks re-assembled along the layer axis) and cast while read to the dtype `cfg` gives
+    each variable. cfg: the stored config, or one that changes no parameter shape (dtypes, remat).
+    PretrainedFormatError when the stored arrays do not fit `cfg`."""
+    directory = os.path.abspath(str(directory))
+    meta = read_marker(directory)
+    state = nnx.state(parameters.abstract_model(cfg))
+    _check_stored(directory, meta, state)
+    dtypes = {parameters.SEP.join(path): np.dtype(var.get_value().dtype)
+              for path, var in parameters.variables(state).items()}
+    return _restore_host(directory, cfg, meta, dtypes)
+
+
 def read_params(directory: str) -> tuple[ModelConfig, dict, Any]:
     """(model config, parameters (nnx.Param variables) as a nested dict of host numpy arrays in their
     stored dtypes, vocabulary or None) of a converted directory, without building a model."""
     directory = os.path.abspath(str(directory))
-    meta = read_marker(directory)
     cfg = model_config(directory)
-    state = nnx.state(parameters.abstract_model(cfg))
-    _check_stored(directory, meta, state)
-    flat = {parameters.SEP.join(path): var for path, var in parameters.variables(state).items()}
-    host = _restore_host(directory, cfg, meta, {name: np.dtype(var.get_value().dtype) for name, var in flat.items()})
+    host = read_arrays(directory, cfg)
+    kinds = {parameters.SEP.join(path): var
+             for path, var in parameters.variables(parameters.abstract_model(cfg)).items()}
     # nnx.Param only, as a training checkpoint holds them: fixed buffers come from the model config
-    params = {name: v for name, v in host.items() if isinstance(flat[name], nnx.Param)}
+    params = {name: v for name, v in host.items() if isinstance(kinds[name], nnx.Param)}
     return cfg, parameters.unflatten(params), model_vocabulary(directory)

@@ -31,6 +31,16 @@ class CheckpointMismatchError(ConfigError):
     """The workdir holds checkpoints of another architecture / another parameter layout."""
 
 
+def checkpoint_dir(path: str) -> str | None:
+    """The checkpoints folder inside a training workdir (or `path` itself when it is one), or None
+    if `path` holds no checkpoint (`<step>/state`)."""
+    for cand in (os.path.join(path, "checkpoints"), path):
+        if os.path.isdir(cand) and any(d.isdigit() and os.path.isdir(os.path.join(cand, d, "state"))
+                                       for d in os.listdir(cand)):
+            return cand
+    return None
+
+
 def read_params(directory: str, what: str) -> tuple[int, dict, dict]:
     """(step, params as a nested dict of numpy arrays, meta) of the newest readable checkpoint in
     `directory` (a checkpoints/ folder), restored without knowing the model (no shardings, host

@@ -101,7 +101,7 @@ process_count) steps through every k but reads only rows [h·B_d/P, (h+1)·B_d/P
 are (B_d/P, ...), and the hosts' rows stacked in host order are the one-host batch. Paths may be
 URLs (gs://, s3://, hf://, http(s)://: `filesystem.py`).
 
-Your own arrays (`from_arrays.py`) and statistics (`stats.py`)::
+Your own arrays (`from_arrays.py`, its command line `from_arrays_cli.py`) and statistics (`stats.py`)::
 
     wj.data.write_arrays(path, {"my_tracer": c, "velocity": (u, 1)},      # (B, T, *spatial[, n_dims[, n_dims]])
                          dataset_name="mine", boundary_conditions={"x": "periodic", "y": ("wall", "open")},

@@ -222,8 +222,7 @@ def _same(v):
 def evaluate_job(config, workdir: str) -> dict:
     """--mode=eval: rollout metrics of the newest checkpoint in WORKDIR (or of config.init_from when
     WORKDIR has none) on the held-out split of the configured data -> WORKDIR/eval.json."""
-    from walrus_jax.checkpoints import params as parameters
-    from walrus_jax.checkpoints.load import checkpoint_dir, read_weights
+    from walrus_jax.checkpoints.load import checkpoint_dir, field_vocabulary, load_model
     from walrus_jax.data.resolve import resolve_data
     from walrus_jax.errors import PathError
     from walrus_jax.jsonio import write_json
@@ -232,15 +231,14 @@ def evaluate_job(config, workdir: str) -> dict:
     source = workdir if checkpoint_dir(workdir) else config.init_from
     if not source:
         raise PathError(f"--mode=eval: no checkpoint in {workdir}/checkpoints and config init_from is empty")
-    weights = read_weights(source)
+    model = load_model(source, what="config init_from")  # as stored: the checkpoint's own dtype
     if source == workdir and not config.init_from:
-        check_model_section(config, weights)
-    sets = eval_sets_from_config(config, resolve_data(config), weights.vocab, max(1, config.eval.n_trajectories),
-                                 False)
-    model = parameters.model_from_params(weights.cfg, weights.params, weights.source)
+        check_model_section(config, model)
+    sets = eval_sets_from_config(config, resolve_data(config), field_vocabulary(model),
+                                 max(1, config.eval.n_trajectories), False)
     report = evaluate(model, sets, windows=tuple(tuple(w) for w in config.eval.windows),
                       batch_size=config.eval.batch_size, jitter=eval_jitter_key(config))
-    out = dict(strip_arrays(report), checkpoint=weights.source)
+    out = dict(strip_arrays(report), checkpoint=model.source)
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         write_json(os.path.join(workdir, "eval.json"), out)

@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 from walrus_jax import normalization
-from walrus_jax.checkpoints.load import load_model
+from walrus_jax.checkpoints.load import field_vocabulary, load_model
 from walrus_jax.errors import ConfigError, DataError, PathError
 from walrus_jax.inference import metrics, rollouts
 from walrus_jax.jsonio import write_json
@@ -116,7 +116,8 @@ def _open_dataset(config, vocab):
 
 
 def _load_checkpoint(config):
-    """load_model for config.checkpoint, with errors that name config.checkpoint."""
+    """(model, field vocabulary, source) of config.checkpoint (+ config.adapters), with errors that
+    name config.checkpoint."""
     path = str(config.checkpoint)
     if not os.path.exists(path):
         raise PathError(f"config.checkpoint={path!r} does not exist (expected a converted checkpoint directory from "
@@ -124,12 +125,9 @@ def _load_checkpoint(config):
     if not os.path.isdir(path):
         raise PathError(f"config.checkpoint={path!r} is a file, not a directory (a PyTorch .pt checkpoint must be "
                         "converted first with `python -m tools.convert_torch_ckpt`)")
-    if config.get("adapters"):
-        from walrus_jax.checkpoints import adapters
-
-        model = adapters.load(path, str(config.adapters), dtype=config.dtype)
-        return model, model.vocab, f"{path} + adapters {config.adapters}"
-    return load_model(path, config.dtype, what="config.checkpoint")
+    model = load_model(path, adapters=str(config.adapters) if config.get("adapters") else None, dtype=config.dtype,
+                       what="config.checkpoint")
+    return model, field_vocabulary(model), model.source
 
 
 @dataclasses.dataclass
