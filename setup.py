@@ -39,6 +39,7 @@ setup(
         "test": [
             "jax[tpu]",  # libtpu: tests/test_kernels.py and tests/test_aot.py compile TPU programs on the CPU
             "pytest>=8",
+            "pytest-xdist>=3.5",  # pytest.ini runs the tests in two worker processes
             "aiohttp>=3.9",  # tests/test_data_remote.py reads through a local HTTP server
             "pyyaml>=6.0",
             "torch==2.13.0",

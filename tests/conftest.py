@@ -9,6 +9,9 @@ import os
 # installed for the TPU-compile tests) and hold its one-process lock; `topologies.get_topology_desc`
 # loads the plugin on demand for the tests that compile TPU programs.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# libtpu admits one process per machine unless told otherwise; these tests only compile for TPUs
+# (compile-only devices), which two test workers may do at once.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 import pathlib
 import subprocess
 import sys

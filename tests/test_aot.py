@@ -10,8 +10,7 @@ import pytest
 from tools.aot import __main__ as aot
 from tools.aot import analysis, topologies
 
-# TPU compiles (~8 minutes on 2 cores); libtpu admits one process at a time, so under pytest-xdist
-# every test that loads it runs in the same worker (the "libtpu" group)
+# TPU compiles (~8 minutes on 2 cores), all in one test worker (the "libtpu" group: pytest.ini)
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("libtpu")]
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -44,7 +44,8 @@ def loss_of(preds):
     return jnp.mean(jnp.sin(preds[:, -2:]) * w)
 
 
-@pytest.mark.parametrize("checkpoint", differentiable.CHECKPOINT_CHOICES)
+@pytest.mark.parametrize("checkpoint", [c if c == "sqrt" else pytest.param(c, marks=pytest.mark.slow)
+                                        for c in differentiable.CHECKPOINT_CHOICES])
 def test_values_equal_the_rollout(checkpoint):
     x, c = data()
     want = wj.rollout(tiny(), x, field_indices=FI, bcs=BCS, n_steps=N_STEPS, constant_fields=c)

@@ -32,7 +32,7 @@ def _model():
     return wj.Walrus(wj.ModelConfig.tiny(n_states=10), rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("with_mask", [False, True])
+@pytest.mark.parametrize("with_mask", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_exported_rollout_equals_the_rollout_in_a_process_without_walrus_jax(tmp_path, with_mask):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(3, 3, 32, 32, 3)).astype(np.float32)

@@ -251,6 +251,7 @@ def test_kill_during_download_is_repaired(stand):
     assert not [f for f in os.listdir(blobs) if f.endswith(".incomplete")]
 
 
+@pytest.mark.slow
 def test_kill_during_conversion_is_repaired_once(stand):
     p = _subprocess(stand, """
         import os, signal
@@ -343,6 +344,7 @@ def test_bad_input_is_one_clear_line(stand, monkeypatch):
     for repo in ("org/nope", "org/no_yaml", "org/no_ckpt", "org/private"):
         assert not _entries(stand, repo), repo  # nothing half-written
     # No network: a repository never converted fails; one converted before loads from the cache.
+    hublib.resolve("org/small_pt")  # converted here (or by an earlier test), with the network
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:1")
     _one_line_error(lambda: wj.from_pretrained("org/never_seen"), hublib.HubError,
                     r"cannot be reached .* no converted copy is cached")

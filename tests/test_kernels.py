@@ -199,7 +199,7 @@ def _tpu_mesh(n: int):
     return jax.sharding.Mesh(np.asarray(devices), ("data",))
 
 
-@pytest.mark.xdist_group("libtpu")  # one process at a time holds libtpu (tests/test_aot.py)
+@pytest.mark.xdist_group("libtpu")  # the TPU compiles share one test worker (pytest.ini)
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_flash_attention_compiles_for_tpu(dtype):
@@ -226,7 +226,7 @@ def test_flash_attention_compiles_for_tpu(dtype):
     assert per_chip < 64 * 2**20, per_chip  # a (2, L, L) float32 block alone would be 193 MB
 
 
-@pytest.mark.xdist_group("libtpu")  # one process at a time holds libtpu (tests/test_aot.py)
+@pytest.mark.xdist_group("libtpu")  # the TPU compiles share one test worker (pytest.ini)
 @pytest.mark.slow
 def test_full_resolution_ends_compile_for_tpu_in_little_memory():
     """The 3-D input and output ends with their gradients, compiled for one TPU chip: the TPU forms

@@ -194,6 +194,7 @@ def test_lora_finetune_trains_only_adapters_and_new_rows(run):
     assert size < 0.1 * sum(np.asarray(v).nbytes for v in got.values())
 
 
+@pytest.mark.slow
 def test_resume_repeats_the_uninterrupted_run(run):
     full, resumed = run["summary"], run["resumed"]
     assert resumed["resumed_from_step"] == 2

@@ -365,6 +365,7 @@ def test_rollout_loss_gradient_flows_through_the_predicted_frames_unless_stopped
     assert np.abs(full - stopped).max() > 1e-6 * np.abs(full).max()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, lr", [("release", 3e-3), ("lion", 3e-4)])  # lion: the usual 10x smaller lr
 def test_train_step_lowers_loss_on_a_fixed_batch(tiny_walrus, name, lr):
     g, params, rest = tiny_walrus

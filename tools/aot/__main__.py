@@ -16,7 +16,8 @@ compile time.
 
 Exit status 0 when every program fits; otherwise 1 and one line per program naming the shortfall. A
 mistake in the command line (an unknown topology, config key or shape) is one `error:` line, status 2.
-Only one process at a time can hold libtpu (it locks a file in /tmp).
+Only one process at a time can hold libtpu (it locks a file in /tmp); ALLOW_MULTIPLE_LIBTPU_LOAD=1 lifts
+that for processes that only compile, as this tool does.
 """
 from __future__ import annotations
 
