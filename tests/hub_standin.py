@@ -158,6 +158,17 @@ class StandinHub:
         sha = repo["refs"].get(rev, rev if rev in repo["commits"] else None)
         return sha, (repo["commits"].get(sha) if sha else None)
 
+    def _revision(self, h, repo_id: str, rev: str, head: bool):
+        """(repo, sha, files) of `repo_id` at `rev`, or None after answering with the hub's error."""
+        repo = self._repo(h, repo_id, head)
+        if repo is None:
+            return None
+        sha, files = self._commit(repo, rev)
+        if files is None:
+            self._error(h, 404, "RevisionNotFound", head)
+            return None
+        return repo, sha, files
+
     @staticmethod
     def _etag(name: str, blob: _Blob) -> tuple[str, dict | None]:
         if name.endswith(LFS_SUFFIXES) or blob.size > 10 << 20:
@@ -172,12 +183,10 @@ class StandinHub:
                          {k: h.headers[k] for k in ("Range", "Authorization") if k in h.headers}))
         m = re.match(r"^/api/models/([^/]+/[^/]+)/revision/(.+)$", path)
         if m:
-            repo = self._repo(h, m.group(1), head)
-            if repo is None:
+            found = self._revision(h, m.group(1), m.group(2), head)
+            if found is None:
                 return
-            sha, files = self._commit(repo, m.group(2))
-            if files is None:
-                return self._error(h, 404, "RevisionNotFound", head)
+            repo, sha, files = found
             siblings = []
             for name, data in sorted(files.items()):
                 blob, lfs = self._etag(name, data)
@@ -188,12 +197,10 @@ class StandinHub:
         m = re.match(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$", path)
         if not m:
             return self._error(h, 404, None, head, "no such endpoint")
-        repo = self._repo(h, m.group(1), head)
-        if repo is None:
+        found = self._revision(h, m.group(1), m.group(2), head)
+        if found is None:
             return
-        sha, files = self._commit(repo, m.group(2))
-        if files is None:
-            return self._error(h, 404, "RevisionNotFound", head)
+        repo, sha, files = found
         name = m.group(3)
         if name not in files:
             return self._error(h, 404, "EntryNotFound", head)
