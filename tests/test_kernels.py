@@ -163,13 +163,13 @@ def _full_resolution_ends(shape, bcs, jitter, dtype, n_frames=2, n_fields=3, wid
     w_dec = jax.random.normal(ks[3], (k1,) * 3 + (width, n_fields), dtype)
     bias = jax.random.normal(ks[4], (n_fields,), dtype)
 
-    def encode(kern, w, scale):
+    def encode(kern, x, w, scale):
         return full_resolution.encode_input(x, w, scale, plans, bcs3, shift, s1, dtype, kern)
 
     def decode(kern, z, w, b):
         return full_resolution.decode_output(z, w, b, plans, shift, s1, periodic, dtype, kern)
 
-    return encode, decode, (w_enc, jnp.asarray(1.3, dtype)), (z, w_dec, bias)
+    return encode, decode, (x, w_enc, jnp.asarray(1.3, dtype)), (z, w_dec, bias)
 
 
 @pytest.mark.slow
@@ -231,7 +231,7 @@ def test_flash_attention_compiles_for_tpu(dtype):
 def test_full_resolution_ends_compile_for_tpu_in_little_memory():
     """The 3-D input and output ends with their gradients, compiled for one TPU chip: the TPU forms
     (channels-first, space-to-depth) hold under a third of what the portable channels-last forms hold
-    there (3.7x less at 64^3; 8x less in the model's 128^3 step), where every array of a few channels
+    there (3.5x less at 64^3; 8x less in the model's 128^3 step), where every array of a few channels
     is stored 128 lanes wide. The token-resolution side has 128 channels (352 in the released model).
     """
     from jax.experimental import topologies

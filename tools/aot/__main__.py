@@ -2,7 +2,7 @@
 
     python -m tools.aot --topology v5p-64 --config configs/walrus_1p3b.py \
         [--config.model.dtype=bfloat16 --config.mesh.fsdp=8 ...] [--shapes 128x128,128x128x128] \
-        [--batch_per_chip 2] [--programs train,eval,rollout] [--json report.json]
+        [--batch_per_chip 2] [--programs train,eval,rollout] [--optimization_effort -1] [--json report.json]
 
 Needs libtpu (`pip install -e ".[tpu]"`) but no TPU: the slice's compile-only devices
 (`jax.experimental.topologies`) carry the job's own mesh (`config.mesh`), and the job's own jitted
@@ -12,7 +12,10 @@ arguments / temporaries / total against HBM and whether it fits (total within --
 a program the compiler refuses for memory does not), FLOPs per step counted through the loops against
 the analytic model count (`tools/bench/flops.py`), the collectives with their bytes per step, and the
 compile time.
-`--json FILE` writes one object per program.
+`--json FILE` writes one object per program. `--optimization_effort -1` asks XLA for its least
+optimisation (its `exec_time_optimization_effort`): the tiny config's train step then compiles ~6x
+faster, for a program the compiler optimised less, so its memory figures differ (the tests use it to
+check the tool; the figures to quote come from the default, 0).
 
 Exit status 0 when every program fits; otherwise 1 and one line per program naming the shortfall. A
 mistake in the command line (an unknown topology, config key or shape) is one `error:` line, status 2.
@@ -47,6 +50,8 @@ def define_flags(fv: flags.FlagValues, argv) -> None:
     flags.DEFINE_string("programs", "train,eval,rollout", "Which programs to compile.", flag_values=fv)
     flags.DEFINE_float("hbm_fraction", 0.9, "A program fits when its per-chip total is at most this "
                        "fraction of the chip's HBM.", flag_values=fv)
+    flags.DEFINE_float("optimization_effort", 0.0, "XLA's exec_time_optimization_effort, in [-1, 1]: -1 "
+                       "compiles fastest, 0 is the compiler's default.", flag_values=fv)
     flags.DEFINE_string("json", None, "Write the report here (a list, one object per program).", flag_values=fv)
     flags.DEFINE_bool("verbose", False, "Print the traceback of an error.", flag_values=fv)
 
@@ -74,7 +79,7 @@ def default_batch_per_chip(config) -> int:
     return max(int(config.data.batch_size) // groups, 1)
 
 
-def analyse(program, topology, mesh, hbm_fraction: float, cfg) -> dict:
+def analyse(program, topology, mesh, hbm_fraction: float, cfg, effort: float = 0.0) -> dict:
     """Lower, compile and measure one program (see the module doc)."""
     import jax
 
@@ -88,9 +93,10 @@ def analyse(program, topology, mesh, hbm_fraction: float, cfg) -> dict:
     hbm = topologies.hbm_per_device(topology, devices)
     row = {"program": program.name, "topology": topology.name, "chips": topology.chips, "devices": devices,
            "mesh": dict(mesh.shape), "shape": list(program.shape), "global_batch": program.batch,
-           "batch_per_device": program.batch // devices, "hbm_bytes": hbm}
+           "batch_per_device": program.batch // devices, "hbm_bytes": hbm, "optimization_effort": effort}
     try:
-        compiled = traced.lower().compile()
+        options = {"exec_time_optimization_effort": effort} if effort else None
+        compiled = traced.lower().compile(compiler_options=options)
         row.update(analysis.memory(compiled), collectives=analysis.collectives(compiled.as_text()))
     except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a program over the HBM
         needed = analysis.out_of_memory_bytes(str(e))
@@ -143,6 +149,8 @@ def main(fv: flags.FlagValues, argv) -> int:
     unknown = sorted(set(kinds) - {"train", "eval", "rollout"})
     if unknown or not kinds:
         raise ConfigError(f"--programs: {fv.programs!r}; choose from train, eval, rollout")
+    if not -1.0 <= fv.optimization_effort <= 1.0:
+        raise ConfigError(f"--optimization_effort={fv.optimization_effort} must be in [-1, 1]")
     batch_per_chip = fv.batch_per_chip or default_batch_per_chip(fv.config)
     if batch_per_chip < 1:
         raise ConfigError(f"--batch_per_chip={batch_per_chip} must be at least 1")
@@ -164,11 +172,12 @@ def main(fv: flags.FlagValues, argv) -> int:
     print(f"{topology.name} ({topology.grid}, {topology.chips} chips, {topology.hbm_bytes / GB:.0f} GiB HBM each; "
           f"{mesh.devices.size} devices), "
           f"mesh {dict(mesh.shape)}, model {cfg.hidden_dim} hidden x {cfg.n_blocks} blocks, "
-          f"dtype {cfg.dtype}, remat {cfg.remat}, kernels {cfg.kernels}", flush=True)
+          f"dtype {cfg.dtype}, remat {cfg.remat}, kernels {cfg.kernels}"
+          + (f", optimization effort {fv.optimization_effort:g}" if fv.optimization_effort else ""), flush=True)
     print(HEADER, flush=True)
     rows = []
     for program in built:
-        row = analyse(program, topology, mesh, fv.hbm_fraction, cfg)
+        row = analyse(program, topology, mesh, fv.hbm_fraction, cfg, fv.optimization_effort)
         rows.append(row)
         print(report_line(row), flush=True)
     if fv.json:

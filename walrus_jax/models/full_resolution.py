@@ -100,7 +100,9 @@ def encode_input(x: jax.Array, w: jax.Array, scale: jax.Array, plans, bcs3, patc
         n_fields = x.shape[-1]
         fields = jnp.moveaxis(batch_sharded(x.astype(dtype)), -1, 1)  # channels-first
         fields = patching.roll_and_wrap(patching.zero_pad(fields, plans, CF_SPATIAL), plans, patch_shift, CF_SPATIAL)
-        flags = jnp.asarray(np.moveaxis(patching.flag_grid(plans, bcs3), -1, 0)[None], dtype)
+        # The flags are a constant when the patch shift is (no jitter): the barrier keeps XLA from
+        # folding their space-to-depth product at compile time, which its evaluator does slowly.
+        flags = jax.lax.optimization_barrier(jnp.asarray(np.moveaxis(patching.flag_grid(plans, bcs3), -1, 0)[None], dtype))
         flags = patching.roll_and_wrap(flags, plans, patch_shift, CF_SPATIAL)
         y = None
         for part, wp in ((fields, w[..., :n_fields, :]), (flags, w[..., n_fields:, :])):
