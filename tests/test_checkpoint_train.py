@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from conftest import main_command, subprocess_env
 
-pytestmark = pytest.mark.slow  # training runs in subprocesses: the full tier
+# Training runs in subprocesses: the full tier. One test worker runs the module, so the runs that
+# every test reads are made once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("checkpoint_train")]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

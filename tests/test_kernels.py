@@ -233,6 +233,8 @@ def test_full_resolution_ends_compile_for_tpu_in_little_memory():
     (channels-first, space-to-depth) hold under a third of what the portable channels-last forms hold
     there (3.5x less at 64^3; 8x less in the model's 128^3 step), where every array of a few channels
     is stored 128 lanes wide. The token-resolution side has 128 channels (352 in the released model).
+    Compiled with XLA's least optimisation effort: 12 s instead of a minute, and 4.4x less here (3.5x
+    at the default effort).
     """
     from jax.experimental import topologies
     from jax.sharding import SingleDeviceSharding
@@ -248,7 +250,8 @@ def test_full_resolution_ends_compile_for_tpu_in_little_memory():
                 jnp.sum(decode(kern, *dec_args).astype(jnp.float32) ** 2)
 
         lowered = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*jax.tree.map(place, (enc_args, dec_args)))
-        return lowered.compile().memory_analysis().temp_size_in_bytes
+        compiled = lowered.compile(compiler_options={"exec_time_optimization_effort": -1.0})
+        return compiled.memory_analysis().temp_size_in_bytes
 
     portable, tpu = temp_bytes("xla"), temp_bytes("tpu")
     print(f"temporaries: TPU forms {tpu / 2**20:.0f} MiB, portable forms {portable / 2**20:.0f} MiB")

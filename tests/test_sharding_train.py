@@ -84,6 +84,7 @@ def mesh_result(tmp_path_factory):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.xdist_group("mesh_result")  # one test worker, so the 8-device run is made once
 def test_mesh_2x4_matches_one_device(mesh_result):
     r = mesh_result
     assert r["mesh"] == {"data": 2, "fsdp": 4}
@@ -94,6 +95,7 @@ def test_mesh_2x4_matches_one_device(mesh_result):
     assert worst < 2e-5, sorted(r["diffs"].items(), key=lambda kv: -kv[1])[:5]
 
 
+@pytest.mark.xdist_group("mesh_result")
 def test_shardings_follow_the_rules(mesh_result):
     specs = mesh_result["specs"]
     # rules: embed -> fsdp, everything else replicated; the stacked layer axis stays unsharded.

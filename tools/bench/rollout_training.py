@@ -1,10 +1,12 @@
 """One-step against rollout (multi-step) fine-tuning at equal compute, on a miniwell system.
 
-    python -m tools.bench.rollout_training [--work DIR] [--base-steps 300] [--updates 150] [--k 3]
-                                           [--lr 5e-4] [--horizon 40] [--held-out 8] [--stop-gradient]
+    python -m tools.bench.rollout_training [--work DIR] [--system ns2d_kolmogorov] [--base-steps 300]
+                                           [--updates 150] [--k 3] [--lr 5e-4] [--horizon 40]
+                                           [--held-out 8] [--stop-gradient]
 
-1. generates the miniwell's Kolmogorov flow (32², 5 training trajectories as the demo's, and
-   --held-out trajectories in each of the valid and test splits), and trains a base model on it with
+1. generates a 2-D miniwell system (--system, default the demo's Kolmogorov flow; 32², 5 training
+   trajectories as the demo's, --held-out trajectories in each of the valid and test splits, and
+   enough frames for the horizon), and trains a base model on it with
    the demo configuration (configs/demo.py: hidden 64, 2 blocks, 2-frame history) for --base-steps
    updates;
 2. fine-tunes it from the same weights: --updates one-step updates, and for each k of --k,
@@ -41,6 +43,7 @@ def _main(workdir: str, *overrides: str, mode: str = "train") -> float:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default="")
+    p.add_argument("--system", default="ns2d_kolmogorov", choices=["ns2d_kolmogorov", "acoustics_box", "gray_scott"])
     p.add_argument("--base-steps", type=int, default=600)
     p.add_argument("--updates", type=int, default=300)
     p.add_argument("--k", default="3", help="comma-separated rollout lengths to compare with one-step")
@@ -53,10 +56,10 @@ def main(argv=None) -> None:
     from walrus_jax.data.miniwell import generate_system
 
     data = os.path.join(work, "data")
-    if not os.path.isdir(os.path.join(data, "ns2d_kolmogorov")):
-        generate_system("ns2d_kolmogorov", data, quick=True, n_frames=48,
+    if not os.path.isdir(os.path.join(data, a.system)):
+        generate_system(a.system, data, quick=True, n_frames=max(48, a.horizon + 8),
                         n_traj={"train": 5, "valid": a.held_out, "test": a.held_out})
-    on_data = (f"data.root={data}", "data.generate=")
+    on_data = (f"data.root={data}", "data.generate=", f"data.datasets=('{a.system}',)")
     base = os.path.join(work, "base")
     if not os.path.exists(os.path.join(base, "summary.json")):
         _main(base, *on_data, f"train.steps={a.base_steps}", "eval.n_trajectories=0", "train.max_wall_seconds=0")
@@ -86,7 +89,7 @@ def main(argv=None) -> None:
         with open(os.path.join(wd, "summary.json")) as f:
             seconds = json.load(f)["wall_seconds"]
         rows[name] = (updates, seconds, evaluate(wd))
-    print(f"demo model (Kolmogorov flow 32^2), base {a.base_steps} updates, fine-tuned at lr {a.lr}; VRMSE of "
+    print(f"demo model ({a.system} 32^2), base {a.base_steps} updates, fine-tuned at lr {a.lr}; VRMSE of "
           f"{a.horizon}-step rollouts from the start of {a.held_out} + {a.held_out} held-out trajectories, no jitter, "
           "mean over trajectories (valid / test split)")
     head = " ".join(f"{f'steps {w[0]}-{w[1]}':>15}" for w in windows)
