@@ -38,7 +38,9 @@ setup(
         "tpu": ["jax[tpu]"],
         "test": [
             "jax[tpu]",  # libtpu: tests/test_kernels.py and tests/test_aot.py compile TPU programs on the CPU
-            "pytest>=8",
+            # pytest 9 keeps a node's id where pytest-xdist 3.8 cannot add its group to it, so
+            # xdist_group (pytest.ini's --dist loadgroup) would be ignored
+            "pytest>=8,<9",
             "pytest-xdist>=3.5",  # pytest.ini runs the tests in two worker processes
             "aiohttp>=3.9",  # tests/test_data_remote.py reads through a local HTTP server
             "pyyaml>=6.0",

@@ -13,20 +13,21 @@ import numpy as np
 import pytest
 from conftest import main_command, subprocess_env
 
-# Training runs in subprocesses: the full tier. One test worker runs the module, so the runs that
-# every test reads are made once.
+# Training runs in subprocesses: the full tier. One test worker runs the module and its fixtures live
+# for the worker's session (a module fixture is rebuilt when the worker comes back to the module), so
+# the runs that every test reads are made once.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("checkpoint_train")]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def env(tmp_path_factory):
     # The three runs compile the same step: share it through JAX's persistent cache.
     return subprocess_env(cache=tmp_path_factory.mktemp("jaxcache"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def data(gray_scott):
     return gray_scott
 
@@ -41,7 +42,7 @@ def _cmd(workdir, data):
     return main_command(workdir, data, OVERRIDES)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def runs(tmp_path_factory, data, env):
     root = tmp_path_factory.mktemp("runs")
     full = subprocess.run(_cmd(root / "full", data), env=env, cwd=REPO, capture_output=True, text=True, timeout=900)

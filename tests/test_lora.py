@@ -148,7 +148,7 @@ def _ft_config(ckpt, root, eval_trajectories=1):
         "eval.windows=((1,2),)", "eval.plot=False", "eval.batch_size=1"])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # built once: its tests share one worker (xdist_group)
 def run(tmp_path_factory):
     """A converted tiny "release", LoRA fine-tuned for 4 steps on data with a new field; and the same
     run resumed from its step-2 checkpoint in another workdir."""
@@ -168,6 +168,7 @@ def run(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("lora_run")
 def test_lora_finetune_trains_only_adapters_and_new_rows(run):
     s = run["summary"]
     assert s["steps_done"] == 4 and np.isfinite(s["losses"]).all()
@@ -195,6 +196,7 @@ def test_lora_finetune_trains_only_adapters_and_new_rows(run):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("lora_run")
 def test_resume_repeats_the_uninterrupted_run(run):
     full, resumed = run["summary"], run["resumed"]
     assert resumed["resumed_from_step"] == 2
@@ -207,6 +209,7 @@ def test_resume_repeats_the_uninterrupted_run(run):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("lora_run")
 def test_delta_reloads_merges_and_refuses_another_base(run, tmp_path):
     from tools import merge_adapters
 
@@ -235,6 +238,7 @@ def test_delta_reloads_merges_and_refuses_another_base(run, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("lora_run")
 def test_eval_mode_and_rollout_job_on_the_lora_workdir(run):
     ev = main.run(_ft_config(run["ckpt"], run["tmp"] / "data"), str(run["work"]), "eval")
     assert np.isfinite(ev["datasets"]["blob"]["vrmse_1_2"]["mean"])

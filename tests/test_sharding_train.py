@@ -74,7 +74,7 @@ MESH_SCRIPT = textwrap.dedent(r"""
 """)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # built once: its tests share one worker (xdist_group)
 def mesh_result(tmp_path_factory):
     script = tmp_path_factory.mktemp("mesh") / "mesh.py"
     script.write_text(MESH_SCRIPT)
@@ -84,7 +84,7 @@ def mesh_result(tmp_path_factory):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.xdist_group("mesh_result")  # one test worker, so the 8-device run is made once
+@pytest.mark.xdist_group("mesh_result")
 def test_mesh_2x4_matches_one_device(mesh_result):
     r = mesh_result
     assert r["mesh"] == {"data": 2, "fsdp": 4}
