@@ -813,11 +813,16 @@ def test_stop_request_sets_a_flag_once_then_signals_act_at_once():
 
     from walrus_jax.training.preemption import StopRequest
 
-    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    with StopRequest() as stop:
-        assert not stop.now(0) and stop.exit_status == 0
-        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: no KeyboardInterrupt, the update finishes
-        assert stop.now(1) and stop.signal == signal.SIGINT and stop.exit_status == 130
-        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C interrupts at once
-            os.kill(os.getpid(), signal.SIGINT)
-    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    # Python's own Ctrl-C handler, as in a job run from a shell (a test worker may ignore SIGINT)
+    runner_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+        with StopRequest() as stop:
+            assert not stop.now(0) and stop.exit_status == 0
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: no KeyboardInterrupt, the update finishes
+            assert stop.now(1) and stop.signal == signal.SIGINT and stop.exit_status == 130
+            with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C interrupts at once
+                os.kill(os.getpid(), signal.SIGINT)
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    finally:
+        signal.signal(signal.SIGINT, runner_handler)
