@@ -102,7 +102,8 @@ def encode_input(x: jax.Array, w: jax.Array, scale: jax.Array, plans, bcs3, patc
         fields = patching.roll_and_wrap(patching.zero_pad(fields, plans, CF_SPATIAL), plans, patch_shift, CF_SPATIAL)
         # The flags are a constant when the patch shift is (no jitter): the barrier keeps XLA from
         # folding their space-to-depth product at compile time, which its evaluator does slowly.
-        flags = jax.lax.optimization_barrier(jnp.asarray(np.moveaxis(patching.flag_grid(plans, bcs3), -1, 0)[None], dtype))
+        flags = jnp.asarray(np.moveaxis(patching.flag_grid(plans, bcs3), -1, 0)[None], dtype)
+        flags = jax.lax.optimization_barrier(flags)
         flags = patching.roll_and_wrap(flags, plans, patch_shift, CF_SPATIAL)
         y = None
         for part, wp in ((fields, w[..., :n_fields, :]), (flags, w[..., n_fields:, :])):
